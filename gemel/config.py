@@ -1,0 +1,35 @@
+"""Configs are dataclasses, loadable from YAML or dicts; unknown keys are an error."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from gemel.errors import DataError
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], values: dict[str, Any], source: str = "<config>") -> T:
+    """Build dataclass ``cls`` from ``values``; an unknown key names the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise DataError(f"unknown key(s) {unknown}; known keys: {sorted(known)}", path=source,
+                        field=unknown[0])
+    return cls(**values)
+
+
+def load_yaml(path: str | Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise DataError("expected a mapping of keys to values at the top level", path=path)
+    return data
+
+
+def merge(config: T, **overrides) -> T:
+    """A copy of ``config`` with the non-None overrides applied (CLI flags left unset stay out)."""
+    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})

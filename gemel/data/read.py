@@ -1,0 +1,118 @@
+"""One entry point over every mentions format: read_release / read_mentions."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+from gemel.data.images import ImageFinder
+from gemel.data.mimic import IMAGE_FOLDERS, read_mimic
+from gemel.data.native import read_native
+from gemel.data.nil import is_nil
+from gemel.data.report import ReadReport
+from gemel.data.shape import FORMATS, detect, is_jsonl, load_json
+from gemel.data.splits import load_split
+from gemel.data.wikidiverse import read_wikidiverse
+from gemel.data.wikimel import read_wikimel
+from gemel.errors import DataError
+from gemel.types import Mention
+
+log = logging.getLogger("gemel.data")
+
+_READERS = {"wikidiverse": read_wikidiverse, "wikimel": read_wikimel, "mimic": read_mimic,
+            "vpwiki": read_mimic}
+
+
+def read_release(path: str | os.PathLike, fmt: str = "auto", split: str | None = None,
+                 splits_path: str | os.PathLike | None = None,
+                 images_dir: str | os.PathLike | None = None, limit: int | None = None,
+                 nil: str = "keep", *,
+                 find_images: bool = True) -> tuple[list[Mention], ReadReport]:
+    """Read mentions from our JSONL or a public release, with a report of what was kept.
+
+    ``fmt``: "auto" (from the JSON shape) or one of :data:`FORMATS`. ``split`` with
+    ``splits_path`` selects records (see :mod:`gemel.data.splits` for the overlap rule).
+    ``images_dir``: folder of the release's images (default: a folder such as ``images/`` beside
+    the file). ``limit``: the first N mentions (after selection). ``nil``: "keep" | "drop".
+    ``find_images=False`` skips the image lookup (every image None, nothing counted): for passes
+    that need only the text and gold, such as building a KB.
+    """
+    path = Path(path)
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}", path=path, field="fmt",
+                        fix=f"use 'auto' or one of {list(FORMATS)}")
+    if nil not in ("keep", "drop"):
+        raise DataError(f"unknown nil mode {nil!r}", field="nil", fix='use "keep" or "drop"')
+    if (split is None) != (splits_path is None):
+        raise DataError("split and splits_path go together", path=path,
+                        field="split" if split is None else "splits_path",
+                        fix="give both (e.g. split='test', splits_path='splits.json') or neither")
+    if limit is not None and limit < 0:
+        raise DataError(f"limit must be >= 0, got {limit}", field="limit")
+    if not path.is_file():
+        raise DataError("no such file", path=path, fix="check the path of the mentions file")
+
+    data = None
+    if fmt == "auto":
+        fmt = "native" if is_jsonl(path) else detect(path, data := load_json(path))
+    elif fmt != "native":
+        data = load_json(path)
+
+    report = ReadReport(path=str(path), format=fmt, split=split)
+    select = None
+    if split is not None:
+        select, report.split_ids, report.dropped_overlap = load_split(splits_path, split)
+    defaults = {"native": (), "mimic": IMAGE_FOLDERS, "vpwiki": IMAGE_FOLDERS}.get(fmt, ("images",))
+    images = ImageFinder(path.parent, images_dir, report, defaults=defaults, enabled=find_images)
+    if fmt == "native":
+        stream = read_native(path, select, images, report)
+    else:
+        stream = _READERS[fmt](path, data, select, images, report)
+
+    out: list[Mention] = []
+    seen: set[str] = set()
+    for m in _limited(stream, limit, report):
+        if m.id in seen:  # native checks its own lines; this catches releases with repeated ids
+            raise DataError(f"two mentions get the id {m.id!r}", path=path, record=m.id,
+                            field="id", fix="record ids must be unique within a file")
+        seen.add(m.id)
+        if is_nil(m):
+            report.nil += 1
+            if nil == "drop":
+                continue
+        out.append(m)
+    report.mentions = len(out)
+    if select is not None and fmt != "native":
+        report.split_ids_absent = len(select) - report.records if not report.limited else 0
+    return out, report
+
+
+def _limited(stream: Iterator[Mention], limit: int | None, report: ReadReport):
+    if limit is None:
+        yield from stream
+        return
+    for i, m in enumerate(stream):
+        if i >= limit:
+            report.limited = True
+            return
+        yield m
+
+
+def read_mentions(path: str | os.PathLike, fmt: str = "auto", split: str | None = None,
+                  splits_path: str | os.PathLike | None = None,
+                  images_dir: str | os.PathLike | None = None, limit: int | None = None,
+                  nil: str = "keep") -> list[Mention]:
+    """Mentions from our JSONL or a public release (see :func:`read_release`).
+
+    Logs one warning when images named by the records are not found (the mentions are kept,
+    text only) and when split ids have no record.
+    """
+    mentions, report = read_release(path, fmt, split, splits_path, images_dir, limit, nil)
+    message = report.missing_images_message()
+    if message:
+        log.warning(message)
+    if report.split_ids_absent:
+        log.info("%s: %d of the %d ids listed for split %r have no record in the file",
+                 path, report.split_ids_absent, report.split_ids, split)
+    return mentions

@@ -1,0 +1,87 @@
+"""Checked access to the fields of release records: every error names file, record and field."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gemel.data.nil import NIL
+from gemel.errors import DataError
+
+# Gold answers that mean "not in the KB" in the public releases (MIMIC drops them; we keep them).
+NIL_ANSWERS = frozenset({"nil", "none", ""})
+
+
+def text_field(rec: dict, name: str, path: Path, record: object, fix: str | None = None,
+               required: bool = True) -> str | None:
+    """A string field; None when absent and not ``required``."""
+    value = rec.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        got = "missing" if value is None else f"a {type(value).__name__}"
+        raise DataError(f"expected a string, got {got}", path=path, record=record, field=name,
+                        fix=fix)
+    return value
+
+
+def id_field(rec: dict, name: str, path: Path, record: object) -> str | None:
+    """An id given as a string or an integer, as a string; None when absent."""
+    value = rec.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(f"expected a string or integer id, got {type(value).__name__}",
+                        path=path, record=record, field=name)
+    return str(value)
+
+
+def list_or_str(rec: dict, name: str, path: Path, record: object,
+                required: bool = True) -> tuple[list[Any], bool]:
+    """A field that some releases write as a list and others as one plain string.
+
+    Returns (values, was_list). Absent and not ``required``: ([], True).
+    """
+    if name not in rec or rec[name] is None:
+        if required:
+            raise DataError("field is missing", path=path, record=record, field=name,
+                            fix="each record needs its mentions, gold entities and answers")
+        return [], True
+    value = rec[name]
+    if isinstance(value, list):
+        return value, True
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        return [value], False
+    raise DataError(f"expected a list or a string, got {type(value).__name__}", path=path,
+                    record=record, field=name)
+
+
+def same_lengths(fields: dict[str, list], path: Path, record: object) -> int:
+    """The common length of parallel list fields, or a DataError naming the odd one."""
+    lengths = {k: len(v) for k, v in fields.items() if v is not None}
+    if len(set(lengths.values())) > 1:
+        first = next(iter(lengths))
+        odd = next(k for k in lengths if lengths[k] != lengths[first])
+        raise DataError(f"{lengths[odd]} items but {first!r} has {lengths[first]}", path=path,
+                        record=record, field=odd,
+                        fix="item i of each list describes mention i: the lists must be parallel")
+    return next(iter(lengths.values()), 0)
+
+
+def gold(answer: object, title: object, path: Path, record: object,
+         field: str = "answer", title_field: str = "entity") -> tuple[str | None, str | None]:
+    """(entity_id, entity title) for one mention.
+
+    NIL answers ("nil", "", "none", any case) give (None, NIL); no answer at all (null) gives an
+    unlabelled mention (None, None).
+    """
+    if answer is None:
+        return None, None
+    if isinstance(answer, str) and answer.strip().lower() in NIL_ANSWERS:
+        return None, NIL
+    if isinstance(answer, bool) or not isinstance(answer, (str, int)):
+        raise DataError(f"expected an entity id (string), got {type(answer).__name__}", path=path,
+                        record=record, field=field)
+    if title is not None and not isinstance(title, str):
+        raise DataError(f"expected an entity title (string), got {type(title).__name__}",
+                        path=path, record=record, field=title_field)
+    return str(answer).strip(), (title if title else None)

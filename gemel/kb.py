@@ -1,0 +1,344 @@
+"""KnowledgeBase: the entities a mention can link to, and the title index the entity trie uses.
+
+The KB file is JSONL, one entity a line (ARCHITECTURE.md, "Contracts")::
+
+    {"id": "Q90", "title": "Paris", "aliases": [], "description": "", "image": null}
+
+Only ``id`` and ``title`` are required. Ids are unique; titles need not be: several entities may
+share a title ("Jordan" the country and a "Jordan" disambiguation page), and generation produces a
+*title*, so every index here goes through the list of unique titles, :attr:`KnowledgeBase.titles`,
+whose positions are the entity trie's leaf values.
+
+Storage is columnar (lists and numpy arrays, no ``Entity`` object per row until one is asked for)
+and the title index is a ``marisa_trie.Trie``, so that a KB of millions of entities stays within
+memory a laptop has.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import marisa_trie
+import numpy as np
+
+from gemel.errors import DataError
+from gemel.types import Entity
+
+_FIX_LINE = 'each line must be a JSON object like {"id": "Q90", "title": "Paris"}'
+
+
+def normalize(text: str, casefold: bool = True) -> str:
+    """Key of :meth:`KnowledgeBase.lookup`: whitespace runs collapsed, optionally casefolded."""
+    text = " ".join(text.split())
+    return text.casefold() if casefold else text
+
+
+class KnowledgeBase:
+    """Entities in file order, with id -> entity and title -> entities indexes.
+
+    Build it with :meth:`from_jsonl` or :meth:`from_entities`.
+    """
+
+    def __init__(self, ids: list[str], titles_of: list[str], descriptions: list[str],
+                 aliases: dict[int, tuple[str, ...]], images: dict[int, str],
+                 source: str | None = None, lines: list[int] | None = None):
+        # Columns, one row per entity in file order. ``aliases``/``images`` are sparse: most KBs
+        # carry neither, and a dict of the few that do costs nothing for the rest.
+        self.source = source
+        self._ids = ids
+        self._descriptions = descriptions
+        self._aliases = aliases
+        self._images = images
+        self._pos: dict[str, int] = dict(zip(ids, range(len(ids))))
+        if len(self._pos) != len(ids):
+            _raise_duplicate(ids, source, lines)
+        # Unique titles in order of first appearance; a temporary dict dedupes them, then the
+        # marisa trie (compact, no per-key Python objects) replaces it as the lookup structure.
+        first_index = {t: i for i, t in enumerate(dict.fromkeys(titles_of))}
+        title_of_pos = np.fromiter(map(first_index.__getitem__, titles_of), dtype=np.int32,
+                                   count=len(titles_of))
+        self.titles: list[str] = list(first_index)
+        del first_index
+        self._title_trie = marisa_trie.Trie(self.titles)
+        # marisa assigns its own key ids; map them back to our title index.
+        self._key_to_title = np.empty(len(self.titles), dtype=np.int32)
+        key_ids = np.fromiter(map(self._title_trie.__getitem__, self.titles), dtype=np.int64,
+                              count=len(self.titles))
+        self._key_to_title[key_ids] = np.arange(len(self.titles), dtype=np.int32)
+        # title index -> entity positions, CSR style: members[ptr[i]:ptr[i+1]], in file order.
+        self._title_of_pos = title_of_pos
+        self._members = np.argsort(title_of_pos, kind="stable").astype(np.int32)
+        counts = np.bincount(title_of_pos, minlength=len(self.titles))
+        self._ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._fold: dict[bool, dict[str, list[tuple[int, bool]]]] = {}
+        self._fingerprint: str | None = None
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_jsonl(cls, path: str | os.PathLike) -> "KnowledgeBase":
+        """Read a KB JSONL file; DataError names the file, line and field of a bad record."""
+        path = Path(path)
+        ids: list[str] = []
+        titles: list[str] = []
+        descriptions: list[str] = []
+        aliases: dict[int, tuple[str, ...]] = {}
+        images: dict[int, str] = {}
+        lines: list[int] = []
+        for lineno, rec in _json_lines(path):
+            where = f"line {lineno}"
+            if type(rec) is not dict:
+                raise DataError(f"expected a JSON object, got {type(rec).__name__}",
+                                path=path, record=where, fix=_FIX_LINE)
+            pos = len(ids)
+            entity_id, title = rec.get("id"), rec.get("title")
+            # Fast path for the common well-formed record; the checkers below name what is wrong.
+            if type(entity_id) is not str or not entity_id.strip():
+                entity_id = _entity_id(entity_id, path, where)
+            if type(title) is not str or not title.strip():
+                title = _title(title, path, where)
+            ids.append(entity_id)
+            titles.append(title)
+            description = rec.get("description")
+            descriptions.append(description if type(description) is str
+                                else _optional_str(description, "description", path, where))
+            al = rec.get("aliases")
+            if al:
+                aliases[pos] = _aliases(al, path, where)
+            image = rec.get("image")
+            if image is not None:
+                image = _optional_str(image, "image", path, where)
+                if image:
+                    images[pos] = image
+            lines.append(lineno)
+        return cls(ids, titles, descriptions, aliases, images, source=str(path), lines=lines)
+
+    @classmethod
+    def from_entities(cls, entities: Iterable[Entity]) -> "KnowledgeBase":
+        """A KB from Entity records (same checks as the file reader; records named by position)."""
+        ids, titles, descriptions = [], [], []
+        aliases: dict[int, tuple[str, ...]] = {}
+        images: dict[int, str] = {}
+        for pos, e in enumerate(entities):
+            where = f"entity {pos}"
+            ids.append(_entity_id(e.id, None, where))
+            titles.append(_title(e.title, None, where))
+            descriptions.append(_optional_str(e.description, "description", None, where))
+            al = _aliases(list(e.aliases) if e.aliases else None, None, where)
+            if al:
+                aliases[pos] = al
+            if e.image:
+                images[pos] = e.image
+        return cls(ids, titles, descriptions, aliases, images)
+
+    # -- container protocol ----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, entity_id: object) -> bool:
+        return entity_id in self._pos
+
+    def __getitem__(self, entity_id: str) -> Entity:
+        try:
+            pos = self._pos[entity_id]
+        except KeyError:
+            raise KeyError(f"entity id {entity_id!r} is not in the KB"
+                           + (f" {self.source}" if self.source else "")) from None
+        return self.entity_at(pos)
+
+    def __iter__(self) -> Iterator[Entity]:
+        """Entities in file order."""
+        return (self.entity_at(pos) for pos in range(len(self._ids)))
+
+    def __repr__(self) -> str:
+        return (f"KnowledgeBase({len(self)} entities, {len(self.titles)} titles"
+                + (f", from {self.source!r})" if self.source else ")"))
+
+    def entity_at(self, pos: int) -> Entity:
+        """The entity at position ``pos`` in file order."""
+        return Entity(self._ids[pos], self.titles[self._title_of_pos[pos]],
+                      self._aliases.get(pos, ()), self._descriptions[pos], self._images.get(pos))
+
+    @property
+    def ids(self) -> list[str]:
+        """Entity ids in file order (the list itself: do not modify it)."""
+        return self._ids
+
+    # -- title index -----------------------------------------------------------------------------
+    def title_index(self, title: str) -> int:
+        """Position of ``title`` in :attr:`titles` (exact match), or -1."""
+        key = self._title_trie.get(title)
+        return -1 if key is None else int(self._key_to_title[key])
+
+    def ids_for_title_index(self, i: int) -> list[str]:
+        """Ids of the entities titled ``titles[i]``, in file order."""
+        if not 0 <= i < len(self.titles):
+            raise IndexError(f"title index {i} out of range (the KB has {len(self.titles)} titles)")
+        return [self._ids[p] for p in self._members[self._ptr[i]:self._ptr[i + 1]]]
+
+    def ids_for_title(self, title: str) -> list[str]:
+        """Ids of the entities whose title is exactly ``title``; [] if none."""
+        i = self.title_index(title)
+        return [] if i < 0 else self.ids_for_title_index(i)
+
+    def titles_with_prefix(self, prefix: str) -> list[str]:
+        """Titles starting with ``prefix`` (for inspection; order unspecified)."""
+        return self._title_trie.keys(prefix)
+
+    def lookup(self, text: str, casefold: bool = True, aliases: bool = True) -> list[str]:
+        """Entity ids whose title (or alias) equals ``text``: the exact-match baseline.
+
+        Whitespace runs are collapsed on both sides; ``casefold`` also ignores case. Title matches
+        come first, then alias-only matches, each in file order, without repeats.
+        """
+        index = self._fold.get(casefold)
+        if index is None:  # built on first use: only the baseline needs it
+            index = self._fold[casefold] = self._build_lookup(casefold)
+        hits = index.get(normalize(text, casefold), [])
+        seen: set[int] = set()
+        out: list[str] = []
+        for want_alias in (False, True):
+            if want_alias and not aliases:
+                break
+            for pos, is_alias in hits:
+                if is_alias == want_alias and pos not in seen:
+                    seen.add(pos)
+                    out.append(self._ids[pos])
+        return out
+
+    def _build_lookup(self, casefold: bool) -> dict[str, list[tuple[int, bool]]]:
+        index: dict[str, list[tuple[int, bool]]] = {}
+        for pos, t in enumerate(self._title_of_pos):
+            index.setdefault(normalize(self.titles[t], casefold), []).append((pos, False))
+        for pos in sorted(self._aliases):
+            for alias in self._aliases[pos]:
+                index.setdefault(normalize(alias, casefold), []).append((pos, True))
+        return index
+
+    # -- identity and output ---------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the (id, title) pairs in order: changes whenever an id or a title does."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for pos, entity_id in enumerate(self._ids):
+                title = self.titles[self._title_of_pos[pos]]
+                # Length-prefixed, so that no choice of characters inside ids or titles can make
+                # two different KBs hash the same byte stream.
+                a, b = entity_id.encode("utf-8"), title.encode("utf-8")
+                h.update(b"%d:%b%d:%b" % (len(a), a, len(b), b))
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def write_jsonl(self, path: str | os.PathLike) -> None:
+        """Write the KB as JSONL (every field present), atomically (a temp file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for e in self:
+                f.write(json.dumps({"id": e.id, "title": e.title, "aliases": list(e.aliases),
+                                    "description": e.description, "image": e.image},
+                                   ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+
+
+def _raise_duplicate(ids: list[str], source: str | None, lines: list[int] | None) -> None:
+    first: dict[str, int] = {}
+    for pos, entity_id in enumerate(ids):
+        seen = first.setdefault(entity_id, pos)
+        if seen != pos:
+            where = (lambda p: f"line {lines[p]}") if lines else (lambda p: f"entity {p}")
+            raise DataError(f"duplicate id {entity_id!r} (first on {where(seen)})", path=source,
+                            record=where(pos), field="id",
+                            fix="ids must be unique: drop or rename one of the two entities")
+
+
+# -- reading ---------------------------------------------------------------------------------------
+_CHUNK = 20000  # lines decoded per json.loads call
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line of a JSONL file.
+
+    Lines are decoded a chunk at a time as one JSON array (one C call instead of one Python call
+    per line: ~3x faster on millions of lines); a chunk that fails is decoded line by line to name
+    the bad line.
+    """
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as err:
+        raise DataError(f"cannot read the KB file: {err.strerror}", path=path,
+                        fix="check the path given as the KB") from err
+    with handle:
+        chunk: list[tuple[int, str]] = []
+        for lineno, line in enumerate(handle, 1):
+            if line.strip():
+                chunk.append((lineno, line))
+                if len(chunk) >= _CHUNK:
+                    yield from _decode(chunk, path)
+                    chunk = []
+        yield from _decode(chunk, path)
+
+
+def _decode(chunk: list[tuple[int, str]], path: Path) -> Iterator[tuple[int, object]]:
+    if not chunk:
+        return
+    try:
+        values = json.loads("[" + ",".join(line for _, line in chunk) + "]")
+    except json.JSONDecodeError:
+        values = None
+    # A line such as `1, 2` decodes as two values: the count check sends it down the slow path.
+    if values is not None and len(values) == len(chunk):
+        yield from zip((n for n, _ in chunk), values)
+        return
+    for lineno, line in chunk:
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"not valid JSON ({err.msg}, column {err.colno})", path=path,
+                            record=f"line {lineno}", fix=_FIX_LINE) from err
+
+
+# -- field checks (shared by the file and the Entity readers) -------------------------------------
+def _entity_id(value: object, path, where: str) -> str:
+    # Integer ids are accepted (numeric KBs exist) and kept as their decimal string.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value.strip():
+        got = "missing" if value is None else f"{value!r} ({type(value).__name__})"
+        raise DataError(f"the entity id must be a non-empty string, got {got}", path=path,
+                        record=where, field="id", fix=_FIX_LINE)
+    return value
+
+
+def _title(value: object, path, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        got = "missing" if value is None else f"{value!r} ({type(value).__name__})"
+        raise DataError(f"the title must be a non-empty string, got {got}", path=path,
+                        record=where, field="title",
+                        fix="give every entity the title the model should generate")
+    return value
+
+
+def _optional_str(value: object, field: str, path, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"expected a string or null, got {type(value).__name__}", path=path,
+                        record=where, field=field)
+    return value
+
+
+def _aliases(value: object, path, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise DataError("expected a list of strings", path=path, record=where, field="aliases",
+                        fix='write aliases as ["alias one", "alias two"] or leave the field out')
+    return tuple(a for a in value if a.strip())
+
+
+__all__ = ["KnowledgeBase", "normalize"]

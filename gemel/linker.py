@@ -1,0 +1,239 @@
+"""Linker: the one obvious entry point.
+
+    from gemel import Linker
+    from gemel.kb import KnowledgeBase
+    linker = Linker.from_config(kb=KnowledgeBase.from_jsonl("kb.jsonl"), model="smollm2-135m-instruct")
+    results = linker.link(mentions, top_k=5)     # -> list[LinkResult]
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from gemel.backends.base import Backend, get_backend
+from gemel.config import from_dict, load_yaml, merge
+import numpy as np
+
+from gemel.beam import Hypothesis
+from gemel.errors import GemelError, MismatchError
+from gemel.fusion import FusionModel, MentionPrior
+from gemel.retrieval import get_retriever, order_demonstrations
+from gemel.kb import KnowledgeBase
+from gemel.model import GemelModel
+from gemel.prompting import PromptBuilder, load_template
+from gemel.sources import cache_dir
+from gemel.trie import EntityTrie, tokenizer_identity
+from gemel.types import Candidate, LinkResult, Mention
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LinkerConfig:
+    model: str = "smollm2-135m-instruct"
+    backend: str = "hf"
+    device: str = "auto"
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16
+    template: str = "gemel"
+    num_beams: int = 5
+    top_k: int = 5
+    max_new_tokens: int = 32
+    length_penalty: float = 0.0  # 0: raw sequence log-probability
+    batch_size: int = 4
+    terminator: str | None = None  # None: what the template puts after the answer
+    trie: str | None = None  # a saved trie folder; None: built once and cached per KB + tokenizer
+    max_prompt_tokens: int | None = None
+    # in-context demonstrations (needs training mentions)
+    demos: int = 0
+    retriever: str = "simcse"  # simcse | bm25 | random | hybrid
+    demo_order: str = "ascending"  # GEMEL: least similar first, most similar right before the query
+    seed: int = 0
+    # candidate-aware decoding: restrict the trie per mention to the top-C retrieved KB titles
+    candidates: int = 0
+    sentence_model: str = "minilm-l6-v2"  # for simcse demonstrations and KB candidates
+    # score fusion: a fitted FusionModel JSON (gemel fit-fusion); its pool = beams + top-C retrieved
+    fusion: str | None = None
+    fusion_pool: int = 32
+
+
+class Linker:
+    def __init__(self, config: LinkerConfig, kb: KnowledgeBase, backend: Backend,
+                 trie: EntityTrie | None = None, model: GemelModel | None = None,
+                 train: Sequence[Mention] | None = None, retriever=None, candidate_retriever=None):
+        self.config, self.kb, self.backend = config, kb, backend
+        self.retriever = retriever
+        if config.demos > 0 and retriever is None:
+            if not train:
+                raise GemelError(f"demos={config.demos} needs training mentions to retrieve "
+                                 "demonstrations from (--train FILE)")
+            self.retriever = make_retriever(config).fit(train)
+        self.fusion = FusionModel.load(config.fusion) if config.fusion else None
+        self.prior = MentionPrior(train or [])
+        if self.fusion is not None and not train:
+            raise GemelError("score fusion needs the training mentions (--train FILE) for its prior")
+        self.candidate_retriever = candidate_retriever
+        needs_candidates = config.candidates > 0 or self.fusion is not None
+        if needs_candidates and candidate_retriever is None:
+            from gemel.candidates import CandidateRetriever
+
+            self.candidate_retriever = CandidateRetriever(kb, config.sentence_model)
+        tokenizer = backend.tokenizer
+        self.builder = PromptBuilder(load_template(config.template), tokenizer,
+                                     max_tokens=config.max_prompt_tokens)
+        self.model = model or GemelModel(tokenizer, backend.input_embeddings())
+        self.trie = trie or load_or_build_trie(kb, tokenizer, self.builder.answer_prefix,
+                                               config.terminator or self.builder.terminator_text,
+                                               path=config.trie)
+
+    @classmethod
+    def from_config(cls, config: LinkerConfig | dict | str | Path | None = None, *,
+                    kb: KnowledgeBase | str | Path, train: Sequence[Mention] | None = None,
+                    **overrides) -> "Linker":
+        """``config``: a LinkerConfig, a dict, or a YAML file; ``overrides`` win over it."""
+        if config is None:
+            config = LinkerConfig()
+        elif isinstance(config, (str, Path)):
+            config = from_dict(LinkerConfig, load_yaml(config), source=str(config))
+        elif isinstance(config, dict):
+            config = from_dict(LinkerConfig, config)
+        config = merge(config, **overrides)
+        if not isinstance(kb, KnowledgeBase):
+            kb = KnowledgeBase.from_jsonl(kb)
+        backend = get_backend(config.backend, config.model, device=config.device, dtype=config.dtype)
+        return cls(config, kb, backend, train=train)
+
+    # -- linking ---------------------------------------------------------------------------------
+    def link(self, mentions: Iterable[Mention], top_k: int | None = None) -> list[LinkResult]:
+        mentions = list(mentions)
+        out: list[LinkResult] = []
+        bs = self.config.batch_size
+        for i in range(0, len(mentions), bs):
+            out.extend(self.link_batch(mentions[i:i + bs], top_k=top_k))
+        return out
+
+    def link_batch(self, mentions: Sequence[Mention], top_k: int | None = None,
+                   demonstrations: Sequence[Sequence[Mention]] | None = None) -> list[LinkResult]:
+        """Link one batch (one prefill). ``demonstrations[i]`` are mention i's, least similar first."""
+        k = top_k or self.config.top_k
+        hyps, embeds, mask, extras = self.generate(mentions, k, demonstrations)
+        if self.fusion is None:
+            return [LinkResult(m.id, self.candidates(h, k), gold_id=m.entity_id, extra=x)
+                    for m, h, x in zip(mentions, hyps, extras)]
+        out = []
+        for m, h, x, (titles, feats) in zip(mentions, hyps, extras,
+                                            self.fusion_lists(mentions, hyps, embeds, mask)):
+            x["generated"] = [c.entity_id for c in self.candidates(h, k)]
+            fused = self.fusion.score(feats)
+            ranked = [Hypothesis(titles[i], float(fused[i]), float(feats[i, 0]), 0)
+                      for i in np.argsort(-fused, kind="stable")]
+            out.append(LinkResult(m.id, self.candidates(ranked, k), gold_id=m.entity_id, extra=x))
+        return out
+
+    def generate(self, mentions: Sequence[Mention], k: int,
+                 demonstrations: Sequence[Sequence[Mention]] | None = None):
+        """Prompts -> constrained beam search. Returns (hypotheses per mention, inputs_embeds,
+        attention_mask, extras per mention) so that fusion can score more titles under the same prompts."""
+        if demonstrations is None:
+            demonstrations = self.demonstrations(mentions)
+        prompts = [self.builder.build(m, d) for m, d in zip(mentions, demonstrations)]
+        embeds, mask = self.model.embed(prompts)
+        tries, extras = self.trie, [{} for _ in mentions]
+        if self.config.candidates > 0:
+            rows, _ = self.candidate_retriever.top(mentions, self.config.candidates)
+            tries = [self.trie.subtrie(r.tolist()) for r in rows]
+            for extra, m, r in zip(extras, mentions, rows):
+                if m.entity_id is not None:
+                    retrieved = {e for i in r.tolist() for e in self.kb.ids_for_title_index(i)}
+                    extra["in_candidates"] = m.entity_id in retrieved
+        hyps = self.backend.search(embeds, mask, tries, num_beams=max(self.config.num_beams, 1),
+                                   top_k=k, max_new_tokens=self.config.max_new_tokens,
+                                   length_penalty=self.config.length_penalty)
+        return hyps, embeds, mask, extras
+
+    def fusion_lists(self, mentions, hyps, embeds, mask) -> list[tuple[list[int], np.ndarray]]:
+        """Per mention: candidate title indices (beams, then top-C retrieved) and their features
+        [n_candidates, len(FEATURES)] in gemel.fusion.FEATURES order."""
+        rows, _ = self.candidate_retriever.top(mentions, self.config.fusion_pool)
+        pools = []
+        for h, r in zip(hyps, rows):
+            beam = {x.title_index: x.logprob for x in h}
+            pools.append((list(dict.fromkeys([x.title_index for x in h] + r.tolist())), beam))
+        # one teacher-forced pass scores every retrieved title that the beams did not reach
+        missing = [[t for t in titles if t not in beam] for titles, beam in pools]
+        forced = self.backend.score(embeds, mask, [[self.trie.sequence(t) for t in ts]
+                                                   for ts in missing])
+        sims = self.candidate_retriever.similarity(mentions, [titles for titles, _ in pools])
+        out = []
+        for m, (titles, beam), miss, lp, sim in zip(mentions, pools, missing, forced, sims):
+            llm = dict(beam)
+            llm.update(zip(miss, lp))
+            key = (m.mention or "").strip().casefold()
+            feats = np.array([[llm[t], float(t in beam), float(sim[j]),
+                               sum(self.prior.prob(m.mention, e) for e in self.kb.ids_for_title_index(t)),
+                               float(self.prior.seen(m.mention)),
+                               float(bool(key) and self.kb.titles[t].casefold() == key)]
+                              for j, t in enumerate(titles)])
+            out.append((titles, feats))
+        return out
+
+    def demonstrations(self, mentions: Sequence[Mention]) -> list[list[Mention]]:
+        """Per mention, its retrieved demonstrations in prompt order (none without a retriever)."""
+        if self.retriever is None or self.config.demos <= 0:
+            return [[] for _ in mentions]
+        found = self.retriever.query_batch(mentions, self.config.demos)
+        return [[d.mention for d in order_demonstrations(ds, self.config.demo_order)]
+                for ds in found]
+
+    def candidates(self, hypotheses, k: int) -> tuple[Candidate, ...]:
+        """Hypotheses (title indices) -> up to k entities; entities sharing a title share its score."""
+        out: list[Candidate] = []
+        for h in hypotheses:
+            title = self.kb.titles[h.title_index]
+            for entity_id in self.kb.ids_for_title_index(h.title_index):
+                out.append(Candidate(entity_id, title, round(h.score, 6)))
+        return tuple(out[:k])
+
+
+def make_retriever(config: LinkerConfig):
+    """The demonstration retriever named by the config (simcse uses ``config.sentence_model``)."""
+    options = {"seed": config.seed} if config.retriever == "random" else {}
+    if config.retriever == "simcse":
+        options["model"] = config.sentence_model
+    return get_retriever(config.retriever, **options)
+
+
+def trie_identity(kb: KnowledgeBase, tokenizer, answer_prefix: str, terminator: str) -> dict:
+    return {"tokenizer": tokenizer_identity(tokenizer), "kb_fingerprint": kb.fingerprint,
+            "answer_prefix": answer_prefix, "terminator_text": terminator}
+
+
+def load_or_build_trie(kb: KnowledgeBase, tokenizer, answer_prefix: str, terminator: str,
+                       path: str | Path | None = None) -> EntityTrie:
+    """Load a saved trie (checking it fits this KB, tokenizer and template) or build and cache one."""
+    expect = trie_identity(kb, tokenizer, answer_prefix, terminator)
+    if path is not None:
+        return EntityTrie.load(path, expect=expect)
+    key = hashlib.sha256(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_dir() / "tries" / key
+    if folder.exists():
+        try:
+            return EntityTrie.load(folder, expect=expect)
+        except (MismatchError, OSError, ValueError) as err:  # stale or half-written: rebuild
+            log.warning("rebuilding cached trie %s: %s", folder, err)
+    trie = build_trie(kb, tokenizer, answer_prefix, terminator)
+    trie.save(folder)
+    return trie
+
+
+def build_trie(kb: KnowledgeBase, tokenizer, answer_prefix: str, terminator: str) -> EntityTrie:
+    trie = EntityTrie.from_titles(kb.titles, tokenizer, answer_prefix, terminator,
+                                  kb_fingerprint=kb.fingerprint)
+    trie.meta.update(trie_identity(kb, tokenizer, answer_prefix, terminator))
+    return trie
+
+
+__all__ = ["Linker", "LinkerConfig", "load_or_build_trie", "build_trie"]

@@ -1,0 +1,582 @@
+"""The frozen vision encoder (any Hugging Face vision model) and its on-disk feature cache.
+
+``VisionEncoder`` wraps CLIP (``CLIPVisionModel``; GEMEL uses the pooled 1024-d feature of
+ViT-L/14), SigLIP, DINOv2 (``Dinov2Model``) or any model the Auto classes load, and turns images
+into one feature vector each. Which vector is a name (see :data:`FEATURES`):
+
+* ``pooled`` — the model's ``pooler_output`` (CLIP: post-layernorm CLS; SigLIP: attention-pool head;
+  DINOv2: normed CLS);
+* ``cls`` — ``last_hidden_state[:, 0]``;
+* ``mean`` — mean of the patch tokens (class and register tokens left out);
+* ``layers:4,10,11,12`` — the CLS token of those ``hidden_states`` (0 = embeddings, i = after block
+  i) concatenated, as VP-MEL does.
+
+``FeatureCache`` stores features as ``.npy`` shards plus a JSON index, keyed by (encoder identity,
+sha256 of the image file's bytes, visual-prompt settings string), so a second run over the same
+images encodes nothing. ``encoder.encode_paths`` / ``encoder.encode_mentions`` use it and return
+``[n, k, feature_dim]`` — k images per mention (2 for the ``overlay+crop`` visual prompt); the model
+maps each of the k features to its own image slot.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from gemel.errors import DataError, GemelError, MismatchError
+from gemel.types import Mention
+from gemel.visual_prompt import VisualPrompt
+
+log = logging.getLogger(__name__)
+
+FEATURES = ("pooled", "cls", "mean", "layers:<i>,<j>,...")
+# config fields that do not change what the model computes (or change with the library version)
+_VOLATILE = {"transformers_version", "dtype", "torch_dtype", "architectures", "output_hidden_states",
+             "output_attentions", "return_dict", "id2label", "label2id", "use_cache",
+             "problem_type", "tie_word_embeddings", "chunk_size_feed_forward"}
+
+
+def _sha256_json(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _stable_dict(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not k.startswith("_") and k not in _VOLATILE}
+
+
+def parse_feature(feature: str) -> tuple[str, tuple[int, ...]]:
+    """``"layers:4,10"`` -> ("layers", (4, 10)); ``"pooled"`` -> ("pooled", ())."""
+    if feature in ("pooled", "cls", "mean"):
+        return feature, ()
+    if feature.startswith("layers:"):
+        try:
+            layers = tuple(int(x) for x in feature[len("layers:"):].split(","))
+        except ValueError:
+            layers = ()
+        if layers:
+            return "layers", layers
+    raise GemelError(f"unknown vision feature {feature!r}; choose one of {', '.join(FEATURES)} "
+                     f"(e.g. layers:4,10,11,12)")
+
+
+def _load_processor(path: str):
+    from transformers import AutoImageProcessor
+
+    # the PIL backend gives the same pixels with or without torchvision installed, so cached
+    # features stay valid across machines
+    try:
+        return AutoImageProcessor.from_pretrained(path, backend="pil")
+    except (ValueError, KeyError, ImportError):
+        return AutoImageProcessor.from_pretrained(path)
+
+
+@contextmanager
+def _quiet_transformers():
+    """Loading CLIP's vision tower from a full CLIP checkpoint lists every text weight as
+    unexpected; we check the missing keys ourselves instead."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+class VisionEncoder:
+    """A frozen vision model + its image processor; images in, one feature vector per image out.
+
+    Build it from a name (``VisionEncoder.from_name("dinov2-small")``, a local folder or a hub id)
+    or from objects (``VisionEncoder(model, processor, feature="cls", name="tiny")``).
+    The model is put in eval mode with ``requires_grad`` off; encoding runs under ``no_grad``.
+    """
+
+    def __init__(self, model: torch.nn.Module, processor, feature: str = "pooled",
+                 name: str | None = None, batch_size: int = 16,
+                 device: str | torch.device | None = None):
+        config = getattr(model, "config", None)
+        # a full CLIP / SigLIP model: keep its vision tower
+        if getattr(config, "vision_config", None) is not None and hasattr(model, "vision_model"):
+            model = model.vision_model
+            config = model.config
+        if config is None:
+            raise GemelError(f"{type(model).__name__} has no .config: pass a transformers model")
+        self.kind, self.layers = parse_feature(feature)
+        self.feature = feature
+        if device is not None:
+            model = model.to(device)
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.processor = processor
+        self.config = config
+        self.batch_size = max(1, int(batch_size))
+        self.name = name or getattr(config, "_name_or_path", "") or type(model).__name__
+        n_layers = getattr(config, "num_hidden_layers", None)
+        if self.kind == "layers" and n_layers is not None and not all(
+                0 <= i <= n_layers for i in self.layers):
+            raise GemelError(f"feature {feature!r}: {self.name} has hidden states 0..{n_layers} "
+                             f"(0 = embeddings)")
+        if self.kind in ("cls", "layers") and str(config.model_type).startswith("siglip"):
+            raise GemelError(f"feature {feature!r} takes the class token, but {config.model_type} "
+                             f"has none; use 'pooled' or 'mean'")
+        self._feature_dim: int | None = None
+        self._identity: dict | None = None
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str, feature: str = "pooled", batch_size: int = 16,
+                  device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> VisionEncoder:
+        """Load through :func:`gemel.sources.resolve` (offline name, local folder or hub id).
+
+        A checkpoint holding a vision-language model (CLIP, SigLIP) loads only its vision tower
+        (``CLIPVisionModel`` / ``SiglipVisionModel``).
+        """
+        from transformers import AutoConfig, AutoModel
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+        from gemel.sources import resolve
+
+        path = resolve(name, "vision")
+        config = AutoConfig.from_pretrained(path)
+        vision_config = getattr(config, "vision_config", None)
+        model_class = MODEL_MAPPING[type(vision_config)] if vision_config is not None else AutoModel
+        with _quiet_transformers():
+            model, info = model_class.from_pretrained(path, dtype=dtype or torch.float32,
+                                                      output_loading_info=True)
+        missing = sorted(info.get("missing_keys", ()))
+        kind, _ = parse_feature(feature)
+        if kind != "pooled":  # an absent pooler does not matter when we do not read it
+            missing = [k for k in missing if "pooler" not in k and "head" not in k]
+        if missing:
+            raise GemelError(f"{name}: the checkpoint at {path} lacks weights of "
+                             f"{type(model).__name__}: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+                             f" — these would be random; check the model name or choose another "
+                             f"feature than {feature!r}")
+        return cls(model, _load_processor(path), feature=feature, name=name,
+                   batch_size=batch_size, device=device)
+
+    # ---- what it is ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def feature_dim(self) -> int:
+        """Length of one feature vector."""
+        if self._feature_dim is None:
+            hidden = getattr(self.config, "hidden_size", None)
+            if hidden is not None:
+                self._feature_dim = hidden * (len(self.layers) if self.kind == "layers" else 1)
+            else:  # e.g. convolutional backbones: ask the model once
+                self._feature_dim = int(self.encode([Image.new("RGB", (64, 64))]).shape[1])
+        return self._feature_dim
+
+    @property
+    def identity(self) -> dict:
+        """What the features depend on: name, config hash, processor hash, weights fingerprint,
+        feature choice. Stored in mapper checkpoints; its hash keys the feature cache."""
+        if self._identity is None:
+            proc = self.processor.to_dict() if hasattr(self.processor, "to_dict") else {}
+            proc = {k: v for k, v in proc.items() if k not in ("image_processor_type",
+                                                               "processor_class")}
+            self._identity = {
+                "model": self.name,
+                "model_type": str(self.config.model_type),
+                "config_sha256": _sha256_json(_stable_dict(self.config.to_dict()))[:16],
+                "processor_sha256": _sha256_json(_stable_dict(proc))[:16],
+                "weights_sha256": self._weights_fingerprint(),
+                "feature": self.feature,
+                "feature_dim": self.feature_dim,
+                "dtype": str(self.dtype).removeprefix("torch."),
+            }
+        return dict(self._identity)
+
+    @property
+    def identity_key(self) -> str:
+        """Short hash of :attr:`identity`: the encoder part of feature-cache keys."""
+        return _sha256_json(self.identity)[:16]
+
+    def _weights_fingerprint(self) -> str:
+        """Hash of a strided sample of every parameter (cheap even for ViT-L): a randomly
+        initialised or fine-tuned model never shares cached features with another. Values are
+        rounded to bfloat16 first, so the same weights loaded in fp32 or bf16 agree."""
+        h = hashlib.sha256()
+        for name, p in self.model.state_dict().items():
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 256)
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(flat[::step][:256].to(torch.bfloat16).float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def check_identity(self, saved: dict, source: object = None) -> None:
+        """Raise :class:`MismatchError` when features from ``saved`` (an :attr:`identity` stored
+        with a mapper) are not what this encoder produces. The name, weights and dtype may differ
+        (a copy of the model in another folder, bf16 at inference) with a warning only."""
+        mine = self.identity
+        hard = [k for k in ("model_type", "config_sha256", "feature", "feature_dim")
+                if k in saved and saved[k] != mine[k]]
+        where = f"{source}: " if source is not None else ""
+        if hard:
+            diff = ", ".join(f"{k}: saved {saved[k]!r}, now {mine[k]!r}" for k in hard)
+            raise MismatchError(f"{where}the vision encoder differs from the one this was built "
+                                f"with ({diff}); load vision encoder {saved.get('model')!r} with "
+                                f"feature {saved.get('feature')!r}, or retrain")
+        soft = [k for k in ("model", "weights_sha256", "processor_sha256", "dtype")
+                if k in saved and saved[k] != mine[k]]
+        if soft:
+            warnings.warn(f"{where}vision encoder {', '.join(soft)} differ from the saved ones "
+                          f"({ {k: saved[k] for k in soft} } vs { {k: mine[k] for k in soft} })",
+                          stacklevel=2)
+
+    # ---- encoding -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Images -> float32 features [n, feature_dim] on the CPU, ``batch_size`` at a time."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = [im if im.mode == "RGB" else im.convert("RGB")
+                     for im in images[start:start + self.batch_size]]
+            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"]
+            out.append(self._features(pixels.to(self.device, self.dtype)).float().cpu())
+        if not out:
+            return torch.zeros(0, self.feature_dim)
+        return torch.cat(out)
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixel_values [b, 3, H, W] -> [b, feature_dim]."""
+        out = self.model(pixel_values=pixels, output_hidden_states=self.kind == "layers")
+        if self.kind == "pooled":
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is None:
+                raise GemelError(f"{self.name} ({type(self.model).__name__}) has no pooled "
+                                 f"output; use feature 'cls' or 'mean'")
+            return pooled.reshape(pooled.shape[0], -1)
+        hidden = out.last_hidden_state
+        if self.kind == "mean":
+            if hidden.ndim == 4:  # convolutional: [b, C, h, w]
+                return hidden.mean(dim=(2, 3))
+            return hidden[:, self._n_prefix_tokens(pixels, hidden):].mean(dim=1)
+        if hidden.ndim != 3:
+            raise GemelError(f"{self.name} has no token sequence; use feature 'pooled' or 'mean'")
+        if self.kind == "cls":
+            return hidden[:, 0]
+        return torch.cat([out.hidden_states[i][:, 0] for i in self.layers], dim=-1)
+
+    def _n_prefix_tokens(self, pixels: torch.Tensor, hidden: torch.Tensor) -> int:
+        """Class + register tokens before the patches: sequence length minus the patch count."""
+        patch = getattr(self.config, "patch_size", None)
+        if patch is None:
+            return 0
+        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        n_patches = (pixels.shape[-2] // ph) * (pixels.shape[-1] // pw)
+        return max(0, hidden.shape[1] - n_patches)
+
+    def encode_paths(self, paths: Sequence[str | Path], vp_settings: Sequence[str] | str | None = None,
+                     cache: FeatureCache | None = None,
+                     render: Callable[[int, Image.Image], list[Image.Image]] | None = None,
+                     ids: Sequence[object] | None = None) -> torch.Tensor:
+        """Encode image files, each through an optional visual prompt; [n, k, feature_dim] float32.
+
+        ``render(i, image)`` returns the k images to encode for item i (k the same for every item;
+        without ``render`` k = 1 and the image is encoded as it is). ``vp_settings[i]`` (or one
+        string for all) must spell out everything ``render`` does to item i
+        (:func:`gemel.visual_prompt.settings_key`): it is part of the cache key. Items whose key is
+        in ``cache`` are not opened; identical (image, settings) pairs are encoded once.
+        ``ids`` name the items in errors (mention ids).
+        """
+        n = len(paths)
+        if isinstance(vp_settings, str) or vp_settings is None:
+            settings = [vp_settings or "vp1/full"] * n
+        else:
+            settings = list(vp_settings)
+            if len(settings) != n:
+                raise GemelError(f"{n} paths but {len(settings)} visual-prompt settings")
+        if render is not None and vp_settings is None and cache is not None:
+            raise GemelError("a cache with a render function needs vp_settings describing it "
+                             "(gemel.visual_prompt.settings_key), or cached features would mix up")
+        ids = list(ids) if ids is not None else [None] * n
+        keys: list[str] = []
+        for i, path in enumerate(paths):
+            if cache is not None:
+                image_hash = cache.file_hash(path, record=ids[i])
+                keys.append(FeatureCache.key(self.identity_key, image_hash, settings[i]))
+            elif render is not None and vp_settings is None:
+                keys.append(f"item {i}")  # unknown rendering: nothing can be shared
+            else:
+                keys.append(f"{Path(path).resolve()}\0{settings[i]}")
+        found: dict[str, np.ndarray] = {}
+        todo: dict[str, int] = {}  # key -> first item needing it
+        for i, key in enumerate(keys):
+            if key in found or key in todo:
+                continue
+            hit = cache.get(key) if cache is not None else None
+            if hit is not None:
+                found[key] = hit
+            else:
+                todo[key] = i
+        if cache is not None:
+            hits = sum(1 for k in keys if k in found)
+            cache.stats["hits"] += hits
+            cache.stats["misses"] += n - hits
+        pending = list(todo.items())
+        k: int | None = None  # images per item, known after the first chunk
+        start = 0
+        try:
+            while start < len(pending):
+                chunk = pending[start:start + max(1, self.batch_size // (k or 1))]
+                start += len(chunk)
+                images: list[Image.Image] = []
+                counts = set()
+                for _key, i in chunk:
+                    image = _open_image(paths[i], ids[i])
+                    rendered = render(i, image) if render is not None else [image]
+                    counts.add(len(rendered))
+                    images.extend(rendered)
+                if len(counts | ({k} if k else set())) != 1 or 0 in counts:
+                    raise GemelError(f"render returned {sorted(counts)} images per item; it must "
+                                     f"return the same number (>= 1) for every item")
+                k = counts.pop()
+                feats = self.encode(images).numpy().reshape(len(chunk), k, -1)
+                for (key, _i), f in zip(chunk, feats):
+                    found[key] = f
+                    if cache is not None:
+                        cache.put(key, f)
+        finally:  # keep what was encoded, even when a bad image stops the run
+            if cache is not None:
+                cache.flush()
+        if cache is not None:
+            log.info("%s", cache.summary())
+        if n == 0:
+            return torch.zeros(0, 1, self.feature_dim)
+        ks = {found[k].shape[0] for k in keys}
+        if len(ks) != 1:
+            raise GemelError(f"items have {sorted(ks)} features each (a cache shared by visual "
+                             f"prompts with different image counts under equal settings strings?)")
+        return torch.from_numpy(np.stack([found[k] for k in keys]).astype(np.float32, copy=False))
+
+    def encode_mentions(self, mentions: Iterable[Mention], prompt: VisualPrompt | None = None,
+                        cache: FeatureCache | None = None) -> torch.Tensor:
+        """Each mention's image through ``prompt`` -> [n, prompt.n_images, feature_dim] float32.
+
+        Every mention must have an image (those without one have no image slot: filter them out).
+        """
+        mentions = list(mentions)
+        prompt = prompt or VisualPrompt("none")
+        for m in mentions:
+            if not m.image:
+                raise DataError("mention has no image to encode", record=m.id, field="image",
+                                fix="leave mentions without an image out of vision encoding")
+        return self.encode_paths(
+            [m.image for m in mentions], [prompt.key(m.bbox, m.polygon) for m in mentions],
+            cache=cache, ids=[m.id for m in mentions],
+            render=lambda i, im: prompt.render(im, mentions[i].bbox, mentions[i].polygon,
+                                               mentions[i].id))
+
+
+def _open_image(path: str | Path, record: object) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError("image file not found", path=path, record=record, field="image",
+                        fix="check the dataset's image folder (paths are relative to the "
+                            "mentions file)") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot read the image ({exc})", path=path, record=record, field="image",
+                        fix="re-download the image or drop the mention's image") from None
+
+
+class FeatureCache:
+    """Vision features on disk: ``shards/*.npy`` (float32 [rows, dim]) plus ``index.json``.
+
+    The index maps a key — :meth:`key` (encoder identity hash, image sha256, visual-prompt
+    settings) — to (shard, first row, number of rows): one mention's k features are k consecutive
+    rows. A shard is written to a temporary name and renamed before the index names it, and the
+    index is replaced atomically under a lock after merging what other processes wrote, so an
+    interrupted or concurrent run never leaves an index naming missing or half-written rows.
+
+    ``stats`` counts ``hits`` and ``misses`` (per requested item) and ``written`` (feature sets
+    stored); :meth:`summary` gives the hit rate.
+    """
+
+    FORMAT = "gemel-feature-cache"
+    VERSION = 1
+
+    def __init__(self, folder: str | Path, flush_rows: int = 4096):
+        self.folder = Path(folder)
+        (self.folder / "shards").mkdir(parents=True, exist_ok=True)
+        self.flush_rows = flush_rows
+        self.stats = {"hits": 0, "misses": 0, "written": 0}
+        self._entries: dict[str, list] = self._read_index()
+        self._pending: dict[str, np.ndarray] = {}
+        self._shards: dict[str, np.ndarray] = {}
+        self._hashes: dict[tuple, str] = {}
+
+    # ---- keys ---------------------------------------------------------------------------------
+    @staticmethod
+    def key(encoder_key: str, image_sha256: str, vp_setting: str) -> str:
+        return hashlib.sha256(f"{encoder_key}\0{image_sha256}\0{vp_setting}".encode()).hexdigest()[:40]
+
+    def file_hash(self, path: str | Path, record: object = None) -> str:
+        """sha256 of the file's bytes, remembered per (path, size, mtime) for this session."""
+        p = Path(path)
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise DataError("image file not found", path=path, record=record, field="image",
+                            fix="check the dataset's image folder") from None
+        memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if memo not in self._hashes:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            self._hashes[memo] = h.hexdigest()
+        return self._hashes[memo]
+
+    # ---- reading ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(set(self._entries) | set(self._pending))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._pending or key in self._entries
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The k features stored under ``key`` as float32 [k, dim], or None."""
+        if key in self._pending:
+            return self._pending[key]
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        shard, row, n = entry
+        try:
+            array = self._shard(shard)
+        except FileNotFoundError:  # someone deleted a shard: its rows are simply gone
+            self._entries = {k: e for k, e in self._entries.items() if e[0] != shard}
+            return None
+        return np.array(array[row:row + n], dtype=np.float32)
+
+    def _shard(self, name: str) -> np.ndarray:
+        if name not in self._shards:
+            self._shards[name] = np.load(self.folder / "shards" / name, mmap_mode="r",
+                                         allow_pickle=False)
+        return self._shards[name]
+
+    # ---- writing ------------------------------------------------------------------------------
+    def put(self, key: str, features: np.ndarray | torch.Tensor) -> None:
+        """Store [k, dim] (or [dim]) features under ``key``; written at :meth:`flush`."""
+        if isinstance(features, torch.Tensor):
+            features = features.detach().float().cpu().numpy()
+        array = np.asarray(features, dtype=np.float32)
+        self._pending[key] = array.reshape(1, -1) if array.ndim == 1 else array
+        if sum(a.shape[0] for a in self._pending.values()) >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write pending features as new shards, then merge them into the index."""
+        if not self._pending:
+            return
+        new: dict[str, list] = {}
+        by_dim: dict[int, list[tuple[str, np.ndarray]]] = {}
+        for key, array in self._pending.items():
+            by_dim.setdefault(array.shape[1], []).append((key, array))
+        for group in by_dim.values():
+            name = f"{uuid.uuid4().hex[:16]}.npy"
+            rows = np.concatenate([a for _, a in group])
+            _atomic_write(self.folder / "shards" / name, lambda f, r=rows: np.save(f, r))
+            row = 0
+            for key, array in group:
+                new[key] = [name, row, int(array.shape[0])]
+                row += array.shape[0]
+        with _locked(self.folder / ".lock"):
+            merged = self._read_index()
+            merged.update(new)
+            index = {"format": self.FORMAT, "version": self.VERSION, "entries": merged}
+            _atomic_write(self.folder / "index.json",
+                          lambda f: f.write(json.dumps(index, separators=(",", ":")).encode()))
+        self._entries = merged
+        self.stats["written"] += len(self._pending)
+        self._pending = {}
+
+    def _read_index(self) -> dict[str, list]:
+        path = self.folder / "index.json"
+        if not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"feature cache index is not valid JSON ({exc})", path=path,
+                            fix=f"delete {self.folder} to rebuild the cache") from None
+        if data.get("format") != self.FORMAT or data.get("version") != self.VERSION:
+            raise DataError(f"not a version-{self.VERSION} gemel feature cache", path=path,
+                            fix=f"delete {self.folder} or choose another cache folder")
+        return data["entries"]
+
+    def __enter__(self) -> FeatureCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flush()
+
+    # ---- reporting ----------------------------------------------------------------------------
+    @property
+    def hit_rate(self) -> float:
+        total = self.stats["hits"] + self.stats["misses"]
+        return self.stats["hits"] / total if total else 0.0
+
+    def summary(self) -> str:
+        s = self.stats
+        return (f"feature cache {self.folder}: {s['hits']} hits, {s['misses']} misses "
+                f"({100 * self.hit_rate:.1f}% hit rate), {len(self)} entries")
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self.folder)!r}, entries={len(self)}, stats={self.stats})"
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock (POSIX); elsewhere, index merges are last-writer-wins."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny tokenizers trained on the fly and tiny random LLMs built from configs.
+
+Nothing is downloaded. The real public data is read from $GEMEL_DATA or ../shared/data beside the
+repository; tests that need it skip with a reason where it is absent.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("GEMEL_DATA", REPO.parent / "shared" / "data"))
+
+TITLES = ["Paris", "Paris Hilton", "Paris, Texas", "Jordan", "Michael Jordan", "Jordan River",
+          "United Kingdom", "Parliament of the United Kingdom", "Barack Obama", "Michelle Obama",
+          "Apple Inc.", "Apple", "Amazon (company)", "Amazon River", "Mercury (planet)",
+          "Freddie Mercury", "Queen (band)", "Elizabeth II", "Tower Bridge", "London"]
+
+CORPUS = TITLES + [
+    "[Text]The Prime Minister spoke to parliament in London.\n[Question]What does parliament "
+    "mentioned in the text refer to?\n[Answer]Parliament of the United Kingdom\n",
+    "[Text]Obama visited Paris.\n[Question]What does Obama mentioned in the text refer to?\n"
+    "[Answer]Barack Obama\n",
+    "The river flows through the rain forest. The singer of the band performed at the stadium.",
+]
+
+
+def needs_data(*parts: str) -> Path:
+    """Path under the shared data folder, or skip the test with the reason."""
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"public data not found at {path} (set GEMEL_DATA to ../shared/data)")
+    return path
+
+
+def _wrap(tok_obj):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok_obj, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """Byte-level BPE (GPT-2 / OPT / SmolLM style): leading spaces are part of tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    return _wrap(tok)
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer():
+    """SentencePiece-style (LLaMA style): Metaspace '▁' marks word starts, BOS added in front."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return _wrap(tok)
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_opt(vocab_size: int, seed: int = 0):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                    num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=512,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return OPTForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def llama_pair(sp_tokenizer):
+    return tiny_llama(len(sp_tokenizer)), sp_tokenizer
+
+
+@pytest.fixture(scope="session")
+def opt_pair(bpe_tokenizer):
+    return tiny_opt(len(bpe_tokenizer)), bpe_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tries and indexes built by tests go to a temporary cache, never the user's."""
+    monkeypatch.setenv("GEMEL_CACHE", str(tmp_path_factory.getbasetemp() / "gemel-cache"))

@@ -1,0 +1,129 @@
+"""Trie-constrained beam search on tiny random LLaMA- and OPT-style models."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from gemel.backends.hf import HFBackend
+from gemel.kb import KnowledgeBase
+from gemel.linker import Linker, LinkerConfig
+from gemel.model import GemelModel
+from gemel.prompting import PromptBuilder
+from gemel.types import Entity, Mention
+from tests.conftest import TITLES, tiny_llama, tiny_opt
+
+TEXTS = ["Obama visited Paris with Michelle.", "The Amazon River floods every year.",
+         "Queen played at Tower Bridge in London.", "Jordan scored 40 points for the Bulls."]
+
+
+def make_linker(model, tokenizer, titles, num_beams=5, **cfg) -> Linker:
+    kb = KnowledgeBase.from_entities(Entity(f"Q{i}", t) for i, t in enumerate(titles))
+    config = LinkerConfig(model="tiny", num_beams=num_beams, top_k=num_beams, **cfg)
+    return Linker(config, kb, HFBackend(model, tokenizer))
+
+
+def mention(i: int, text: str, word: str) -> Mention:
+    return Mention(id=str(i), text=text, mention=word)
+
+
+def exhaustive_scores(linker: Linker, m: Mention) -> list[float]:
+    """Teacher-forced log-probability of every title (title tokens + terminator) after the prompt."""
+    embeds, mask = linker.model.embed([linker.builder.build(m)])
+    seqs = [[linker.trie.sequence(i) for i in range(len(linker.kb.titles))]]
+    return linker.backend.score(embeds, mask, seqs)[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_exhaustive_beam_equals_argmax(family, sp_tokenizer, bpe_tokenizer):
+    """With beams >= titles the search is exact: top-1 is the argmax of the sequence log-prob,
+    and each returned score equals the teacher-forced score of its title."""
+    rng = random.Random(0)
+    tokenizer = sp_tokenizer if family == "llama" else bpe_tokenizer
+    for trial in range(4):
+        model = (tiny_llama if family == "llama" else tiny_opt)(len(tokenizer), seed=trial)
+        titles = rng.sample(TITLES, rng.randint(3, 8))
+        linker = make_linker(model, tokenizer, titles, num_beams=len(titles))
+        m = mention(trial, rng.choice(TEXTS), rng.choice(["Paris", "Jordan", "Amazon", "Queen"]))
+        result = linker.link([m], top_k=len(titles))[0]
+        assert {c.title for c in result.candidates} <= set(titles)
+        assert len(result.candidates) == len(titles)  # every title finished, none lost
+        scores = exhaustive_scores(linker, m)
+        best = max(range(len(titles)), key=lambda i: scores[i])
+        assert result.candidates[0].title == linker.kb.titles[best]
+        for c in result.candidates:
+            assert c.score == pytest.approx(scores[linker.kb.title_index(c.title)], abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_candidates_are_titles_with_small_beams(family, llama_pair, opt_pair):
+    model, tokenizer = llama_pair if family == "llama" else opt_pair
+    linker = make_linker(model, tokenizer, TITLES, num_beams=3)
+    results = linker.link([mention(i, t, "Paris") for i, t in enumerate(TEXTS)], top_k=3)
+    for r in results:
+        assert 1 <= len(r.candidates) <= 3
+        assert all(c.title in TITLES for c in r.candidates)
+        assert [c.score for c in r.candidates] == sorted((c.score for c in r.candidates), reverse=True)
+
+
+def test_batching_and_left_padding_do_not_change_results(llama_pair):
+    """A mention linked alone or beside longer prompts gets the same candidates and scores."""
+    model, tokenizer = llama_pair
+    linker = make_linker(model, tokenizer, TITLES, num_beams=4)
+    ms = [mention(0, "Paris.", "Paris"), mention(1, TEXTS[2] + " " + TEXTS[0], "London")]
+    together = linker.link_batch(ms)
+    alone = [linker.link_batch([m])[0] for m in ms]
+    for a, b in zip(together, alone):
+        assert [c.title for c in a.candidates] == [c.title for c in b.candidates]
+        for x, y in zip(a.candidates, b.candidates):
+            assert x.score == pytest.approx(y.score, abs=1e-4)
+
+
+def test_matches_transformers_generate(opt_pair):
+    """Our search and `generate(prefix_allowed_tokens_fn=...)` find the same best title."""
+    model, tokenizer = opt_pair
+    titles = TITLES[:12]
+    linker = make_linker(model, tokenizer, titles, num_beams=len(titles))
+    trie = linker.trie
+    for i, text in enumerate(TEXTS):
+        m = mention(i, text, "Paris")
+        embeds, mask = linker.model.embed([linker.builder.build(m)])
+
+        def allowed(batch_id, generated):  # with inputs_embeds only, `generated` holds new tokens
+            toks = trie.allowed(generated.tolist())
+            return toks.tolist() if len(toks) else [trie.terminator]
+
+        out = model.generate(inputs_embeds=embeds, attention_mask=mask, num_beams=len(titles),
+                             num_return_sequences=1, max_new_tokens=32, do_sample=False,
+                             prefix_allowed_tokens_fn=allowed, eos_token_id=trie.terminator,
+                             pad_token_id=tokenizer.pad_token_id, length_penalty=0.0)
+        seq = out[0].tolist()
+        seq = seq[:seq.index(trie.terminator) + 1]
+        ours = linker.link([m], top_k=1)[0].candidates[0]
+        assert trie.value(trie.node_of(seq)) == linker.kb.title_index(ours.title)
+
+
+def test_terminator_is_template_newline_not_eos(opt_pair):
+    model, tokenizer = opt_pair
+    linker = make_linker(model, tokenizer, TITLES)
+    nl = tokenizer("x\n", add_special_tokens=False)["input_ids"][-1]
+    assert linker.trie.terminator == nl != tokenizer.eos_token_id
+
+
+def test_dtype_choice_on_cpu():
+    from gemel.backends.hf import cpu_has_fast_bf16, pick_dtype
+
+    assert pick_dtype("cpu", "fp32") is torch.float32
+    assert pick_dtype("cpu") is (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+
+
+def test_image_slots_need_an_embedder(llama_pair):
+    model, tokenizer = llama_pair
+    gm = GemelModel(tokenizer, model.get_input_embeddings())
+    builder = PromptBuilder("gemel", tokenizer, use_images=True)
+    prompt = builder.build(Mention("1", "a photo", "Paris", image="/nonexistent.jpg"))
+    with pytest.raises(ValueError, match="image embedder"):
+        gm.embed([prompt])
+    # without an image the text-only layout is used: no slot at all
+    assert all(isinstance(s, str) for s in builder.build(Mention("2", "t", "Paris")).segments)
