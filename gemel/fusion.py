@@ -107,7 +107,7 @@ def fit(lists: Sequence[tuple[np.ndarray, int]], l2: float = 1e-3, steps: int = 
     final = opt.step(closure)
     raw = (w.detach() / sd).tolist()  # the mean shift is constant within a list: it drops out
     return FusionModel(dict(zip(FEATURES, raw)),
-                       {"n_fitted": len(usable), "n_lists": len(lists), "loss": float(final)})
+                       {"n_fitted": len(usable), "n_lists": len(lists), "loss": float(final.detach())})
 
 
 def fit_on_mentions(linker, mentions: Sequence[Mention], progress: bool = True

@@ -135,16 +135,21 @@ class DenseIndex:
         its indexed one, whatever batch it is embedded in."""
         texts = list(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        missing = [i for i, t in enumerate(texts) if t not in self._row_of]
         known = [i for i, t in enumerate(texts) if t in self._row_of]
         if known:
             out[known] = self.vectors[[self._row_of[texts[i]] for i in known]]
-        if missing:
+        new: dict[str, list[int]] = {}  # each unseen text embedded once, however often it recurs
+        for i, t in enumerate(texts):
+            if t not in self._row_of:
+                new.setdefault(t, []).append(i)
+        if new:
             if self.encoder is None:
-                raise DataError(f"{len(missing)} query texts are not in the index and it has no "
+                raise DataError(f"{len(new)} query texts are not in the index and it has no "
                                 "encoder to embed them", field="texts",
                                 fix="build the index with DenseIndex.build(texts, encoder)")
-            out[missing] = self.encoder.embed([texts[i] for i in missing])
+            vectors = np.asarray(self.encoder.embed(list(new)), dtype=np.float32)
+            for vector, rows in zip(vectors, new.values()):
+                out[rows] = vector
         return out
 
     def scores(self, query_vectors: np.ndarray) -> np.ndarray:

@@ -134,6 +134,9 @@ def test_integer_ids_are_kept_as_strings(tmp_path):
     # Two objects on one line must not pass as two entities (the chunked decoder checks counts).
     (['{"id": "Q1", "title": "A"}, {"id": "Q2", "title": "B"}'], "line 1", None,
      ["not valid JSON"]),
+    # Two broken lines that would join into two valid objects are still named as broken.
+    (['{"id": "Q1", "title": "A", "z": [1', '2]}, {"id": "Q2", "title": "B"}'], "line 1", None,
+     ["not valid JSON"]),
 ])
 def test_bad_records_name_file_line_and_field(tmp_path, lines, record, field, words):
     path = write_lines(tmp_path / "my_kb.jsonl", lines)

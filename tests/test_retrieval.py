@@ -217,6 +217,11 @@ def test_dense_index_over_arbitrary_texts(minilm, tmp_path):
     banned_scores, banned_rows = index.search(minilm.embed(["the basketball player"]), k=5,
                                               banned=[np.array([3])])
     assert 3 not in banned_rows[0, :4] and banned_scores[0, -1] == -np.inf
+    calls = minilm.calls
+    v = index.vectors_for(["zebra crossing", kb[0], "zebra crossing"])
+    assert minilm.calls == calls + 1  # one batch, the unseen text embedded once
+    np.testing.assert_array_equal(v[0], v[2])
+    np.testing.assert_array_equal(v[1], index.vectors[0])  # indexed text: its stored vector
     # vectors straight from an array (e.g. cached image features), no encoder
     plain = DenseIndex(np.eye(3) * 2.0)
     np.testing.assert_allclose(np.linalg.norm(plain.vectors, axis=1), 1.0)

@@ -31,7 +31,7 @@ def convert(src: str | os.PathLike, out_mentions: str | os.PathLike,
     n = write_mentions(mentions, out_mentions)
     summary = {"source": str(src), "format": report.format, "split": split,
                "records": report.records, "mentions": n, "nil": report.nil,
-               "images_found": report.images_found, "images_missing": report.images_missing,
+               "image_records": report.image_records, "images_found": report.images_found, "images_missing": report.images_missing,
                "images_dir": report.images_dir,
                "split_ids": report.split_ids, "split_ids_absent": report.split_ids_absent,
                "dropped_overlap": report.dropped_overlap, "empty_records": report.empty_records,

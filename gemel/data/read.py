@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Iterator
 
 from gemel.data.images import ImageFinder
 from gemel.data.mimic import IMAGE_FOLDERS, read_mimic
@@ -34,7 +33,8 @@ def read_release(path: str | os.PathLike, fmt: str = "auto", split: str | None =
     ``fmt``: "auto" (from the JSON shape) or one of :data:`FORMATS`. ``split`` with
     ``splits_path`` selects records (see :mod:`gemel.data.splits` for the overlap rule).
     ``images_dir``: folder of the release's images (default: a folder such as ``images/`` beside
-    the file). ``limit``: the first N mentions (after selection). ``nil``: "keep" | "drop".
+    the file). ``limit``: the first N mentions kept (after selection and NIL handling).
+    ``nil``: "keep" (marked, see :mod:`gemel.data.nil`) | "drop".
     ``find_images=False`` skips the image lookup (every image None, nothing counted): for passes
     that need only the text and gold, such as building a KB.
     """
@@ -72,7 +72,10 @@ def read_release(path: str | os.PathLike, fmt: str = "auto", split: str | None =
 
     out: list[Mention] = []
     seen: set[str] = set()
-    for m in _limited(stream, limit, report):
+    for m in stream:
+        if limit is not None and len(out) >= limit:
+            report.limited = True
+            break
         if m.id in seen:  # native checks its own lines; this catches releases with repeated ids
             raise DataError(f"two mentions get the id {m.id!r}", path=path, record=m.id,
                             field="id", fix="record ids must be unique within a file")
@@ -86,17 +89,6 @@ def read_release(path: str | os.PathLike, fmt: str = "auto", split: str | None =
     if select is not None and fmt != "native":
         report.split_ids_absent = len(select) - report.records if not report.limited else 0
     return out, report
-
-
-def _limited(stream: Iterator[Mention], limit: int | None, report: ReadReport):
-    if limit is None:
-        yield from stream
-        return
-    for i, m in enumerate(stream):
-        if i >= limit:
-            report.limited = True
-            return
-        yield m
 
 
 def read_mentions(path: str | os.PathLike, fmt: str = "auto", split: str | None = None,

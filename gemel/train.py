@@ -1,0 +1,799 @@
+"""Mapper training with accelerate: the LLM and the vision encoder stay frozen, only the
+:class:`~gemel.mapper.LinearMapper` (and optionally LoRA adapters of the LLM) learns.
+
+One training item is a mention with an image and a gold entity in the KB. Its prompt is the
+template's query block (``{image}`` -> the mapper's soft tokens), followed by the gold title's
+trie sequence (``trie.sequence(title_index)``: the title tokens exactly as constrained decoding
+emits them after the answer prefix, then the terminator). The loss is the token-mean cross-entropy
+on those target tokens only (labels -100 elsewhere), over a right-padded batch.
+
+Evaluation on the dev split runs the real linker — trie-constrained beam search through
+:class:`gemel.linker.Linker` with the mapper as image embedder — and keeps the best checkpoint by
+dev H@1. Checkpoints (no pickle anywhere)::
+
+    CKPT_DIR/best/   mapper.safetensors + config.json (+ lora/): load with LinearMapper.load
+    CKPT_DIR/last/   the same, plus optimizer.safetensors (AdamW moments, flattened) and
+                     trainer_state.json (step, epoch, batches done, scheduler, best, config)
+    CKPT_DIR/train_log.jsonl   one JSON line per logged step and per evaluation
+
+(``accelerator.save_state`` is not used: it writes the optimizer and RNG states with pickle-based
+``torch.save``.) Resuming (``resume=True``) continues the step counter, the optimizer moments,
+the schedule and the data order exactly where ``last`` left them: the order of epoch e is a
+permutation seeded by (seed, e), and the batches already done in that epoch are skipped.
+
+Running it::
+
+    gemel train --kb kb.jsonl --data train.jsonl --dev dev.jsonl --out ckpt --vp-mode overlay
+    # several processes on CPU (gloo), e.g. to check data parallelism:
+    torchrun --nproc_per_node 2 -m gemel.cli train ...
+    # several GPUs:
+    accelerate launch --multi_gpu -m gemel.cli train ...
+
+(``accelerate launch --cpu --num_processes 2`` starts a single process in accelerate 1.15 unless MPI
+is set up: use torchrun on CPU.) In several processes each sees its own shard of every epoch
+(``accelerator.prepare`` on the DataLoader; the effective batch is batch_size x processes x
+grad_accum), DDP all-reduces the mapper's gradients, and only the main process writes files.
+
+Python API: ``train(TrainConfig(...), llm=..., tokenizer=..., vision=..., kb=..., train_mentions=...,
+dev_mentions=...)``: objects given replace what the config names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import click
+
+from gemel.errors import DataError, GemelError, MismatchError
+from gemel.types import Mention
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from gemel.mapper import LinearMapper
+
+# torch, transformers and the model modules are imported inside the functions, so that
+# registering this command does not slow down `gemel --help` or the data tools
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "train_log.jsonl"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+# settings that must not change when a run is resumed (they change the model, data order or schedule)
+RESUME_FIXED = ("model", "vision", "feature", "n_visual_tokens", "vp_mode", "template", "epochs",
+                "batch_size", "grad_accum", "warmup", "seed", "lora_r")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; stored in the checkpoint's config.json."""
+
+    out: str = "checkpoints"
+    kb: str | None = None
+    data: str | None = None  # training mentions
+    dev: str | None = None  # dev mentions (default: --data, when dev_split is given)
+    format: str = "auto"
+    split: str | None = None
+    dev_split: str | None = None
+    splits: str | None = None
+    images: str | None = None
+    limit: int | None = None
+    dev_limit: int | None = None
+    model: str = "smollm2-135m-instruct"
+    vision: str = "dinov2-small"
+    feature: str = "pooled"  # pooled | cls | mean | layers:4,10,11,12
+    n_visual_tokens: int = 4
+    vp_mode: str = "none"  # none | overlay | crop | overlay+crop
+    template: str = "gemel"
+    epochs: int = 5
+    lr: float = 1e-3  # GEMEL used 1e-6 (far too low for a fresh linear layer); tune it on dev
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup: float = 0.03  # < 1: fraction of the optimizer steps; >= 1: number of steps
+    max_grad_norm: float = 1.0
+    max_steps: int | None = None  # stop after this many optimizer steps (the schedule is unchanged)
+    eval_every: int = 0  # optimizer steps between dev evaluations; 0: after every epoch
+    eval_batch_size: int = 8
+    num_beams: int = 5
+    max_new_tokens: int = 32
+    seed: int = 0
+    resume: bool | str = False  # True: CKPT_DIR/last; a path: that checkpoint
+    lora_r: int = 0  # > 0: also train LoRA adapters of rank r on the LLM
+    lora_alpha: int | None = None  # default 2 * r
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
+    dtype: str = "auto"  # the frozen LLM's weights: auto | fp32 | bf16 | fp16
+    cpu: bool = False
+    feature_cache: str | None = "auto"  # auto: <gemel cache>/features; none: in memory only
+    log_with: str | None = None  # tensorboard (optional); the JSONL log is always written
+    log_every: int = 10
+
+
+DemosFor = Callable[[Mention], Sequence[Mention]]
+
+
+def no_demonstrations(mention: Mention) -> list[Mention]:
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# data order
+class EpochOrder:
+    """Indices 0..n-1 in an order fixed by (seed, epoch): a resumed run replays the same order.
+
+    The epoch is set with :meth:`use_epoch` (deliberately not ``set_epoch``, which accelerate calls
+    with its own counter of dataloader passes)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def use_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def _collate(indices: list[int]) -> "torch.Tensor":
+    import torch
+
+    return torch.tensor(indices, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class Item:
+    mention: Mention
+    title_index: int
+
+
+def training_items(mentions: Sequence[Mention], kb, source: object = None
+                   ) -> tuple[list[Item], dict[str, int]]:
+    """Mentions with an image and a gold entity in the KB, with the gold title's index.
+
+    The rest is counted by reason: ``no_gold`` (NIL or unlabelled), ``not_in_kb``, ``no_image``
+    (nothing for the mapper to learn from)."""
+    items, skipped = [], {"no_gold": 0, "not_in_kb": 0, "no_image": 0}
+    for m in mentions:
+        if m.entity_id is not None:
+            if m.entity_id not in kb:
+                skipped["not_in_kb"] += 1
+                continue
+            title = kb[m.entity_id].title
+        elif m.entity and m.entity != "NIL":
+            title = m.entity
+        else:
+            skipped["no_gold"] += 1
+            continue
+        index = kb.title_index(title)
+        if index < 0:
+            skipped["not_in_kb"] += 1
+            continue
+        if not m.image:
+            skipped["no_image"] += 1
+            continue
+        items.append(Item(m, index))
+    if skipped["not_in_kb"]:
+        log.warning("%s: %d training mention(s) have a gold entity that is not in the KB; skipped",
+                    source or "training data", skipped["not_in_kb"])
+    return items, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# batches
+@dataclass
+class Batch:
+    """One right-padded training batch.
+
+    inputs_embeds [n, seq, hidden]; attention_mask [n, seq]; labels [n, seq] (-100 except the
+    target title tokens + terminator)."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    n_targets: int
+
+
+def build_batch(items: Sequence[Item], builder, model, trie, tokens_per_slot: int,
+                demonstrations_for: DemosFor) -> Batch:
+    """Prompt (with its image slots) + gold title sequence, embedded through ``model``
+    (a :class:`gemel.model.GemelModel` whose image embedder is the trainable mapper)."""
+    import torch
+
+    from gemel.model import pad
+    from gemel.prompting import ImageSlot
+
+    batch_pieces, labels = [], []
+    for item in items:
+        m = item.mention
+        demos = [d for d in demonstrations_for(m) if d.id != m.id]  # never its own demonstration
+        pieces = model.token_ids(builder.build(m, demos))
+        n_prompt = sum(tokens_per_slot if isinstance(p, ImageSlot) else len(p) for p in pieces)
+        target = trie.sequence(item.title_index)
+        batch_pieces.append(pieces + [target])
+        labels.append([-100] * n_prompt + target)
+    seqs = model.embed_pieces(batch_pieces)
+    for s, lab in zip(seqs, labels):
+        if s.shape[0] != len(lab):
+            raise GemelError(f"embedded prompt has {s.shape[0]} positions but labels count "
+                             f"{len(lab)}: the image embedder must give {tokens_per_slot} tokens "
+                             f"per slot")
+    embeds, mask = pad(seqs, left=False)
+    lab = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
+    for i, row in enumerate(labels):
+        lab[i, :len(row)] = torch.tensor(row, device=mask.device)
+    return Batch(embeds, mask, lab, sum(len(trie.sequence(it.title_index)) for it in items))
+
+
+def target_loss(lm: nn.Module, batch: Batch, keep_kwarg: bool) -> torch.Tensor:
+    """Token-mean cross-entropy of the labelled tokens; logits only where a target can be."""
+    from torch import nn
+
+    labels = batch.labels
+    n, seq = labels.shape
+    has = (labels != -100).any(0).nonzero()
+    first = int(has.min()) if len(has) else seq - 1
+    # logits at position t predict token t + 1: keep positions first-1 .. seq-1 only
+    keep = seq - max(first - 1, 0)
+    kwargs = {"logits_to_keep": keep} if keep_kwarg else {}
+    out = lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+             use_cache=False, **kwargs)
+    logits = out.logits[:, -keep:] if out.logits.shape[1] != keep else out.logits
+    # fp32 log-softmax: bf16/fp16 logits lose the small differences the loss is about
+    pred = logits[:, :-1].float()
+    gold = labels[:, seq - keep + 1:]
+    return nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), gold.reshape(-1),
+                                       ignore_index=-100)
+
+
+def _accepts_logits_to_keep(lm: nn.Module) -> bool:
+    import inspect
+
+    target = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return "logits_to_keep" in inspect.signature(target.forward).parameters
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, shapes and fp32 bytes of a state dict (equal exactly when the weights are)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().float().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten an optimizer state dict: tensors ``state.<param>.<key>`` (0-d ones as [1]) and JSON
+    for the rest (param groups, non-tensor state values, which tensors were scalars)."""
+    import torch
+
+    sd = optimizer.state_dict()
+    tensors, other, scalars = {}, {}, []
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            name = f"state.{pid}.{key}"
+            if isinstance(value, torch.Tensor):
+                if value.ndim == 0:
+                    scalars.append(name)
+                    value = value.reshape(1)
+                tensors[name] = value.detach().cpu().contiguous()
+            else:
+                other[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "values": other, "scalars": scalars}
+
+
+def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Inverse of :func:`optimizer_to_safetensors`: a dict for ``optimizer.load_state_dict``."""
+    state: dict[int, dict] = {}
+    scalars = set(meta.get("scalars", []))
+    for name, value in list(tensors.items()) + list(meta.get("values", {}).items()):
+        _, pid, key = name.split(".", 2)
+        if name in scalars:
+            value = value.reshape(())
+        state.setdefault(int(pid), {})[key] = value
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def _replace_folder(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place (the old one is removed only afterwards)."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_checkpoint(folder: Path, mapper: LinearMapper, lora_model: nn.Module | None,
+                    optimizer: torch.optim.Optimizer | None = None, state: dict | None = None) -> None:
+    """Write a mapper folder (plus optimizer and trainer state when given) atomically."""
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    mapper.save(tmp, lora_model=lora_model)
+    if optimizer is not None:
+        tensors, meta = optimizer_to_safetensors(optimizer)
+        save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "gemel-optimizer"})
+        state = dict(state or {}, optimizer=meta)
+    if state is not None:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, default=str) + "\n",
+                                      encoding="utf-8")
+    _replace_folder(tmp, folder)
+
+
+def read_trainer_state(folder: Path) -> dict:
+    path = folder / STATE_FILE
+    if not path.is_file() or not (folder / OPTIMIZER_FILE).is_file():
+        raise DataError(f"cannot resume: {folder} is not a training checkpoint (needs "
+                        f"{STATE_FILE} and {OPTIMIZER_FILE})", path=folder,
+                        fix="resume from CKPT_DIR/last, or train from scratch without --resume")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# loading what the config names
+def _mixed_precision(requested: str, device: str) -> str:
+    import torch
+
+    if requested != "auto":
+        return requested
+    from gemel.backends.hf import cpu_has_fast_bf16
+
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # bf16 is emulated (~100x slower) on CPUs without AMX / AVX512-BF16
+    return "bf16" if cpu_has_fast_bf16() else "no"
+
+
+def _load_llm(config: TrainConfig, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gemel.backends.hf import pick_dtype
+    from gemel.sources import resolve
+
+    path = resolve(config.model, "llm")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, config.dtype))
+    return model, tokenizer
+
+
+def _read(path, config: TrainConfig, split, limit) -> list[Mention]:
+    from gemel.data import read_mentions
+
+    return read_mentions(path, fmt=config.format, split=split,
+                         splits_path=config.splits if split else None,
+                         images_dir=config.images, limit=limit)
+
+
+def _feature_cache(config: TrainConfig):
+    from gemel.sources import cache_dir
+    from gemel.vision import FeatureCache
+
+    if config.feature_cache in (None, "", "none"):
+        return None
+    folder = cache_dir() / "features" if config.feature_cache == "auto" else Path(config.feature_cache)
+    return FeatureCache(folder)
+
+
+def _add_lora(llm: nn.Module, r: int, alpha: int | None) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as KNOWN
+
+    model_type = getattr(llm.config, "model_type", "")
+    # dropout 0: the frozen LLM stays in eval mode, and a resumed run needs no RNG state
+    cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=0.0, task_type="CAUSAL_LM",
+                     target_modules=None if model_type in KNOWN else "all-linear")
+    return get_peft_model(llm, cfg)
+
+
+class _JsonlLog:
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _scalars(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool))}
+
+
+# ---------------------------------------------------------------------------------------------
+def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, vision=None,
+          kb=None, train_mentions: Sequence[Mention] | None = None,
+          dev_mentions: Sequence[Mention] | None = None,
+          demonstrations_for: DemosFor | None = None,
+          on_batch: Callable[[list[Mention]], None] | None = None) -> dict:
+    """Train the mapper; return a summary (best dev H@1, steps, seconds per step ...).
+
+    ``llm``/``tokenizer``/``vision`` (a :class:`gemel.vision.VisionEncoder`)/``kb``/mentions given
+    as objects replace what the config names. ``demonstrations_for(mention)`` gives a training
+    item's demonstrations, least similar first (default none); the item itself is always removed
+    from them. ``on_batch(mentions)`` is called with each micro-batch this process trains on.
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_linear_schedule_with_warmup
+
+    from gemel.image_tokens import ImageTokens
+    from gemel.kb import KnowledgeBase
+    from gemel.mapper import LORA, LinearMapper, llm_identity
+    from gemel.linker import load_or_build_trie
+    from gemel.model import GemelModel
+    from gemel.prompting import PromptBuilder, load_template
+    from gemel.visual_prompt import VisualPrompt
+
+    demonstrations_for = demonstrations_for or no_demonstrations
+    out = Path(config.out)
+    want_cuda = torch.cuda.is_available() and not config.cpu
+    mp = _mixed_precision(config.mixed_precision, "cuda" if want_cuda else "cpu")
+    trackers = None
+    if config.log_with:
+        import importlib.util
+
+        if importlib.util.find_spec(config.log_with) is None and config.log_with == "tensorboard":
+            log.warning("tensorboard is not installed: logging to %s only", LOG_FILE)
+        else:
+            trackers = config.log_with
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=config.grad_accum,
+                              cpu=config.cpu, log_with=trackers, project_dir=str(out))
+    device = accelerator.device
+    set_seed(config.seed)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # -- models (frozen) -----------------------------------------------------------------------
+    if llm is None or tokenizer is None:
+        llm, tokenizer = _load_llm(config, device.type)
+    llm.to(device).eval()
+    for p in llm.parameters():
+        p.requires_grad_(False)
+    if vision is None:
+        from gemel.vision import VisionEncoder
+
+        vision = VisionEncoder.from_name(config.vision, feature=config.feature, device=device)
+    else:
+        vision.model.to(device)
+    base_identity = llm_identity(llm, name=config.model)
+    prompt = VisualPrompt(config.vp_mode)
+    template = load_template(config.template)
+
+    # -- data ----------------------------------------------------------------------------------
+    if kb is None:
+        if not config.kb:
+            raise GemelError("training needs a KB (--kb FILE)")
+        kb = KnowledgeBase.from_jsonl(config.kb)
+    if train_mentions is None:
+        if not config.data:
+            raise GemelError("training needs training mentions (--data FILE)")
+        train_mentions = _read(config.data, config, config.split, config.limit)
+    if dev_mentions is None and (config.dev or config.dev_split):
+        dev_path = config.dev or config.data
+        dev_mentions = _read(dev_path, config, config.dev_split, config.dev_limit)
+    dev_mentions = [m for m in (dev_mentions or []) if m.entity_id is not None]
+    items, skipped = training_items(train_mentions, kb, source=config.data)
+    if not items:
+        raise DataError(f"no training item: every mention lacks an image or a gold entity in the KB "
+                        f"({skipped})", path=config.data,
+                        fix="check --images (the image folder) and that the KB holds the gold ids")
+
+    # -- trainable parts -----------------------------------------------------------------------
+    n_tokens = config.n_visual_tokens
+    emb_dtype = llm.get_input_embeddings().weight.dtype
+    meta = {"vision": vision.identity, "feature": config.feature, "llm": base_identity,
+            "vp_mode": config.vp_mode, "template": template.name,
+            "template_block": template.block, "train": dataclasses.asdict(config)}
+    mapper = LinearMapper(vision.feature_dim, base_identity["hidden_size"], n_tokens,
+                          images_per_mention=prompt.n_images, meta=meta, out_dtype=emb_dtype)
+    builder = PromptBuilder(template, tokenizer, use_images=True,
+                            image_tokens=mapper.tokens_per_slot)
+    if not builder.use_images:
+        raise GemelError(f"template {template.name!r} has no {{image}} placeholder: the mapper "
+                         f"would never be used; choose an image template (gemel, gemel_vp)")
+    lora_model = _add_lora(llm, config.lora_r, config.lora_alpha) if config.lora_r > 0 else None
+    lm = lora_model if lora_model is not None else llm
+    lm.eval()
+    with accelerator.main_process_first():  # one process builds and caches the trie
+        trie = load_or_build_trie(kb, tokenizer, builder.answer_prefix, builder.terminator_text)
+
+    params = list(mapper.parameters())
+    if lora_model is not None:
+        params += [p for p in lora_model.parameters() if p.requires_grad]
+    trainable = [p for p in params]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sampler = EpochOrder(len(items), config.seed)
+    loader = torch.utils.data.DataLoader(list(range(len(items))), batch_size=config.batch_size,
+                                         sampler=sampler, collate_fn=_collate)
+    if lora_model is not None:
+        mapper_p, lm_p, optimizer, loader = accelerator.prepare(mapper, lora_model, optimizer, loader)
+    else:
+        mapper_p, optimizer, loader = accelerator.prepare(mapper, optimizer, loader)
+        lm_p = llm
+    raw_mapper: LinearMapper = accelerator.unwrap_model(mapper_p)
+    cache = _feature_cache(config)
+    embedder = ImageTokens(vision, raw_mapper, prompt, cache=cache)
+    # the training path goes through the prepared (DDP) mapper so that gradients are all-reduced
+    train_model = GemelModel(tokenizer, llm.get_input_embeddings(),
+                             image_embedder=lambda slots: mapper_p(
+                                 embedder.features([s.mention for s in slots]).to(device)))
+    keep_kwarg = _accepts_logits_to_keep(lm)
+
+    batches_per_epoch = len(loader)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = int(round(config.warmup * total_steps)) if config.warmup < 1 else int(config.warmup)
+    raw_optimizer = getattr(optimizer, "optimizer", optimizer)
+    scheduler = get_linear_schedule_with_warmup(raw_optimizer, warmup, total_steps)
+
+    # -- resume --------------------------------------------------------------------------------
+    step, epoch, done_in_epoch = 0, 0, 0
+    best = {"h1": None, "step": None}
+    resumed_from = None
+    if config.resume:
+        folder = out / "last" if config.resume is True else Path(config.resume)
+        if config.resume is True and not (folder / STATE_FILE).exists():
+            log.warning("no checkpoint at %s: training from scratch", folder)
+        else:
+            st = read_trainer_state(folder)
+            saved_cfg = st.get("config", {})
+            changed = [k for k in RESUME_FIXED if k in saved_cfg
+                       and saved_cfg[k] != getattr(config, k)]
+            if st.get("num_processes", 1) != accelerator.num_processes:
+                changed.append(f"num_processes ({st.get('num_processes')} -> "
+                               f"{accelerator.num_processes})")
+            if changed:
+                raise MismatchError(f"{folder}: cannot resume with other settings than the "
+                                    f"checkpoint's: {changed}; restore them or start a new --out")
+            loaded = LinearMapper.load(folder, expect_llm=base_identity, expect_vision=vision)
+            with torch.no_grad():
+                for name, p in raw_mapper.named_parameters():
+                    p.copy_(dict(loaded.named_parameters())[name])
+            if lora_model is not None:
+                from peft import set_peft_model_state_dict
+                from safetensors.torch import load_file
+
+                set_peft_model_state_dict(lora_model, load_file(
+                    str(folder / LORA / "adapter_model.safetensors")))
+            from safetensors.torch import load_file
+
+            raw_optimizer.load_state_dict(optimizer_from_safetensors(
+                load_file(str(folder / OPTIMIZER_FILE)), st["optimizer"]))
+            scheduler.load_state_dict(st["scheduler"])
+            step, epoch, done_in_epoch = st["step"], st["epoch"], st["batches_done_in_epoch"]
+            best = st.get("best", best)
+            resumed_from = step
+            log.info("resumed from %s at step %d (epoch %d, %d batches done)", folder, step,
+                     epoch, done_in_epoch)
+
+    jlog = _JsonlLog(out / LOG_FILE, accelerator.is_main_process)
+    if trackers:
+        accelerator.init_trackers("gemel-train", config=_scalars(dataclasses.asdict(config)))
+
+    def trainer_state() -> dict:
+        return {"step": step, "epoch": epoch, "batches_done_in_epoch": done_in_epoch,
+                "total_steps": total_steps, "scheduler": scheduler.state_dict(), "best": best,
+                "num_processes": accelerator.num_processes,
+                "config": dataclasses.asdict(config)}
+
+    def evaluate() -> dict:
+        """Dev H@1 with constrained decoding, each process on its share of the dev mentions."""
+        from gemel.backends.hf import HFBackend
+        from gemel.eval.metrics import hits_at_k
+        from gemel.linker import Linker, LinkerConfig
+
+        raw_mapper.eval()
+        trainable_flags = [p.requires_grad for p in trainable]
+        base = lora_model.get_base_model() if lora_model is not None else llm
+        backend = HFBackend(base, tokenizer, device=str(device))  # freezes every parameter
+        linker = Linker(LinkerConfig(model=config.model, template=config.template,
+                                     num_beams=config.num_beams, top_k=max(config.num_beams, 1),
+                                     max_new_tokens=config.max_new_tokens,
+                                     batch_size=config.eval_batch_size),
+                        kb, backend, trie=trie,
+                        model=GemelModel(tokenizer, base.get_input_embeddings(), embedder))
+        linker.builder = builder  # the Linker's own builder leaves image slots out
+        mine = dev_mentions[accelerator.process_index::accelerator.num_processes]
+        rows = []
+        with torch.no_grad(), accelerator.autocast():
+            for i in range(0, len(mine), config.eval_batch_size):
+                chunk = mine[i:i + config.eval_batch_size]
+                demos = [[d for d in demonstrations_for(m) if d.id != m.id] for m in chunk]
+                rows += [r.to_json() for r in linker.link_batch(chunk, demonstrations=demos)]
+        for p, flag in zip(trainable, trainable_flags):
+            p.requires_grad_(flag)
+        raw_mapper.train()
+        counts = hits_at_k(rows, (1,))
+        hits = round((counts["H@1"] or 0.0) * counts["n"] / 100)
+        total = torch.tensor([hits, counts["n"]], dtype=torch.float64, device=device)
+        total = accelerator.reduce(total, reduction="sum")
+        n = int(total[1])
+        return {"n": n, "H@1": round(100.0 * float(total[0]) / n, 2) if n else None}
+
+    def checkpoint(evaluated: dict | None) -> None:
+        nonlocal best
+        improved = False
+        if evaluated is not None and evaluated["H@1"] is not None and (
+                best["h1"] is None or evaluated["H@1"] > best["h1"]):
+            best = {"h1": evaluated["H@1"], "step": step}
+            improved = True
+        if accelerator.is_main_process:
+            lora = accelerator.unwrap_model(lm_p) if lora_model is not None else None
+            if improved:
+                save_checkpoint(out / "best", raw_mapper, lora)
+            save_checkpoint(out / "last", raw_mapper, lora, raw_optimizer, trainer_state())
+        accelerator.wait_for_everyone()
+
+    # -- the loop --------------------------------------------------------------------------------
+    raw_mapper.train()
+    seconds, timed_steps, last_eval_step = 0.0, 0, None
+    loss_sum, loss_n = torch.zeros((), device=device), 0
+    finished = config.max_steps is not None and step >= config.max_steps
+    while epoch < config.epochs and not finished:
+        sampler.use_epoch(epoch)
+        epoch_loader = (accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch
+                        else loader)
+        t0 = time.perf_counter()
+        for idx in epoch_loader:
+            batch_items = [items[i] for i in idx.tolist()]
+            if on_batch is not None:
+                on_batch([it.mention for it in batch_items])
+            models = (mapper_p, lm_p) if lora_model is not None else (mapper_p,)
+            with accelerator.accumulate(*models), accelerator.autocast():
+                batch = build_batch(batch_items, builder, train_model, trie,
+                                    mapper.tokens_per_slot, demonstrations_for)
+                loss = target_loss(lm_p, batch, keep_kwarg)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            loss_sum += loss.detach()
+            loss_n += 1
+            done_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+            if not optimizer.step_was_skipped:  # fp16 overflow: the scaler skipped the step
+                scheduler.step()
+            step += 1
+            seconds += time.perf_counter() - t0
+            timed_steps += 1
+            if done_in_epoch >= batches_per_epoch:
+                epoch, done_in_epoch = epoch + 1, 0
+            if step % max(config.log_every, 1) == 0 or step == 1:
+                mean_loss = float(accelerator.reduce(loss_sum / max(loss_n, 1), reduction="mean"))
+                record = {"event": "step", "step": step, "epoch": epoch, "loss": round(mean_loss, 5),
+                          "lr": scheduler.get_last_lr()[0],
+                          "seconds_per_step": round(seconds / max(timed_steps, 1), 4)}
+                jlog.write(record)
+                if trackers:
+                    accelerator.log({"train/loss": mean_loss, "train/lr": record["lr"]}, step=step)
+            loss_sum, loss_n = torch.zeros((), device=device), 0
+            finished = config.max_steps is not None and step >= config.max_steps
+            if config.eval_every and step % config.eval_every == 0 and not finished:
+                checkpoint(_log_eval(evaluate(), step, jlog, accelerator, trackers)
+                           if dev_mentions else None)
+                last_eval_step = step
+            if finished or done_in_epoch == 0:
+                # leave the loop at an epoch boundary too: epoch/done_in_epoch already moved on
+                break
+            t0 = time.perf_counter()
+        if hasattr(epoch_loader, "end"):
+            epoch_loader.end()  # a loop left early stays registered in accelerate's GradientState
+        if not config.eval_every and not finished and last_eval_step != step:
+            checkpoint(_log_eval(evaluate(), step, jlog, accelerator, trackers)
+                       if dev_mentions else None)
+            last_eval_step = step
+    final = None
+    if last_eval_step != step or resumed_from == step:
+        final = _log_eval(evaluate(), step, jlog, accelerator, trackers) if dev_mentions else None
+        checkpoint(final)
+    if trackers:
+        accelerator.end_training()
+    summary = {"steps": step, "epochs_done": epoch, "total_steps": total_steps,
+               "best_dev_h1": best["h1"], "best_step": best["step"],
+               "final_dev_h1": final["H@1"] if final else None,
+               "seconds_per_step": round(seconds / timed_steps, 4) if timed_steps else None,
+               "train_items": len(items), "skipped": skipped, "dev_mentions": len(dev_mentions),
+               "resumed_from_step": resumed_from, "num_processes": accelerator.num_processes,
+               "process_index": accelerator.process_index, "mixed_precision": mp,
+               "mapper_sha256": weights_sha256(raw_mapper.state_dict()), "out": str(out)}
+    if accelerator.is_main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def _log_eval(metrics: dict, step: int, jlog: _JsonlLog, accelerator, trackers) -> dict:
+    jlog.write({"event": "eval", "step": step, "dev": metrics})
+    if trackers and metrics["H@1"] is not None:
+        accelerator.log({"dev/H@1": metrics["H@1"]}, step=step)
+    log.info("step %d: dev H@1 %s (n=%d)", step, metrics["H@1"], metrics["n"])
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# the `gemel train` command (registered in gemel.cli)
+@click.command("train")
+@click.option("--kb", "kb", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Knowledge base JSONL.")
+@click.option("--data", "data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Training mentions: our JSONL or a public release file.")
+@click.option("--dev", "dev", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Dev mentions (default: --data with --dev-split).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Checkpoint folder (best/, last/, train_log.jsonl).")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A YAML TrainConfig; flags win over it.")
+@click.option("--model", default=None, help="LLM (offline name, folder, hub id) [smollm2-135m-instruct].")
+@click.option("--vision", default=None, help="Vision encoder [dinov2-small].")
+@click.option("--feature", default=None, help="pooled | cls | mean | layers:4,10,11,12 [pooled].")
+@click.option("--n-visual-tokens", type=int, default=None, help="Soft tokens per image [4].")
+@click.option("--vp-mode", type=click.Choice(["none", "overlay", "crop", "overlay+crop"]),
+              default=None, help="Visual prompt [none].")
+@click.option("--template", default=None, help="Prompt template with {image} [gemel].")
+@click.option("--epochs", type=int, default=None)
+@click.option("--lr", type=float, default=None, help="Peak learning rate [1e-3].")
+@click.option("--batch-size", type=int, default=None, help="Per process [8].")
+@click.option("--grad-accum", type=int, default=None)
+@click.option("--warmup", type=float, default=None, help="Fraction (<1) or number of steps.")
+@click.option("--eval-every", type=int, default=None, help="Optimizer steps; 0: every epoch.")
+@click.option("--max-steps", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--resume", is_flag=True, default=False, help="Continue from OUT/last.")
+@click.option("--lora-r", type=int, default=None, help="Also train LoRA adapters of this rank.")
+@click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default=None)
+@click.option("--cpu", is_flag=True, default=False, help="Train on CPU even with a GPU.")
+@click.option("--log-with", type=click.Choice(["tensorboard"]), default=None)
+@click.option("--format", "fmt", default=None, help="Shape of --data/--dev (as gemel link).")
+@click.option("--split", default=None, help="Training split, with --splits.")
+@click.option("--dev-split", default=None, help="Dev split, with --splits.")
+@click.option("--splits", "splits", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--images", "images", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--limit", type=int, default=None)
+@click.option("--dev-limit", type=int, default=None)
+def train_command(config_path, resume, cpu, fmt, **flags):
+    """Train the linear mapper (frozen LLM and vision encoder) and keep the best by dev H@1."""
+    from gemel.config import from_dict, load_yaml, merge
+
+    config = (from_dict(TrainConfig, load_yaml(config_path), source=config_path)
+              if config_path else TrainConfig())
+    config = merge(config, format=fmt, resume=resume or None, cpu=cpu or None, **flags)
+    summary = train(config)
+    if summary["process_index"] == 0:
+        click.echo(json.dumps(summary, indent=2))
+
+
+__all__ = ["TrainConfig", "train", "train_command", "training_items", "build_batch",
+           "target_loss", "weights_sha256", "EpochOrder"]

@@ -1,0 +1,80 @@
+"""End to end through the `gemel` command, with a tiny random model saved to a folder."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from gemel.cli import cli
+from tests.conftest import REPO, needs_data
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, llama_pair):
+    model, tokenizer = llama_pair
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_link_example_end_to_end(tmp_path, tiny_model_dir):
+    out = tmp_path / "pred.jsonl"
+    args = ["link", "--kb", str(REPO / "examples/kb.jsonl"), "--data",
+            str(REPO / "examples/mentions.jsonl"), "--out", str(out), "--model", str(tiny_model_dir),
+            "--beams", "3", "--top-k", "3", "--no-progress"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    titles = {json.loads(x)["title"] for x in (REPO / "examples/kb.jsonl").read_text().splitlines()}
+    mentions = [json.loads(x) for x in (REPO / "examples/mentions.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [m["id"] for m in mentions]
+    assert all(1 <= len(r["candidates"]) <= 3 for r in rows)
+    assert all(c["title"] in titles for r in rows for c in r["candidates"])
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert metrics["gemel"]["n"] == len(mentions) and "H@1" in metrics["exact_match"]
+    assert "gemel" in result.output and "exact-match baseline" in result.output
+    # a rerun resumes: nothing left to link, same file
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and [json.loads(x) for x in out.read_text().splitlines()] == rows
+
+
+def test_build_trie_then_reuse(tmp_path, tiny_model_dir):
+    trie_dir = tmp_path / "trie"
+    kb = str(REPO / "examples/kb.jsonl")
+    r = CliRunner().invoke(cli, ["build-trie", "--kb", kb, "--out", str(trie_dir), "--model",
+                                 str(tiny_model_dir)])
+    assert r.exit_code == 0, r.output
+    assert (trie_dir / "trie.json").exists()
+    r = CliRunner().invoke(cli, ["link", "--kb", kb, "--data", str(REPO / "examples/mentions.jsonl"),
+                                 "--out", str(tmp_path / "p.jsonl"), "--model", str(tiny_model_dir),
+                                 "--trie", str(trie_dir), "--limit", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+
+
+def test_bad_kb_line_is_named(tmp_path, tiny_model_dir):
+    kb = tmp_path / "kb.jsonl"
+    kb.write_text('{"id": "Q1", "title": "Paris"}\n{"id": "Q2"}\n')
+    r = CliRunner().invoke(cli, ["link", "--kb", str(kb), "--data", str(REPO / "examples/mentions.jsonl"),
+                                 "--out", str(tmp_path / "p.jsonl"), "--model", str(tiny_model_dir)])
+    assert r.exit_code != 0
+    assert "kb.jsonl" in str(r.exception) and "title" in str(r.exception)
+
+
+def test_link_release_shape_with_split(tmp_path, tiny_model_dir):
+    """WikiDiverse straight from the public release: a KB of every gold title, 3 test mentions."""
+    data = needs_data("wikidiverse", "WikiDiverse.json")
+    splits = data.parent / "splits.json"
+    kb = tmp_path / "kb.jsonl"
+    r = CliRunner().invoke(cli, ["convert", "--data", str(data), "--out", str(tmp_path / "all.jsonl"),
+                                 "--kb-out", str(kb)])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "p.jsonl"
+    r = CliRunner().invoke(cli, ["link", "--kb", str(kb), "--data", str(data), "--splits", str(splits),
+                                 "--split", "test", "--limit", "3", "--out", str(out), "--model",
+                                 str(tiny_model_dir), "--beams", "2", "--top-k", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    titles = {json.loads(x)["title"] for x in kb.read_text().splitlines()}
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(c["title"] in titles for r in rows for c in r["candidates"])

@@ -1,0 +1,250 @@
+"""Mapper training: a tiny random CLIP + tiny random LLaMA learn a synthetic image -> title task.
+
+Images are coloured shapes drawn with PIL; the text of every mention is the same, so only the
+image (through the trained mapper) can tell the titles apart. Evaluation is the real linker:
+trie-constrained beam search over all 30 KB titles.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from gemel.errors import DataError
+from gemel.kb import KnowledgeBase
+from gemel.mapper import LinearMapper
+from gemel.train import TrainConfig, train, weights_sha256
+from gemel.types import Entity, Mention
+from tests.conftest import REPO, TITLES, tiny_llama
+
+EXTRA = ["London River", "Queen Jordan", "Amazon Tower", "Apple River", "Texas Bridge",
+         "Jordan Tower", "Mercury River", "Paris Bridge", "Obama Tower", "London Apple"]
+ALL_TITLES = TITLES + EXTRA  # 30 titles in the trie
+# 8 gold titles, some sharing a first token with others (Paris / Paris Hilton, Jordan ...)
+GOLD = ["Paris", "Paris Hilton", "Jordan River", "Queen (band)", "Amazon Tower", "London",
+        "Tower Bridge", "Apple River"]
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255),
+           (255, 128, 0), (255, 255, 255)]
+SHAPES = ["circle", "square", "triangle", "cross"] * 2
+
+
+def draw(cls: int, shift: int) -> Image.Image:
+    """Shape ``cls`` (a distinct shape/colour pair) on black, moved by ``shift`` pixels."""
+    im = Image.new("RGB", (32, 32))
+    d, c, o = ImageDraw.Draw(im), COLOURS[cls], shift
+    shape = SHAPES[cls]
+    if shape == "circle":
+        d.ellipse([6 + o, 6 + o, 24 + o, 24 + o], fill=c)
+    elif shape == "square":
+        d.rectangle([6 + o, 6 + o, 24 + o, 24 + o], fill=c)
+    elif shape == "triangle":
+        d.polygon([(16 + o, 4 + o), (4 + o, 26 + o), (28 + o, 26 + o)], fill=c)
+    else:
+        d.rectangle([13 + o, 4 + o, 19 + o, 28 + o], fill=c)
+        d.rectangle([4 + o, 13 + o, 28 + o, 19 + o], fill=c)
+    return im
+
+
+def make_task(folder: Path, shifts=(0, 2)) -> tuple[KnowledgeBase, list[Mention]]:
+    """KB of 30 titles; one mention per (gold class, shift), image files under ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    kb = KnowledgeBase.from_entities(Entity(f"Q{i}", t) for i, t in enumerate(ALL_TITLES))
+    mentions = []
+    for cls, title in enumerate(GOLD):
+        for shift in shifts:
+            path = folder / f"c{cls}_s{shift}.png"
+            draw(cls, shift).save(path)
+            mentions.append(Mention(id=f"m{cls}_{shift}", text="A picture.", mention="it",
+                                    image=str(path), entity_id=f"Q{ALL_TITLES.index(title)}",
+                                    entity=title))
+    return kb, mentions
+
+
+def tiny_clip(seed: int = 0):
+    import transformers
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from gemel.vision import VisionEncoder
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=32, patch_size=8)
+    proc_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    proc = proc_cls(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return VisionEncoder(CLIPVisionModel(cfg), proc, feature="pooled", name="tiny-clip")
+
+
+def config(out: Path, **kw) -> TrainConfig:
+    base = dict(out=str(out), model="tiny-llama", vision="tiny-clip", n_visual_tokens=4,
+                vp_mode="none", template="gemel", epochs=40, lr=3e-2, batch_size=8,
+                warmup=0.0, eval_every=0, num_beams=4, seed=0, mixed_precision="no", cpu=True,
+                feature_cache="none", log_every=5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def link_h1(llm, tokenizer, vision, kb, mentions, folder: Path) -> float:
+    """Train H@1 of a saved mapper through the public path: load it, build a Linker, link."""
+    from gemel.backends.hf import HFBackend
+    from gemel.image_tokens import ImageTokens
+    from gemel.linker import Linker, LinkerConfig
+    from gemel.model import GemelModel
+    from gemel.prompting import PromptBuilder
+
+    mapper = LinearMapper.load(folder, expect_llm=llm, expect_vision=vision)
+    embedder = ImageTokens(vision, mapper, mapper.meta["vp_mode"])
+    linker = Linker(LinkerConfig(model="tiny-llama", num_beams=4, top_k=4), kb,
+                    HFBackend(llm, tokenizer),
+                    model=GemelModel(tokenizer, llm.get_input_embeddings(), embedder))
+    linker.builder = PromptBuilder("gemel", tokenizer, use_images=True,
+                                   image_tokens=embedder.tokens_per_slot)
+    results = linker.link(mentions)
+    return sum(r.candidates[0].entity_id == m.entity_id for r, m in zip(results, mentions)) / len(mentions)
+
+
+def test_mapper_learns_images_to_titles_and_nothing_else_moves(tmp_path, sp_tokenizer):
+    """DONE-WHEN: 100% train H@1 with constrained decoding, frozen weights bit-identical."""
+    kb, mentions = make_task(tmp_path / "images")
+    llm, vision = tiny_llama(len(sp_tokenizer)), tiny_clip()
+    llm_before, vision_before = snapshot(llm), snapshot(vision.model)
+    before_h1 = None
+    t0 = time.perf_counter()
+    summary = train(config(tmp_path / "ckpt", eval_every=40), llm=llm, tokenizer=sp_tokenizer,
+                    vision=vision, kb=kb, train_mentions=mentions, dev_mentions=mentions)
+    elapsed = time.perf_counter() - t0
+    print(f"\ntrain: {summary['steps']} steps, {summary['seconds_per_step']} s/step, "
+          f"{elapsed:.1f}s in all (incl. evaluations); best dev H@1 {summary['best_dev_h1']} "
+          f"at step {summary['best_step']}")
+    assert summary["best_dev_h1"] == 100.0, summary
+    assert elapsed < 60
+    for name, value in snapshot(llm).items():
+        assert torch.equal(value, llm_before[name]), f"LLM weight {name} changed"
+    for name, value in snapshot(vision.model).items():
+        assert torch.equal(value, vision_before[name]), f"vision weight {name} changed"
+    assert all(not p.requires_grad for p in llm.parameters())
+    # the saved best mapper, loaded back through the public API, links every mention right
+    assert link_h1(llm, sp_tokenizer, vision, kb, mentions, tmp_path / "ckpt" / "best") == 1.0
+    # and an untrained mapper does not (so the task needs the images)
+    untrained = tmp_path / "untrained"
+    LinearMapper.load(tmp_path / "ckpt" / "best").save(untrained)
+    fresh = LinearMapper.load(untrained)
+    torch.manual_seed(1)
+    fresh.proj.reset_parameters()
+    fresh.save(untrained)
+    before_h1 = link_h1(llm, sp_tokenizer, vision, kb, mentions, untrained)
+    assert before_h1 < 0.5
+    log = [json.loads(line) for line in (tmp_path / "ckpt" / "train_log.jsonl").open()]
+    losses = [r["loss"] for r in log if r["event"] == "step"]
+    assert losses[-1] < losses[0] / 5
+    assert any(r["event"] == "eval" for r in log)
+
+
+def test_only_target_tokens_carry_loss(tmp_path, sp_tokenizer):
+    """Labels are -100 everywhere but the gold title's trie sequence (title tokens + terminator)."""
+    from gemel.model import GemelModel
+    from gemel.prompting import PromptBuilder
+    from gemel.train import Item, build_batch
+    from gemel.linker import build_trie
+
+    kb, mentions = make_task(tmp_path / "images", shifts=(0,))
+    llm = tiny_llama(len(sp_tokenizer))
+    builder = PromptBuilder("gemel", sp_tokenizer, use_images=True, image_tokens=4)
+    trie = build_trie(kb, sp_tokenizer, builder.answer_prefix, builder.terminator_text)
+    model = GemelModel(sp_tokenizer, llm.get_input_embeddings(),
+                       image_embedder=lambda slots: torch.zeros(len(slots), 4, 32))
+    items = [Item(m, kb.title_index(m.entity)) for m in mentions[:3]]
+    batch = build_batch(items, builder, model, trie, 4, lambda m: [])
+    for row, item in zip(batch.labels, items):
+        target = [t for t in row.tolist() if t != -100]
+        assert target == trie.sequence(item.title_index)
+        assert target[-1] == trie.terminator
+    # right-padded: the mask is a prefix of ones
+    mask = batch.attention_mask
+    assert torch.equal(mask, mask.cumprod(dim=1))
+
+
+def test_own_demonstration_is_excluded(tmp_path, sp_tokenizer):
+    from gemel.model import GemelModel
+    from gemel.prompting import PromptBuilder
+    from gemel.train import Item, build_batch
+    from gemel.linker import build_trie
+
+    kb, mentions = make_task(tmp_path / "images", shifts=(0,))
+    builder = PromptBuilder("gemel", sp_tokenizer, use_images=True, image_tokens=4)
+    trie = build_trie(kb, sp_tokenizer, builder.answer_prefix, builder.terminator_text)
+    seen = []
+    model = GemelModel(sp_tokenizer, tiny_llama(len(sp_tokenizer)).get_input_embeddings(),
+                       image_embedder=lambda slots: seen.extend(s.mention.id for s in slots)
+                       or torch.zeros(len(slots), 4, 32))
+    item = Item(mentions[0], kb.title_index(mentions[0].entity))
+    build_batch([item], builder, model, trie, 4, lambda m: [mentions[0], mentions[1]])
+    assert seen == [mentions[1].id, mentions[0].id]  # the other demonstration, then the query
+
+
+def test_missing_image_is_a_data_error(tmp_path, sp_tokenizer):
+    kb, mentions = make_task(tmp_path / "images", shifts=(0,))
+    os.remove(mentions[0].image)
+    with pytest.raises(DataError, match=mentions[0].id):
+        train(config(tmp_path / "ckpt", epochs=1), llm=tiny_llama(len(sp_tokenizer)),
+              tokenizer=sp_tokenizer, vision=tiny_clip(), kb=kb, train_mentions=mentions[:8])
+
+
+def test_resume_continues_step_counter_and_optimizer(tmp_path, sp_tokenizer):
+    """2 steps, resume to 4 == 4 steps straight: same weights, AdamW step count 4."""
+    from safetensors.torch import load_file
+
+    kb, mentions = make_task(tmp_path / "images")  # 16 mentions, batch 4: 4 steps per epoch
+    common = dict(epochs=2, batch_size=4, lr=1e-2, warmup=1)
+    run = lambda out, **kw: train(config(out, **common, **kw), llm=tiny_llama(len(sp_tokenizer)),
+                                  tokenizer=sp_tokenizer, vision=tiny_clip(), kb=kb,
+                                  train_mentions=mentions)
+    straight = run(tmp_path / "straight", max_steps=6)
+    first = run(tmp_path / "split", max_steps=2)
+    assert first["steps"] == 2
+    state = json.loads((tmp_path / "split" / "last" / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["batches_done_in_epoch"]) == (2, 0, 2)
+    second = run(tmp_path / "split", max_steps=6, resume=True)
+    assert second["resumed_from_step"] == 2 and second["steps"] == 6
+    state = json.loads((tmp_path / "split" / "last" / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["batches_done_in_epoch"]) == (6, 1, 2)
+    opt = load_file(str(tmp_path / "split" / "last" / "optimizer.safetensors"))
+    assert {float(v) for k, v in opt.items() if k.endswith(".step")} == {6.0}
+    a = load_file(str(tmp_path / "straight" / "last" / "mapper.safetensors"))
+    b = load_file(str(tmp_path / "split" / "last" / "mapper.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert straight["mapper_sha256"] != weights_sha256(
+        LinearMapper(32, 32, 4).state_dict())  # it trained at all
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_two_processes_shard_the_data_and_agree(tmp_path):
+    """torchrun --nproc_per_node 2: disjoint shards, one mapper (equal on both ranks and on disk)."""
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", "0",
+           str(REPO / "tests" / "ddp_train_script.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ids = [set(r["ids"]) for r in ranks]
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    assert ids[0] | ids[1] == set(ranks[0]["all_ids"])
+    assert ranks[0]["num_processes"] == ranks[1]["num_processes"] == 2
+    assert ranks[0]["mapper_sha256"] == ranks[1]["mapper_sha256"]
+    saved = load_file(str(tmp_path / "ckpt" / "last" / "mapper.safetensors"))
+    assert weights_sha256(saved) == ranks[0]["mapper_sha256"]
+    assert ranks[0]["steps"] == ranks[1]["steps"] > 0
