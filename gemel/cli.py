@@ -95,10 +95,14 @@ def cli(verbose: bool) -> None:
 @click.option("--length-penalty", type=float, default=None,
               help="Rank by logprob / len**p (default 0: raw sequence log-probability).")
 @click.option("--progress/--no-progress", default=True)
+@click.option("--mapper", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A mapper checkpoint from `gemel train`: images become soft tokens.")
+@click.option("--no-image", is_flag=True, default=None,
+              help="Ablation: with --mapper, link text-only.")
 @prompt_options
 @data_options
 def link(kb_path, data_path, out_path, config_path, model, num_beams, top_k, batch_size, template,
-         dtype, device, trie, length_penalty, progress, train_path, train_split, demos, retriever,
+         dtype, device, trie, length_penalty, progress, mapper, no_image, train_path, train_split, demos, retriever,
          candidates, fusion, max_prompt_tokens, fmt, split, splits_path, images_dir, limit):
     """Link every mention in --data to the KB; write ranked candidates to --out."""
     from gemel.eval.baselines import exact_match
@@ -115,7 +119,8 @@ def link(kb_path, data_path, out_path, config_path, model, num_beams, top_k, bat
                                 top_k=top_k, batch_size=batch_size, template=template, dtype=dtype,
                                 device=device, trie=trie, length_penalty=length_penalty,
                                 demos=demos, retriever=retriever, candidates=candidates,
-                                fusion=fusion, max_prompt_tokens=max_prompt_tokens)
+                                fusion=fusion, max_prompt_tokens=max_prompt_tokens,
+                                mapper=mapper, no_image=no_image)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     rows = run(lambda batch: linker.link_batch(batch), mentions, out_path,

@@ -58,6 +58,9 @@ class LinkerConfig:
     # score fusion: a fitted FusionModel JSON (gemel fit-fusion); its pool = beams + top-C retrieved
     fusion: str | None = None
     fusion_pool: int = 32
+    # images: a mapper checkpoint from `gemel train` (names its vision encoder, feature, template)
+    mapper: str | None = None
+    no_image: bool = False  # ablation: the same mapper run, but every prompt text-only
 
 
 class Linker:
@@ -82,9 +85,17 @@ class Linker:
 
             self.candidate_retriever = CandidateRetriever(kb, config.sentence_model)
         tokenizer = backend.tokenizer
+        image_embedder = None
+        if model is None and config.mapper and not config.no_image:
+            image_embedder = load_image_embedder(config.mapper, backend)
+        elif model is not None:
+            image_embedder = model.image_embedder
+        tokens_per_slot = getattr(image_embedder, "tokens_per_slot", 0)
         self.builder = PromptBuilder(load_template(config.template), tokenizer,
+                                     use_images=image_embedder is not None,
+                                     image_tokens=tokens_per_slot,
                                      max_tokens=config.max_prompt_tokens)
-        self.model = model or GemelModel(tokenizer, backend.input_embeddings())
+        self.model = model or GemelModel(tokenizer, backend.input_embeddings(), image_embedder)
         self.trie = trie or load_or_build_trie(kb, tokenizer, self.builder.answer_prefix,
                                                config.terminator or self.builder.terminator_text,
                                                path=config.trie)
@@ -196,6 +207,22 @@ class Linker:
             for entity_id in self.kb.ids_for_title_index(h.title_index):
                 out.append(Candidate(entity_id, title, round(h.score, 6)))
         return tuple(out[:k])
+
+
+def load_image_embedder(mapper_dir: str | Path, backend: Backend):
+    """Vision encoder + trained mapper from a `gemel train` checkpoint, checked against the LLM."""
+    from gemel.image_tokens import ImageTokens
+    from gemel.mapper import LinearMapper
+    from gemel.sources import cache_dir
+    from gemel.vision import FeatureCache, VisionEncoder
+
+    saved = LinearMapper.read_config(mapper_dir)
+    vision = VisionEncoder.from_name(saved["vision"]["model"], feature=saved["feature"],
+                                     device=backend.device)
+    mapper = LinearMapper.load(mapper_dir, expect_llm=backend.model, expect_vision=vision,
+                               device=backend.device)
+    return ImageTokens(vision, mapper, saved.get("vp_mode", "none"),
+                       cache=FeatureCache(cache_dir() / "features"))
 
 
 def make_retriever(config: LinkerConfig):

@@ -46,7 +46,7 @@ _XXP1, _XXP2, _XXP5 = 11400714785074694791, 14029467366897019727, 28701774500126
 HASH_NAME = "cpython-tuple-xxh64"
 FORMAT = "gemel-entity-trie"
 VERSION = 1
-ARRAYS = ("edge_token", "child_start", "parent", "level_start", "hash_sorted", "hash_node", "bucket_start",
+ARRAYS = ("edge_token", "child_start", "parent", "level_start", "prefix_index", "bucket_start",
           "leaf_node", "leaf_value", "title_leaf", "title_ids", "duplicates")
 _OPTIONAL = ("title_ids", "duplicates")
 _CHUNK = 1 << 20  # elements per chunk where a full-size temporary would cost memory
@@ -71,7 +71,9 @@ class EntityTrie:
       child_start int32 [N + 1]  children of p are ids child_start[p]:child_start[p + 1]
       parent      int32 [N]      parent of each node (root: -1)
       level_start int64 [D + 2]  nodes of depth d are ids level_start[d]:level_start[d + 1]
-      hash_sorted uint64 [M], hash_node int32 [M], bucket_start [2**b + 1]: the prefix index
+      prefix_index int64 [M + 1, 2]  (prefix hash, child_lo << 32 | child_hi) per internal node,
+                                 sorted by hash, then a sentinel (int64 max, 0)
+      bucket_start int32 [2**b + 1]  2 x the first entry whose hash has top bits b (flat offset)
       leaf_node int32 [L] (sorted), leaf_value int64 [L]: title index of each leaf
       title_leaf int32 [n]       the leaf of each title (duplicates share the first one's leaf)
       title_ids int64 [n]        original title indices (sub-tries only; the full trie: 0..n-1)
@@ -96,8 +98,7 @@ class EntityTrie:
         self._tok = memoryview(self.edge_token)
         self._cs = memoryview(self.child_start)
         self._par = memoryview(self.parent)
-        self._hs = memoryview(self.hash_sorted)
-        self._hn = memoryview(self.hash_node)
+        self._ix = memoryview(self.prefix_index.reshape(-1))  # hash at 2i, child range at 2i + 1
         self._bs = memoryview(self.bucket_start)
         self._leaf = memoryview(self.leaf_node)
         self._lval = memoryview(self.leaf_value)
@@ -187,23 +188,29 @@ class EntityTrie:
         return (f"EntityTrie({len(self)} titles, {len(self.edge_token)} nodes, "
                 f"terminator={self.terminator})")
 
-    def _internal(self, prefix: list) -> int:
-        """Internal node of a non-empty prefix of Python ints, or -1."""
+    def _children_of(self, prefix: list) -> int:
+        """``child_lo << 32 | child_hi`` of the internal node of a non-empty prefix of Python
+        ints, or -1 if it is not in the trie. One bucket read and, mostly, one index entry."""
         h = hash(tuple(prefix)) if _NATIVE else _tuple_hash(prefix)
-        b = (h >> self._shift) + self._half
-        hi = self._bs[b + 1]
-        i = bisect.bisect_left(self._hs, h, self._bs[b], hi)
-        if i == hi or self._hs[i] != h:
+        ix = self._ix
+        i = self._bs[(h >> self._shift) + self._half]
+        x = ix[i]
+        while x < h:  # the bucket's hashes are sorted; the next bucket's (or the sentinel) stop it
+            i += 2
+            x = ix[i]
+        if x != h:
             return -1
         if self._shared and h in self._shared:
-            return self._walk(prefix)
-        node = self._hn[i]
-        d, ls = len(prefix), self._ls
-        # Node hashes are unique (else in _shared); a prefix NOT in the trie could still hit a
-        # node's hash (p ~ nodes / 2**64): it must then also match depth and last token.
-        if d + 1 >= len(ls) or not ls[d] <= node < ls[d + 1] or self._tok[node] != prefix[-1]:
+            node = self._walk(prefix)
+            return -1 if node < 0 else self._cs[node] << 32 | self._cs[node + 1]
+        span = ix[i + 1]
+        # Node hashes are unique (else in _shared), so a prefix in the trie finds its own node.
+        # A prefix NOT in the trie hits a node's hash with p ~ nodes / 2**64; the node's depth
+        # (its first child's level) must match too.
+        d, ls = len(prefix) + 1, self._ls
+        if d + 1 >= len(ls) or not ls[d] <= span >> 32 < ls[d + 1]:
             return -1
-        return node
+        return span
 
     def _walk(self, prefix: list) -> int:
         """Exact lookup, child by child from the root."""
@@ -218,14 +225,18 @@ class EntityTrie:
         if not prefix:
             return 0
         if prefix[-1] == self.terminator:
-            parent = self._internal(prefix[:-1]) if len(prefix) > 1 else 0
+            parent = self.node_of(prefix[:-1])
             return self.step(parent, self.terminator) if parent >= 0 else -1
-        return self._internal(prefix)
+        span = self._children_of(prefix)
+        if span < 0:
+            return -1
+        node = self._par[span >> 32]
+        return node if self._tok[node] == prefix[-1] else -1  # last-token check
 
     def allowed(self, prefix_tokens: Sequence[int]) -> np.ndarray:
         """Tokens that may follow ``prefix_tokens``: a sorted int32 view [k]; empty when the
         prefix is not in the trie or ends a title. O(len(prefix)), whatever the subtree size."""
-        # The hot path of constrained decoding: _internal() inlined, state read from memoryviews.
+        # The hot path of constrained decoding: _children_of() inlined, state in memoryviews.
         prefix = prefix_tokens if type(prefix_tokens) is list else _as_ints(prefix_tokens)
         if not prefix:
             return self._root_allowed
@@ -236,23 +247,24 @@ class EntityTrie:
         if last == self.terminator:
             return self._empty
         h = hash(tuple(prefix)) if _NATIVE else _tuple_hash(prefix)
-        bs, hs = self._bs, self._hs
-        b = (h >> self._shift) + self._half
-        hi = bs[b + 1]
-        i = bisect.bisect_left(hs, h, bs[b], hi)
-        if i == hi or hs[i] != h:
+        ix = self._ix
+        i = self._bs[(h >> self._shift) + self._half]
+        x = ix[i]
+        while x < h:
+            i += 2
+            x = ix[i]
+        if x != h:
             return self._empty
         if self._shared and h in self._shared:
-            node = self._walk(prefix)
-            if node < 0:
+            span = self._children_of(prefix)
+            if span < 0:
                 return self._empty
         else:
-            node = self._hn[i]
-            d, ls = len(prefix), self._ls
-            if d + 1 >= len(ls) or not ls[d] <= node < ls[d + 1] or self._tok[node] != last:
+            span = ix[i + 1]
+            d, ls = len(prefix) + 1, self._ls
+            if d + 1 >= len(ls) or not ls[d] <= span >> 32 < ls[d + 1]:
                 return self._empty
-        cs = self._cs
-        return self.edge_token[cs[node]:cs[node + 1]]
+        return self.edge_token[span >> 32:span & 0xFFFFFFFF]
 
     def children(self, node: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens int32 [k] view, child node ids int64 [k]) of ``node``, sorted by token."""
@@ -317,35 +329,33 @@ class EntityTrie:
                 parent[node] = node = par[node]
         old = sorted(parent)
         new_id = {o: i for i, o in enumerate(old)}
-        n = len(old)
-        counts, depth, edge, paths, up = [0] * n, [0] * n, [-1] * n, [()] * n, [-1] * n
+        up = [-1] + [new_id[parent[o]] for o in old[1:]]
+        edge = [-1] + [tok[o] for o in old[1:]]
+        ls = self._ls
+        depth = [bisect.bisect_right(ls, o) - 1 for o in old]
+        paths = [()] * len(old)
         hashes, hash_nodes = [], []
-        for i in range(1, n):
-            o = old[i]
-            p = up[i] = new_id[parent[o]]
-            counts[p] += 1
-            depth[i] = depth[p] + 1
-            t = edge[i] = tok[o]
+        for i in range(1, len(old)):
+            t = edge[i]
             if t != term:
-                paths[i] = path = paths[p] + (t,)
-                hashes.append(hash(path) if _NATIVE else _tuple_hash(path))
+                paths[i] = path = paths[up[i]] + (t,)
+                hashes.append(path)
                 hash_nodes.append(i)
-        level_start = [0] * (depth[-1] + 2)
-        for x in depth:
-            level_start[x + 1] += 1
-        leaf_node, leaf_value = {}, {}
+        hashes = list(map(hash if _NATIVE else _tuple_hash, hashes))
+        leaf_value = {}
         for title, leaf in zip(want, leaves):  # ascending titles: the first one per leaf is kept
             leaf_value.setdefault(new_id[leaf], title)
         leaf_node = sorted(leaf_value)
+        counts = np.bincount(up[1:], minlength=len(old)) if len(old) > 1 else np.zeros(1, int)
         arrays = {"edge_token": np.array(edge, dtype=np.int32),
-                  "child_start": np.cumsum([1] + counts, dtype=np.int32),
+                  "child_start": np.concatenate([[1], np.cumsum(counts) + 1]).astype(np.int32),
                   "parent": np.array(up, dtype=np.int32),
-                  "level_start": np.cumsum(level_start, dtype=np.int64),
+                  "level_start": np.searchsorted(depth, np.arange(depth[-1] + 2)).astype(np.int64),
                   "leaf_node": np.array(leaf_node, dtype=np.int32),
                   "leaf_value": np.array([leaf_value[x] for x in leaf_node], dtype=np.int64),
                   "title_leaf": np.array([new_id[x] for x in leaves], dtype=np.int32),
                   "title_ids": np.array(want, dtype=np.int64)}
-        index, bucket_bits, shared = _small_index(hashes, hash_nodes)
+        index, bucket_bits, shared = _small_index(hashes, hash_nodes, arrays["child_start"])
         arrays.update(index)
         meta = {**self.meta, "subtrie_of": self.meta.get("n_titles")}
         return EntityTrie(arrays, {"terminator": term, "meta": meta, "bucket_bits": bucket_bits,
@@ -808,34 +818,48 @@ def _hash_index(edge: np.ndarray, child_start: np.ndarray, parent: np.ndarray,
         nodes = hash_node[where].astype(np.int64)
         order = np.argsort(_path_hashes(nodes, edge, parent), kind="stable")
         hash_node[where] = nodes[order]
-    same = np.flatnonzero(h_all[1:] == h_all[:-1]) if m > 1 else np.zeros(0, np.int64)
-    shared = sorted({int(h) for h in h_all[same]})
+    return _assemble_index(h_all, hash_node, child_start)
+
+
+def _assemble_index(h_sorted: np.ndarray, nodes: np.ndarray, child_start: np.ndarray
+                    ) -> tuple[dict, int, list[int]]:
+    """The lookup table from hashes sorted ascending and each one's node: entries
+    (hash, child_lo << 32 | child_hi), a sentinel, buckets over the hashes' top bits."""
+    m = len(h_sorted)
+    if len(child_start) >= 2 ** 32:
+        raise ValueError("entity trie: more than 2**32 nodes are not supported")
+    same = np.flatnonzero(h_sorted[1:] == h_sorted[:-1]) if m > 1 else np.zeros(0, np.int64)
+    shared = sorted({int(h) for h in h_sorted[same]})
     if shared:  # ~1e-5 for 5M titles; lookups of these hashes walk from the root instead
         log.info("entity trie: %d prefix hash(es) shared by two nodes", len(shared))
-    bucket_bits = max(m.bit_length() - 2, 1)  # ~2-4 hashes per bucket
+    bucket_bits = max(m.bit_length() - 1, 1)  # 1-2 hashes per bucket
     counts = np.zeros(1 << bucket_bits, dtype=np.int64)
-    half = 1 << (bucket_bits - 1)
     for lo in range(0, m, _CHUNK):
-        b = h_all[lo:lo + _CHUNK] >> (64 - bucket_bits)
-        b += half
+        b = h_sorted[lo:lo + _CHUNK] >> (64 - bucket_bits)
+        b += 1 << (bucket_bits - 1)
         counts += np.bincount(b, minlength=1 << bucket_bits)
-    bucket_start = _offsets(counts).astype(np.int32 if m < 2 ** 31 else np.int64)
-    index = {"hash_sorted": h_all, "hash_node": hash_node, "bucket_start": bucket_start}
-    return index, bucket_bits, shared
+    bucket_start = _offsets(counts)
+    bucket_start *= 2  # offsets into the flat (hash, span) pairs
+    index = np.empty((m + 1, 2), dtype=np.int64)
+    index[:m, 0] = h_sorted
+    index[m] = (np.iinfo(np.int64).max, 0)  # sentinel: stops every scan
+    for lo in range(0, m, _CHUNK):
+        nd = nodes[lo:lo + _CHUNK].astype(np.int64)
+        span = child_start[nd].astype(np.int64)
+        span <<= 32
+        span |= child_start[nd + 1]
+        index[lo:lo + len(nd), 1] = span
+    dtype = np.int32 if 2 * (m + 1) < 2 ** 31 else np.int64
+    return ({"prefix_index": index, "bucket_start": bucket_start.astype(dtype)}, bucket_bits,
+            shared)
 
 
-def _small_index(hashes: list[int], nodes: list[int]) -> tuple[dict, int, list[int]]:
+def _small_index(hashes: list[int], nodes: list[int], child_start: np.ndarray
+                 ) -> tuple[dict, int, list[int]]:
     """:func:`_hash_index` from (hash, node) lists, for small tries (sub-tries)."""
     pairs = sorted(zip(hashes, nodes))
-    m = len(pairs)
-    hs = np.array([h for h, _ in pairs], dtype=np.int64)
-    bucket_bits = max(m.bit_length() - 2, 1)
-    b = hs >> (64 - bucket_bits)
-    b += 1 << (bucket_bits - 1)
-    bucket_start = _offsets(np.bincount(b, minlength=1 << bucket_bits)).astype(np.int32)
-    shared = sorted({h for h, h2 in zip(hs.tolist(), hs[1:].tolist()) if h == h2})
-    return ({"hash_sorted": hs, "hash_node": np.array([x for _, x in pairs], dtype=np.int32),
-             "bucket_start": bucket_start}, bucket_bits, shared)
+    return _assemble_index(np.array([h for h, _ in pairs], dtype=np.int64),
+                           np.array([x for _, x in pairs], dtype=np.int64), child_start)
 
 
 def _path_hashes(nodes: np.ndarray, edge: np.ndarray, parent: np.ndarray) -> np.ndarray:

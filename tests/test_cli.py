@@ -78,3 +78,28 @@ def test_link_release_shape_with_split(tmp_path, tiny_model_dir):
     titles = {json.loads(x)["title"] for x in kb.read_text().splitlines()}
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 3 and all(c["title"] in titles for r in rows for c in r["candidates"])
+
+
+def test_sweep_grid_writes_table_plot_and_configs(tmp_path, tiny_model_dir):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(f"""
+data: {REPO / 'examples/mentions.jsonl'}
+train: {REPO / 'examples/mentions.jsonl'}
+kb: {REPO / 'examples/kb.jsonl'}
+out: {tmp_path / 'sweep'}
+limit: 4
+baseline: false
+linker: {{model: "{tiny_model_dir}", num_beams: 2, top_k: 2}}
+grid:
+  demos: [0, 2]
+  retriever: [random, bm25]
+""")
+    r = CliRunner().invoke(cli, ["sweep", str(config), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "sweep"
+    lines = (out / "results.csv").read_text().splitlines()
+    # demos=0 ignores the retriever: 1 + 2 cells, not 4
+    assert len(lines) == 1 + 3 and lines[1].startswith('"demos=0,retriever=-"')
+    configs = json.loads((out / "cells.json").read_text())
+    assert configs["demos=2,retriever=bm25"]["retriever"] == "bm25"
+    assert (out / "results.png").stat().st_size > 1000 and (out / "results.md").exists()
