@@ -255,6 +255,15 @@ def fit_fusion(kb_path, data_path, out_path, config_path, model, num_beams, batc
     click.echo(f"fusion model: {out_path}")
 
 
+def _register_train() -> None:
+    from gemel.train import train_command  # the training options live beside the training code
+
+    cli.add_command(train_command)
+
+
+_register_train()
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)
