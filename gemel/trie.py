@@ -8,17 +8,19 @@ prefix, so its cost grows with the subtree (~22 ms near the root for 5M titles).
   of their prefixes. The children of node ``p`` are then the contiguous ids
   ``child_start[p]:child_start[p + 1]``, sorted by token, and ``edge_token[child]`` is the token
   on the edge into ``child``. ``allowed`` returns a slice of ``edge_token``: a view, O(1).
-* A prefix is found without walking: every internal node has a 64-bit rolling hash of its prefix,
-  ``h(child) = (h(parent) + token + 1) * P mod 2**64`` (root 0). The hashes are sorted and
-  bucketed by their top bits; a lookup hashes the prefix in Python, reads one bucket, bisects it
-  and checks the node's depth and last token. Build checks that node hashes are unique.
+* A prefix is found without walking: every internal node has a 64-bit hash of its prefix,
+  CPython's ``hash(tuple(prefix))`` (computed for all nodes at once in numpy, level by level, and
+  in C by the interpreter at query time). The hashes are sorted into one table of
+  (hash, child_lo, child_hi) entries with a bucket index over their top bits: a lookup hashes the
+  prefix, reads one bucket and, mostly, one table entry (two cache misses), checks the depth and
+  slices ``edge_token``. Nodes that share a hash (~never) are marked and looked up by walking.
 * Leaves are the nodes reached by the terminator (the token the template puts right after the
   answer, e.g. the newline). The terminator occurs nowhere else, so a leaf has no children and
   every other node has some; only internal nodes are hashed.
 
-Everything is built with a handful of vectorised numpy passes per trie level (no Python loop over
-titles): about 5 s and < 1 GB for 5M titles (see ``benchmarks/trie.py``). Saved as ``.npy`` files
-plus ``trie.json``, loaded memory-mapped; no pickle.
+Built with a handful of vectorised numpy passes per trie level (no Python loop over titles); see
+``benchmarks/trie.py`` for 25k / 1M / 5M titles. Saved as ``.npy`` files plus ``trie.json``,
+loaded memory-mapped; no pickle.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ ARRAYS = ("edge_token", "child_start", "parent", "level_start", "prefix_index", 
           "leaf_node", "leaf_value", "title_leaf", "title_ids", "duplicates")
 _OPTIONAL = ("title_ids", "duplicates")
 _CHUNK = 1 << 20  # elements per chunk where a full-size temporary would cost memory
+_KEY_BITS = 64  # a level's (parent, token, row) sort key must fit; else the argsort path
 
 
 def tokenizer_identity(tokenizer) -> dict:
@@ -71,10 +74,12 @@ class EntityTrie:
       child_start int32 [N + 1]  children of p are ids child_start[p]:child_start[p + 1]
       parent      int32 [N]      parent of each node (root: -1)
       level_start int64 [D + 2]  nodes of depth d are ids level_start[d]:level_start[d + 1]
-      prefix_index int64 [M + 1, 2]  (prefix hash, child_lo << 32 | child_hi) per internal node,
-                                 sorted by hash, then a sentinel (int64 max, 0)
-      bucket_start int32 [2**b + 1]  2 x the first entry whose hash has top bits b (flat offset)
-      leaf_node int32 [L] (sorted), leaf_value int64 [L]: title index of each leaf
+      prefix_index int64 [M + 1, 2]  per internal node (but the root), sorted by hash, then a
+                     sentinel (int64 max): column 0 the prefix hash; column 1 read as two int32,
+                     child_lo and child_hi (-1, -1 where two nodes share a hash)
+      bucket_start int32 [2**b]      flat int64 offset of the first entry whose hash has signed
+                     top bits t, at index t mod 2**b (Python's negative indexing)
+      leaf_node int32 [L] (sorted), leaf_value int32 [L]: title index of each leaf
       title_leaf int32 [n]       the leaf of each title (duplicates share the first one's leaf)
       title_ids int64 [n]        original title indices (sub-tries only; the full trie: 0..n-1)
       duplicates int64 [k, 2]    (title, kept title) for titles whose sequence repeats an earlier one
@@ -98,14 +103,15 @@ class EntityTrie:
         self._tok = memoryview(self.edge_token)
         self._cs = memoryview(self.child_start)
         self._par = memoryview(self.parent)
-        self._ix = memoryview(self.prefix_index.reshape(-1))  # hash at 2i, child range at 2i + 1
+        # entry e: hash at _ix[2e]; child_lo, child_hi at _ix32[4e + 2], _ix32[4e + 3]
+        self._ix = memoryview(self.prefix_index.reshape(-1))
+        self._ix32 = memoryview(self.prefix_index.view(np.int32).reshape(-1))
         self._bs = memoryview(self.bucket_start)
         self._leaf = memoryview(self.leaf_node)
         self._lval = memoryview(self.leaf_value)
         self._ls = [int(x) for x in self.level_start]
         self._shift = 64 - self.bucket_bits
-        self._half = 1 << (self.bucket_bits - 1)  # signed hashes: bucket = (h >> shift) + half
-        self._shared = frozenset(info.get("shared_hashes") or ())  # hashes of 2+ nodes (~never)
+        self._shared = list(info.get("shared_hashes") or ())  # hashes of 2+ nodes (~never)
         self._empty = self.edge_token[:0]
         self._root_allowed = self.edge_token[self._cs[0]:self._cs[1]]
 
@@ -188,29 +194,30 @@ class EntityTrie:
         return (f"EntityTrie({len(self)} titles, {len(self.edge_token)} nodes, "
                 f"terminator={self.terminator})")
 
-    def _children_of(self, prefix: list) -> int:
-        """``child_lo << 32 | child_hi`` of the internal node of a non-empty prefix of Python
-        ints, or -1 if it is not in the trie. One bucket read and, mostly, one index entry."""
+    def _children_of(self, prefix: list) -> tuple[int, int]:
+        """(child_lo, child_hi) of the internal node of a non-empty prefix of Python ints, or
+        (-1, -1) if it is not in the trie. Reads one bucket and, mostly, one index entry."""
         h = hash(tuple(prefix)) if _NATIVE else _tuple_hash(prefix)
         ix = self._ix
-        i = self._bs[(h >> self._shift) + self._half]
+        i = self._bs[h >> self._shift]
         x = ix[i]
         while x < h:  # the bucket's hashes are sorted; the next bucket's (or the sentinel) stop it
             i += 2
             x = ix[i]
         if x != h:
-            return -1
-        if self._shared and h in self._shared:
+            return -1, -1
+        lo, hi = self._ix32[2 * i + 2], self._ix32[2 * i + 3]
+        if lo < 0:  # a hash two nodes share: walk
             node = self._walk(prefix)
-            return -1 if node < 0 else self._cs[node] << 32 | self._cs[node + 1]
-        span = ix[i + 1]
-        # Node hashes are unique (else in _shared), so a prefix in the trie finds its own node.
-        # A prefix NOT in the trie hits a node's hash with p ~ nodes / 2**64; the node's depth
+            return (self._cs[node], self._cs[node + 1]) if node >= 0 else (-1, -1)
+        # Node hashes are unique (else lo < 0), so a prefix in the trie finds its own node. A
+        # prefix NOT in the trie hits a node's hash with p ~ nodes / 2**64; the node's depth
         # (its first child's level) must match too.
-        d, ls = len(prefix) + 1, self._ls
-        if d + 1 >= len(ls) or not ls[d] <= span >> 32 < ls[d + 1]:
-            return -1
-        return span
+        d = len(prefix) + 1
+        ls = self._ls
+        if d + 1 < len(ls) and ls[d] <= lo < ls[d + 1]:
+            return lo, hi
+        return -1, -1
 
     def _walk(self, prefix: list) -> int:
         """Exact lookup, child by child from the root."""
@@ -227,10 +234,10 @@ class EntityTrie:
         if prefix[-1] == self.terminator:
             parent = self.node_of(prefix[:-1])
             return self.step(parent, self.terminator) if parent >= 0 else -1
-        span = self._children_of(prefix)
-        if span < 0:
+        lo, _ = self._children_of(prefix)
+        if lo < 0:
             return -1
-        node = self._par[span >> 32]
+        node = self._par[lo]
         return node if self._tok[node] == prefix[-1] else -1  # last-token check
 
     def allowed(self, prefix_tokens: Sequence[int]) -> np.ndarray:
@@ -248,23 +255,27 @@ class EntityTrie:
             return self._empty
         h = hash(tuple(prefix)) if _NATIVE else _tuple_hash(prefix)
         ix = self._ix
-        i = self._bs[(h >> self._shift) + self._half]
+        i = self._bs[h >> self._shift]
         x = ix[i]
         while x < h:
             i += 2
             x = ix[i]
         if x != h:
             return self._empty
-        if self._shared and h in self._shared:
-            span = self._children_of(prefix)
-            if span < 0:
-                return self._empty
-        else:
-            span = ix[i + 1]
-            d, ls = len(prefix) + 1, self._ls
-            if d + 1 >= len(ls) or not ls[d] <= span >> 32 < ls[d + 1]:
-                return self._empty
-        return self.edge_token[span >> 32:span & 0xFFFFFFFF]
+        i += i
+        ix32 = self._ix32
+        lo = ix32[i + 2]
+        d = len(prefix) + 1
+        try:
+            if self._ls[d] <= lo < self._ls[d + 1]:
+                return self.edge_token[lo:ix32[i + 3]]
+        except IndexError:  # longer than any title
+            pass
+        if lo < 0:  # a hash that two nodes share (~never): exact walk
+            lo, hi = self._children_of(prefix)
+            if lo >= 0:
+                return self.edge_token[lo:hi]
+        return self._empty
 
     def children(self, node: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens int32 [k] view, child node ids int64 [k]) of ``node``, sorted by token."""
@@ -451,6 +462,22 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+def _batch_encoder(tokenizer, probe: list[str]):
+    """The fastest batch encoder that gives ``tokenizer(texts)``'s ids: a fast tokenizer's Rust
+    ``encode_batch_fast`` (no offsets; ~1.7x faster) if it agrees on ``probe``, else the call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
+    if fast is not None:
+        def encode(texts: list[str]) -> list[list[int]]:
+            return [e.ids for e in fast(texts, add_special_tokens=False)]
+        try:
+            if encode(probe) == _encode(tokenizer, probe):
+                return encode
+        except (TypeError, ValueError):  # another backend signature: use the plain call
+            pass
+    return lambda texts: _encode(tokenizer, texts)
+
+
 def resolve_terminator(tokenizer, answer_prefix: str, terminator: int | str) -> tuple[int, list[int]]:
     """(terminator id, tokens of the terminator text in context after an answer).
 
@@ -498,9 +525,10 @@ def tokenize_titles(titles: Sequence[str], tokenizer, answer_prefix: str,
     lp, lt = len(pre), len(tail)
     pre_arr, tail_arr = np.asarray(pre, np.int64), np.asarray(tail, np.int64)
     toks, lens, merged_prefix, merged_term = [], [], [], []
+    encode = _batch_encoder(tokenizer, [answer_prefix + str(t) + suffix for t in titles[:64]])
     for lo in range(0, len(titles), batch_size):
         chunk = [str(t) for t in titles[lo:lo + batch_size]]
-        ids = _encode(tokenizer, [answer_prefix + t + suffix for t in chunk])
+        ids = encode([answer_prefix + t + suffix for t in chunk])
         n = len(ids)
         length = np.fromiter(map(len, ids), dtype=np.int64, count=n)
         flat = np.fromiter((t for row in ids for t in row), dtype=np.int64, count=int(length.sum()))
@@ -620,29 +648,35 @@ def _build_levels(tokens: np.ndarray, offsets: np.ndarray, term: int) -> dict:
     # every row followed by its terminator, so that a level reads one gather
     flat = np.insert(tokens, offsets[1:], term).astype(
         np.int32 if max(int(tokens.max()) if len(tokens) else 0, term) < 2 ** 31 else np.int64)
-    starts = offsets[:-1] + np.arange(n)
+    at = offsets[:-1] + np.arange(n)  # each active row's position in flat at depth d
     tbits = max(int(flat.max()) + 1 if len(flat) else 1, 1).bit_length()
     tmask = np.uint64((1 << tbits) - 1)
     idx_dtype = np.int32 if len(flat) + 1 < 2 ** 31 else np.int64
     positions = np.arange(n, dtype=np.uint64)
-    edge, cstart, level_start = [np.full(1, -1, np.int32)], [], [0, 1]
-    parents = [np.full(1, -1, idx_dtype)]
-    leaf_node, leaf_value, dup_pairs = [], [], []
+    # Outputs at their upper bound (a node per token, plus the root), filled level by level:
+    # pages never written stay virtual, and no per-level pieces pin the heap between the
+    # temporaries (which would keep freed memory resident).
+    cap = len(flat) + 1
+    edge = np.empty(cap, dtype=np.int32)
+    child_start = np.empty(cap + 1, dtype=idx_dtype)
+    parent = np.empty(cap, dtype=idx_dtype)
+    edge[0], parent[0] = -1, -1
+    level_start = [0, 1]
+    leaf_node = np.empty(n, dtype=idx_dtype)
+    leaf_value = np.empty(n, dtype=idx_dtype)
+    n_leaves, dup_pairs = 0, []
     title_leaf = np.empty(n, dtype=idx_dtype)
     rows = np.arange(n, dtype=idx_dtype)  # active rows, grouped by their node at depth d
     prank = np.zeros(n, dtype=np.uint64)  # that node's rank within depth d
-    count, d = 1, 0
+    count = 1
     while len(rows):
         k = len(rows)
         start = level_start[-1]  # the first node id of depth d + 1
-        at = starts[rows]
-        at += d
-        tok = flat[at]
-        del at
+        tok = flat[at]  # the one random gather per level; at and rows move with the sort
         any_end = bool((tok == term).any())
         ibits = max(k - 1, 1).bit_length()
         pbits = max(count - 1, 1).bit_length()
-        if pbits + tbits + ibits <= 64:
+        if pbits + tbits + ibits <= _KEY_BITS:
             key = prank
             key <<= np.uint64(tbits + ibits)
             t64 = tok.astype(np.uint64)
@@ -674,27 +708,29 @@ def _build_levels(tokens: np.ndarray, offsets: np.ndarray, term: int) -> dict:
             new_par, new_tok = par_s[first].astype(np.int64), tok_s[first].astype(np.int32)
             ends = tok_s == term if any_end else None
             del tok, par_s, tok_s
-        rows = rows[order]
+        rows, at = rows[order], at[order]
         del order
         rank = np.cumsum(new, dtype=np.uint64)
         rank -= np.uint64(1)
+        n_new = len(new_tok)
         counts = np.bincount(new_par, minlength=count)
         new_par += level_start[-2]
-        parents.append(new_par.astype(idx_dtype))
+        parent[start:start + n_new] = new_par
         del new_par
-        cs = np.cumsum(counts)
+        cs = child_start[level_start[-2]:start]  # this level's nodes: where their children start
+        np.cumsum(counts, out=cs)
         cs -= counts
         cs += start
-        cstart.append(cs.astype(idx_dtype))
-        edge.append(new_tok)
-        del cs, counts, first
+        edge[start:start + n_new] = new_tok
+        del cs, counts, first, new_tok
         if any_end:
             e = np.flatnonzero(ends)
             erows, egroup = rows[e], rank[e].astype(np.int64) + start
             heads = np.flatnonzero(new[e])  # each leaf's first row (a leaf's rows are adjacent)
             values = np.minimum.reduceat(erows, heads)
-            leaf_node.append(egroup[heads].astype(idx_dtype))
-            leaf_value.append(values.astype(np.int64))
+            leaf_node[n_leaves:n_leaves + len(heads)] = egroup[heads]
+            leaf_value[n_leaves:n_leaves + len(heads)] = values
+            n_leaves += len(heads)
             title_leaf[erows] = egroup
             if len(heads) < len(e):  # identical sequences: report all but the first
                 kept = np.repeat(values, np.diff(np.append(heads, len(e))))
@@ -702,28 +738,22 @@ def _build_levels(tokens: np.ndarray, offsets: np.ndarray, term: int) -> dict:
                 dup_pairs.append(np.stack([erows[dup], kept[dup]], axis=1).astype(np.int64))
             del e, erows, egroup, heads, values
             keep = ~ends
-            rows, prank = rows[keep], rank[keep]
+            rows, prank, at = rows[keep], rank[keep], at[keep]
             del keep, rank
         else:
             prank = rank
         del new, ends
-        level_start.append(start + len(edge[-1]))
-        count = len(edge[-1])
-        d += 1
-    del flat, starts, positions, prank, rows
+        at += 1
+        level_start.append(start + n_new)
+        count = n_new
+    del flat, at, positions, prank, rows
     n_nodes = level_start[-1]
-    cstart.append(np.full(count, n_nodes, dtype=idx_dtype))  # the deepest level has no children
-    cstart.append(np.full(1, n_nodes, dtype=idx_dtype))
-    arrays = {"edge_token": np.concatenate(edge)}
-    del edge
-    arrays["child_start"] = np.concatenate(cstart)
-    del cstart
-    arrays["parent"] = np.concatenate(parents)
-    del parents
+    child_start[level_start[-2]:n_nodes + 1] = n_nodes  # the deepest level has no children
     dups = np.concatenate(dup_pairs) if dup_pairs else np.zeros((0, 2), np.int64)
-    arrays.update(level_start=np.asarray(level_start, dtype=np.int64),
-                  leaf_node=np.concatenate(leaf_node) if leaf_node else np.zeros(0, idx_dtype),
-                  leaf_value=np.concatenate(leaf_value) if leaf_value else np.zeros(0, np.int64),
+    # views of the first n_nodes entries: the unused tails were never touched (not resident)
+    arrays = dict(edge_token=edge[:n_nodes], child_start=child_start[:n_nodes + 1],
+                  parent=parent[:n_nodes], level_start=np.asarray(level_start, dtype=np.int64),
+                  leaf_node=leaf_node[:n_leaves], leaf_value=leaf_value[:n_leaves],
                   title_leaf=title_leaf, title_ids=None,
                   duplicates=dups[np.argsort(dups[:, 0], kind="stable")])
     return arrays
@@ -759,8 +789,8 @@ if not _NATIVE:  # e.g. PyPy or a future CPython: correct, but lookups hash in P
 
 
 def _level_hashes(acc: np.ndarray, tokens: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rolling accumulators, final signed hashes) of the children at ``depth``, given their
-    parents' accumulators ``acc`` (uint64 [k], already repeated per child) and edge tokens."""
+    """(rolling accumulators, final signed hashes) of nodes at ``depth`` from their parents'
+    accumulators ``acc`` (uint64 [k]) and their edge tokens [k]: CPython's tuple hash, stepwise."""
     acc = acc + tokens.astype(np.uint64) * np.uint64(_XXP2)
     acc = (acc << np.uint64(31)) | (acc >> np.uint64(33))
     acc *= np.uint64(_XXP1)
@@ -771,95 +801,109 @@ def _level_hashes(acc: np.ndarray, tokens: np.ndarray, depth: int) -> tuple[np.n
 
 def _hash_index(edge: np.ndarray, child_start: np.ndarray, parent: np.ndarray,
                 level_start: np.ndarray, term: int) -> tuple[dict, int, list[int]]:
-    """Sorted signed 64-bit prefix hashes of the internal nodes (but the root), each one's node
-    id, a bucket table over their top bits, and the (normally absent) hashes shared by nodes."""
+    """The prefix index of a level-ordered trie: every internal node's (but the root's) prefix
+    hash, sorted, with its child range, and a bucket table (see the class docstring).
+
+    Built inside the result's own memory plus one column-sized buffer at a time: the hashes go
+    to column 0 and the sort keys to column 1, each column is sorted through a contiguous copy,
+    and the keys then become child ranges in place.
+    """
     n_nodes = len(edge)
+    if n_nodes >= 2 ** 31:
+        raise ValueError("entity trie: more than 2**31 nodes are not supported")
     internal = edge != term
     internal[0] = False
     m = int(internal.sum())
-    h_all = np.empty(m, dtype=np.int64)
+    index = np.empty((m + 1, 2), dtype=np.int64)
+    index[m] = (np.iinfo(np.int64).max, 0)  # sentinel: stops every scan
+    hashes, keys = index[:m, 0], index[:m, 1].view(np.uint64)
     nbits = max(n_nodes - 1, 1).bit_length()
-    # key = (hash top bits, in unsigned order) | node id: sorting it (numpy's fast sort, not
-    # argsort) lists the node ids in hash order, up to ties in the top bits fixed below.
-    key = np.empty(m, dtype=np.uint64)
+    # key = (hash top bits, in unsigned order) | node id. Sorting it (numpy's fast sort; an
+    # argsort of the hashes is ~6x slower) lists the node ids in hash order, up to ties in the
+    # top bits, fixed below.
     top = np.uint64(MASK64 ^ ((1 << nbits) - 1))
     sign = np.uint64(1 << 63)
     acc = np.full(1, _XXP5, dtype=np.uint64)
     filled = 0
     for d in range(len(level_start) - 2):
         lo, hi, nxt = (int(x) for x in level_start[d:d + 3])
-        counts = np.diff(child_start[lo:hi + 1]).astype(np.int64)
-        acc, final = _level_hashes(np.repeat(acc, counts), edge[hi:nxt], d + 1)
-        sel = internal[hi:nxt]
-        hs = final[sel]
-        h_all[filled:filled + len(hs)] = hs
-        k = hs.view(np.uint64)
-        k ^= sign
-        k &= top
-        k |= (np.flatnonzero(sel) + hi).astype(np.uint64)
-        key[filled:filled + len(hs)] = k
-        filled += len(hs)
-        del hs, k, sel, final
+        new_acc = np.empty(nxt - hi, dtype=np.uint64)
+        for c in range(hi, nxt, _CHUNK):
+            c_end = min(c + _CHUNK, nxt)
+            a, final = _level_hashes(acc[parent[c:c_end] - lo], edge[c:c_end], d + 1)
+            new_acc[c - hi:c_end - hi] = a
+            sel = internal[c:c_end]
+            h = final[sel]
+            hashes[filled:filled + len(h)] = h
+            k = h.view(np.uint64)
+            k ^= sign
+            k &= top
+            k |= (np.flatnonzero(sel) + c).astype(np.uint64)
+            keys[filled:filled + len(h)] = k
+            filled += len(h)
+        acc = new_acc
     del acc, internal
-    key.sort()
-    h_all.sort()
-    node_dtype = np.int32 if n_nodes < 2 ** 31 else np.int64
-    hash_node = np.empty(m, dtype=node_dtype)
+    for column in (hashes, keys):
+        buffer = np.ascontiguousarray(column)
+        buffer.sort()
+        column[:] = buffer
+        del buffer
     low = np.uint64((1 << nbits) - 1)
-    for lo in range(0, m, _CHUNK):
-        hash_node[lo:lo + _CHUNK] = key[lo:lo + _CHUNK] & low
-    # Where two hashes share their top bits (rare) the key order is by node id: re-pair those
-    # nodes with their hashes, recomputed from their paths.
-    tops = key[1:] >> np.uint64(nbits)
-    tie = np.flatnonzero(tops == (key[:-1] >> np.uint64(nbits)))
-    del key, tops
+    # Where two hashes share their top bits (rare: ~m**2 / 2**(65 - nbits) pairs) the key order
+    # is by node id: re-pair those nodes with their hashes, recomputed from their paths.
+    tie = np.flatnonzero((keys[1:] >> np.uint64(nbits)) == (keys[:-1] >> np.uint64(nbits)))
     if len(tie):
         where = np.unique(np.concatenate([tie, tie + 1]))
-        nodes = hash_node[where].astype(np.int64)
+        nodes = (keys[where] & low).astype(np.int64)
         order = np.argsort(_path_hashes(nodes, edge, parent), kind="stable")
-        hash_node[where] = nodes[order]
-    return _assemble_index(h_all, hash_node, child_start)
+        keys[where] = (keys[where] & ~low) | nodes[order].astype(np.uint64)
+    # keys -> child ranges (child_lo, child_hi as two int32 in the same 8 bytes), in place
+    span = index.view(np.int32).reshape(m + 1, 4)
+    for c in range(0, m, _CHUNK):
+        nd = (keys[c:c + _CHUNK] & low).view(np.int64)
+        span[c:c + len(nd), 2] = child_start[nd]
+        nd += 1
+        span[c:c + len(nd), 3] = child_start[nd]
+    return _finish_index(index)
 
 
-def _assemble_index(h_sorted: np.ndarray, nodes: np.ndarray, child_start: np.ndarray
-                    ) -> tuple[dict, int, list[int]]:
-    """The lookup table from hashes sorted ascending and each one's node: entries
-    (hash, child_lo << 32 | child_hi), a sentinel, buckets over the hashes' top bits."""
-    m = len(h_sorted)
-    if len(child_start) >= 2 ** 32:
-        raise ValueError("entity trie: more than 2**32 nodes are not supported")
-    same = np.flatnonzero(h_sorted[1:] == h_sorted[:-1]) if m > 1 else np.zeros(0, np.int64)
-    shared = sorted({int(h) for h in h_sorted[same]})
-    if shared:  # ~1e-5 for 5M titles; lookups of these hashes walk from the root instead
+def _finish_index(index: np.ndarray) -> tuple[dict, int, list[int]]:
+    """Bucket table over the sorted hashes of ``index`` [m + 1, 2]; hashes two nodes share get
+    the child range (-1, -1) (lookups walk from the root instead)."""
+    m = len(index) - 1
+    hashes = index[:m, 0]
+    same = np.flatnonzero(hashes[1:] == hashes[:-1]) if m > 1 else np.zeros(0, np.int64)
+    shared = sorted({int(h) for h in hashes[same]})
+    if shared:  # ~1e-5 for 5M titles
         log.info("entity trie: %d prefix hash(es) shared by two nodes", len(shared))
+        index.view(np.int32).reshape(m + 1, 4)[:m, 2:][np.isin(hashes, shared)] = -1
     bucket_bits = max(m.bit_length() - 1, 1)  # 1-2 hashes per bucket
-    counts = np.zeros(1 << bucket_bits, dtype=np.int64)
-    for lo in range(0, m, _CHUNK):
-        b = h_sorted[lo:lo + _CHUNK] >> (64 - bucket_bits)
-        b += 1 << (bucket_bits - 1)
-        counts += np.bincount(b, minlength=1 << bucket_bits)
-    bucket_start = _offsets(counts)
-    bucket_start *= 2  # offsets into the flat (hash, span) pairs
-    index = np.empty((m + 1, 2), dtype=np.int64)
-    index[:m, 0] = h_sorted
-    index[m] = (np.iinfo(np.int64).max, 0)  # sentinel: stops every scan
-    for lo in range(0, m, _CHUNK):
-        nd = nodes[lo:lo + _CHUNK].astype(np.int64)
-        span = child_start[nd].astype(np.int64)
-        span <<= 32
-        span |= child_start[nd + 1]
-        index[lo:lo + len(nd), 1] = span
+    n_buckets, half = 1 << bucket_bits, 1 << (bucket_bits - 1)
     dtype = np.int32 if 2 * (m + 1) < 2 ** 31 else np.int64
-    return ({"prefix_index": index, "bucket_start": bucket_start.astype(dtype)}, bucket_bits,
-            shared)
+    counts = np.zeros(n_buckets + 1, dtype=dtype)
+    for lo in range(0, m, _CHUNK):  # sorted hashes: a chunk covers a contiguous bucket range
+        b = hashes[lo:lo + _CHUNK] >> (64 - bucket_bits)
+        b += half
+        first = int(b[0])
+        counts[first + 1:int(b[-1]) + 2] += np.bincount(b - first).astype(dtype)
+    np.cumsum(counts, out=counts)
+    counts *= 2  # offsets into the flat (hash, child range) pairs
+    bucket_start = np.empty(n_buckets, dtype=dtype)  # signed top bits t at index t mod 2**b
+    bucket_start[:half] = counts[half:n_buckets]
+    bucket_start[half:] = counts[:half]
+    return {"prefix_index": index, "bucket_start": bucket_start}, bucket_bits, shared
 
 
 def _small_index(hashes: list[int], nodes: list[int], child_start: np.ndarray
                  ) -> tuple[dict, int, list[int]]:
     """:func:`_hash_index` from (hash, node) lists, for small tries (sub-tries)."""
     pairs = sorted(zip(hashes, nodes))
-    return _assemble_index(np.array([h for h, _ in pairs], dtype=np.int64),
-                           np.array([x for _, x in pairs], dtype=np.int64), child_start)
+    index = np.empty((len(pairs) + 1, 2), dtype=np.int64)
+    index[:, 0] = [h for h, _ in pairs] + [np.iinfo(np.int64).max]
+    span = index.view(np.int32).reshape(-1, 4)
+    span[:, 2] = [child_start[x] for _, x in pairs] + [0]
+    span[:, 3] = [child_start[x + 1] for _, x in pairs] + [0]
+    return _finish_index(index)
 
 
 def _path_hashes(nodes: np.ndarray, edge: np.ndarray, parent: np.ndarray) -> np.ndarray:
