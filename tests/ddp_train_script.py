@@ -16,7 +16,12 @@ sys.path.insert(0, str(REPO))
 
 
 def main(out: Path) -> None:
+    import faulthandler
+
     import torch
+
+    # never outlive a stuck rendezvous or collective: print where it hangs and exit
+    faulthandler.dump_traceback_later(200, exit=True)
 
     torch.set_num_threads(1)
     os.environ.setdefault("GEMEL_CACHE", str(out / "cache"))
