@@ -76,7 +76,9 @@ class ImageTokens:
                 seen.add(key)
                 todo.append(m)
         if todo:
-            with torch.no_grad():
+            # autocast off: the features (and what the cache stores) are the encoder's own
+            # precision, whether or not the caller trains or links under bf16/fp16 autocast
+            with torch.no_grad(), torch.autocast(self.encoder.device.type, enabled=False):
                 feats = self.encoder.encode_mentions(todo, self.prompt, cache=self.cache)
             for m, f in zip(todo, feats):
                 memo[self._key(m)] = f

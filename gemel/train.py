@@ -15,6 +15,9 @@ dev H@1. Checkpoints (no pickle anywhere)::
     CKPT_DIR/last/   the same, plus optimizer.safetensors (AdamW moments, flattened) and
                      trainer_state.json (step, epoch, batches done, scheduler, best, config)
     CKPT_DIR/train_log.jsonl   one JSON line per logged step and per evaluation
+    CKPT_DIR/summary.json      what train() returns
+
+(Without dev mentions there is no ``best/``: only ``last/``.)
 
 (``accelerator.save_state`` is not used: it writes the optimizer and RNG states with pickle-based
 ``torch.save``.) Resuming (``resume=True``) continues the step counter, the optimizer moments,
@@ -24,8 +27,9 @@ permutation seeded by (seed, e), and the batches already done in that epoch are 
 Running it::
 
     gemel train --kb kb.jsonl --data train.jsonl --dev dev.jsonl --out ckpt --vp-mode overlay
-    # several processes on CPU (gloo), e.g. to check data parallelism:
-    torchrun --nproc_per_node 2 -m gemel.cli train ...
+    # several processes on CPU (gloo), e.g. to check data parallelism (--standalone picks a
+    # free port; with --master_port 0 the workers waited forever at the rendezvous):
+    torchrun --standalone --nproc_per_node 2 -m gemel.cli train ...
     # several GPUs:
     accelerate launch --multi_gpu -m gemel.cli train ...
 
@@ -33,6 +37,12 @@ Running it::
 is set up: use torchrun on CPU.) In several processes each sees its own shard of every epoch
 (``accelerator.prepare`` on the DataLoader; the effective batch is batch_size x processes x
 grad_accum), DDP all-reduces the mapper's gradients, and only the main process writes files.
+The warmup + linear-decay schedule counts optimizer steps of one process; it is stepped by hand,
+not through ``accelerator.prepare`` (which steps a prepared scheduler once per process).
+
+``lora_r > 0`` wraps the LLM with peft LoRA adapters (dropout 0; the attention and MLP projections
+peft knows for the architecture, else every linear layer): the adapters are injected into the
+LLM object given, and only they are saved (``lora/``).
 
 Python API: ``train(TrainConfig(...), llm=..., tokenizer=..., vision=..., kb=..., train_mentions=...,
 dev_mentions=...)``: objects given replace what the config names.
@@ -405,6 +415,20 @@ def _feature_cache(config: TrainConfig):
     return FeatureCache(folder)
 
 
+def _fresh_accelerate_state(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second Accelerator with another
+    mixed precision ("restart your runtime"). In a single process (a notebook, a sweep calling
+    train() several times) start from a clean state instead; under torchrun the state belongs to
+    the launched process and is left alone."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not AcceleratorState._shared_state:
+        return
+    if AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def _add_lora(llm: nn.Module, r: int, alpha: int | None) -> nn.Module:
     from peft import LoraConfig, get_peft_model
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as KNOWN
@@ -468,6 +492,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
             log.warning("tensorboard is not installed: logging to %s only", LOG_FILE)
         else:
             trackers = config.log_with
+    _fresh_accelerate_state(mp)
     accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=config.grad_accum,
                               cpu=config.cpu, log_with=trackers, project_dir=str(out))
     device = accelerator.device
@@ -476,8 +501,11 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
         out.mkdir(parents=True, exist_ok=True)
 
     # -- models (frozen) -----------------------------------------------------------------------
+    llm_name = config.model
     if llm is None or tokenizer is None:
         llm, tokenizer = _load_llm(config, device.type)
+    else:  # an object: its own path names it where it has one
+        llm_name = getattr(getattr(llm, "config", None), "_name_or_path", "") or config.model
     llm.to(device).eval()
     for p in llm.parameters():
         p.requires_grad_(False)
@@ -487,7 +515,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
         vision = VisionEncoder.from_name(config.vision, feature=config.feature, device=device)
     else:
         vision.model.to(device)
-    base_identity = llm_identity(llm, name=config.model)
+    base_identity = llm_identity(llm, name=llm_name)
     prompt = VisualPrompt(config.vp_mode)
     template = load_template(config.template)
 
@@ -513,7 +541,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     # -- trainable parts -----------------------------------------------------------------------
     n_tokens = config.n_visual_tokens
     emb_dtype = llm.get_input_embeddings().weight.dtype
-    meta = {"vision": vision.identity, "feature": config.feature, "llm": base_identity,
+    meta = {"vision": vision.identity, "feature": vision.feature, "llm": base_identity,
             "vp_mode": config.vp_mode, "template": template.name,
             "template_block": template.block, "train": dataclasses.asdict(config)}
     mapper = LinearMapper(vision.feature_dim, base_identity["hidden_size"], n_tokens,
@@ -532,7 +560,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     params = list(mapper.parameters())
     if lora_model is not None:
         params += [p for p in lora_model.parameters() if p.requires_grad]
-    trainable = [p for p in params]
+    trainable = params  # mapper first, then LoRA: the order of the saved optimizer state
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sampler = EpochOrder(len(items), config.seed)
     loader = torch.utils.data.DataLoader(list(range(len(items))), batch_size=config.batch_size,
@@ -558,6 +586,8 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     raw_optimizer = getattr(optimizer, "optimizer", optimizer)
     scheduler = get_linear_schedule_with_warmup(raw_optimizer, warmup, total_steps)
 
+    scaler = getattr(accelerator, "scaler", None)
+
     # -- resume --------------------------------------------------------------------------------
     step, epoch, done_in_epoch = 0, 0, 0
     best = {"h1": None, "step": None}
@@ -577,21 +607,20 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
             if changed:
                 raise MismatchError(f"{folder}: cannot resume with other settings than the "
                                     f"checkpoint's: {changed}; restore them or start a new --out")
+            from safetensors.torch import load_file
+
             loaded = LinearMapper.load(folder, expect_llm=base_identity, expect_vision=vision)
-            with torch.no_grad():
-                for name, p in raw_mapper.named_parameters():
-                    p.copy_(dict(loaded.named_parameters())[name])
+            raw_mapper.load_state_dict(loaded.state_dict())
             if lora_model is not None:
                 from peft import set_peft_model_state_dict
-                from safetensors.torch import load_file
 
                 set_peft_model_state_dict(lora_model, load_file(
                     str(folder / LORA / "adapter_model.safetensors")))
-            from safetensors.torch import load_file
-
             raw_optimizer.load_state_dict(optimizer_from_safetensors(
                 load_file(str(folder / OPTIMIZER_FILE)), st["optimizer"]))
             scheduler.load_state_dict(st["scheduler"])
+            if scaler is not None and st.get("scaler"):
+                scaler.load_state_dict(st["scaler"])
             step, epoch, done_in_epoch = st["step"], st["epoch"], st["batches_done_in_epoch"]
             best = st.get("best", best)
             resumed_from = step
@@ -606,12 +635,13 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
         return {"step": step, "epoch": epoch, "batches_done_in_epoch": done_in_epoch,
                 "total_steps": total_steps, "scheduler": scheduler.state_dict(), "best": best,
                 "num_processes": accelerator.num_processes,
+                # fp16 loss scale (plain numbers): a resumed run does not start it over
+                "scaler": scaler.state_dict() if scaler is not None else None,
                 "config": dataclasses.asdict(config)}
 
     def evaluate() -> dict:
         """Dev H@1 with constrained decoding, each process on its share of the dev mentions."""
         from gemel.backends.hf import HFBackend
-        from gemel.eval.metrics import hits_at_k
         from gemel.linker import Linker, LinkerConfig
 
         raw_mapper.eval()
@@ -635,12 +665,19 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
         for p, flag in zip(trainable, trainable_flags):
             p.requires_grad_(flag)
         raw_mapper.train()
-        counts = hits_at_k(rows, (1,))
-        hits = round((counts["H@1"] or 0.0) * counts["n"] / 100)
-        total = torch.tensor([hits, counts["n"]], dtype=torch.float64, device=device)
-        total = accelerator.reduce(total, reduction="sum")
-        n = int(total[1])
-        return {"n": n, "H@1": round(100.0 * float(total[0]) / n, 2) if n else None}
+        ks = sorted({1, config.num_beams})
+        # counts, not percentages, are summed over processes
+        counts = [0] * (len(ks) + 1)
+        for r in rows:
+            ids = [c["entity_id"] for c in r["candidates"]]
+            counts[0] += 1
+            for j, k in enumerate(ks):
+                counts[j + 1] += r["gold_id"] in ids[:k]
+        total = accelerator.reduce(torch.tensor(counts, dtype=torch.float64, device=device),
+                                   reduction="sum").tolist()
+        n = int(total[0])
+        return {"n": n, **{f"H@{k}": round(100.0 * total[j + 1] / n, 2) if n else None
+                           for j, k in enumerate(ks)}}
 
     def checkpoint(evaluated: dict | None) -> None:
         nonlocal best
@@ -700,7 +737,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
                 jlog.write(record)
                 if trackers:
                     accelerator.log({"train/loss": mean_loss, "train/lr": record["lr"]}, step=step)
-            loss_sum, loss_n = torch.zeros((), device=device), 0
+                loss_sum, loss_n = torch.zeros((), device=device), 0  # mean over the log window
             finished = config.max_steps is not None and step >= config.max_steps
             if config.eval_every and step % config.eval_every == 0 and not finished:
                 checkpoint(_log_eval(evaluate(), step, jlog, accelerator, trackers)

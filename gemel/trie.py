@@ -10,10 +10,11 @@ prefix, so its cost grows with the subtree (~22 ms near the root for 5M titles).
   on the edge into ``child``. ``allowed`` returns a slice of ``edge_token``: a view, O(1).
 * A prefix is found without walking: every internal node has a 64-bit hash of its prefix,
   CPython's ``hash(tuple(prefix))`` (computed for all nodes at once in numpy, level by level, and
-  in C by the interpreter at query time). The hashes are sorted into one table of
-  (hash, child_lo, child_hi) entries with a bucket index over their top bits: a lookup hashes the
-  prefix, reads one bucket and, mostly, one table entry (two cache misses), checks the depth and
-  slices ``edge_token``. Nodes that share a hash (~never) are marked and looked up by walking.
+  in C by the interpreter at query time). The (hash, child_lo, child_hi) entries sit in one
+  table, sorted by hash, each at the slot its hash maps to or just after (ordered linear
+  probing, 75% full): a lookup hashes the prefix, reads that slot and mostly nothing more (one
+  cache miss), checks the depth and slices ``edge_token``. Nodes that share a hash (~never) are
+  marked and looked up by walking.
 * Leaves are the nodes reached by the terminator (the token the template puts right after the
   answer, e.g. the newline). The terminator occurs nowhere else, so a leaf has no children and
   every other node has some; only internal nodes are hashed.
@@ -48,11 +49,11 @@ _XXP1, _XXP2, _XXP5 = 11400714785074694791, 14029467366897019727, 28701774500126
 HASH_NAME = "cpython-tuple-xxh64"
 FORMAT = "gemel-entity-trie"
 VERSION = 1
-ARRAYS = ("edge_token", "child_start", "parent", "level_start", "prefix_index", "bucket_start",
-          "leaf_node", "leaf_value", "title_leaf", "title_ids", "duplicates")
+ARRAYS = ("edge_token", "child_start", "parent", "level_start", "prefix_index", "leaf_node", "leaf_value", "title_leaf", "title_ids", "duplicates")
 _OPTIONAL = ("title_ids", "duplicates")
 _CHUNK = 1 << 20  # elements per chunk where a full-size temporary would cost memory
 _KEY_BITS = 64  # a level's (parent, token, row) sort key must fit; else the argsort path
+_LOAD = 0.75  # entries per slot of the prefix table (mean probe ~1.5 entries, in one cache line)
 
 
 def tokenizer_identity(tokenizer) -> dict:
@@ -74,11 +75,11 @@ class EntityTrie:
       child_start int32 [N + 1]  children of p are ids child_start[p]:child_start[p + 1]
       parent      int32 [N]      parent of each node (root: -1)
       level_start int64 [D + 2]  nodes of depth d are ids level_start[d]:level_start[d + 1]
-      prefix_index int64 [M + 1, 2]  per internal node (but the root), sorted by hash, then a
-                     sentinel (int64 max): column 0 the prefix hash; column 1 read as two int32,
-                     child_lo and child_hi (-1, -1 where two nodes share a hash)
-      bucket_start int32 [2**b]      flat int64 offset of the first entry whose hash has signed
-                     top bits t, at index t mod 2**b (Python's negative indexing)
+      prefix_index int64 [R, 2]  the prefix table, R ~ M / 0.75 + 1 rows: column 0 a hash, column
+                     1 read as two int32, child_lo and child_hi (-1, -1 where two nodes share a
+                     hash). Entry h sits at slot((h >> 32) + 2**31) * S >> 32) or after, rows
+                     sorted by hash; an empty row holds the smallest hash of the next slot (so a
+                     scan stops there); the last row is int64 max.
       leaf_node int32 [L] (sorted), leaf_value int32 [L]: title index of each leaf
       title_leaf int32 [n]       the leaf of each title (duplicates share the first one's leaf)
       title_ids int64 [n]        original title indices (sub-tries only; the full trie: 0..n-1)
@@ -91,7 +92,7 @@ class EntityTrie:
         for name in ARRAYS:
             setattr(self, name, arrays.get(name))
         self.terminator = int(info["terminator"])
-        self.bucket_bits = int(info["bucket_bits"])
+        self.slots = int(info["slots"])  # S
         self.meta: dict = dict(info.get("meta") or {})
         self.meta.setdefault("terminator", self.terminator)
         self.meta["n_titles"] = len(self.title_leaf)
@@ -106,11 +107,9 @@ class EntityTrie:
         # entry e: hash at _ix[2e]; child_lo, child_hi at _ix32[4e + 2], _ix32[4e + 3]
         self._ix = memoryview(self.prefix_index.reshape(-1))
         self._ix32 = memoryview(self.prefix_index.view(np.int32).reshape(-1))
-        self._bs = memoryview(self.bucket_start)
         self._leaf = memoryview(self.leaf_node)
         self._lval = memoryview(self.leaf_value)
         self._ls = [int(x) for x in self.level_start]
-        self._shift = 64 - self.bucket_bits
         self._shared = list(info.get("shared_hashes") or ())  # hashes of 2+ nodes (~never)
         self._empty = self.edge_token[:0]
         self._root_allowed = self.edge_token[self._cs[0]:self._cs[1]]
@@ -179,11 +178,11 @@ class EntityTrie:
     @classmethod
     def _finish(cls, arrays: dict, info: dict) -> "EntityTrie":
         """Add the prefix-hash index to level-ordered arrays."""
-        index, bucket_bits, shared = _hash_index(arrays["edge_token"], arrays["child_start"],
-                                                 arrays["parent"], arrays["level_start"],
-                                                 info["terminator"])
-        arrays.update(index)
-        return cls(arrays, {**info, "bucket_bits": bucket_bits, "shared_hashes": shared})
+        table, slots, shared = _hash_index(arrays["edge_token"], arrays["child_start"],
+                                           arrays["parent"], arrays["level_start"],
+                                           info["terminator"])
+        arrays["prefix_index"] = table
+        return cls(arrays, {**info, "slots": slots, "shared_hashes": shared})
 
     # -- queries -----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -196,12 +195,12 @@ class EntityTrie:
 
     def _children_of(self, prefix: list) -> tuple[int, int]:
         """(child_lo, child_hi) of the internal node of a non-empty prefix of Python ints, or
-        (-1, -1) if it is not in the trie. Reads one bucket and, mostly, one index entry."""
+        (-1, -1) if it is not in the trie. Reads the hash's slot and, mostly, nothing more."""
         h = hash(tuple(prefix)) if _NATIVE else _tuple_hash(prefix)
         ix = self._ix
-        i = self._bs[h >> self._shift]
+        i = ((((h >> 32) + 2147483648) * self.slots) >> 32) << 1  # the slot's flat offset
         x = ix[i]
-        while x < h:  # the bucket's hashes are sorted; the next bucket's (or the sentinel) stop it
+        while x < h:  # rows are sorted by hash; a larger one or an empty row stops the scan
             i += 2
             x = ix[i]
         if x != h:
@@ -255,7 +254,7 @@ class EntityTrie:
             return self._empty
         h = hash(tuple(prefix)) if _NATIVE else _tuple_hash(prefix)
         ix = self._ix
-        i = self._bs[h >> self._shift]
+        i = ((((h >> 32) + 2147483648) * self.slots) >> 32) << 1
         x = ix[i]
         while x < h:
             i += 2
@@ -366,10 +365,10 @@ class EntityTrie:
                   "leaf_value": np.array([leaf_value[x] for x in leaf_node], dtype=np.int64),
                   "title_leaf": np.array([new_id[x] for x in leaves], dtype=np.int32),
                   "title_ids": np.array(want, dtype=np.int64)}
-        index, bucket_bits, shared = _small_index(hashes, hash_nodes, arrays["child_start"])
-        arrays.update(index)
+        arrays["prefix_index"], slots, shared = _small_index(hashes, hash_nodes,
+                                                             arrays["child_start"])
         meta = {**self.meta, "subtrie_of": self.meta.get("n_titles")}
-        return EntityTrie(arrays, {"terminator": term, "meta": meta, "bucket_bits": bucket_bits,
+        return EntityTrie(arrays, {"terminator": term, "meta": meta, "slots": slots,
                                    "shared_hashes": shared})
 
     # -- persistence -------------------------------------------------------------------------------
@@ -389,7 +388,7 @@ class EntityTrie:
             np.save(tmp, np.ascontiguousarray(arr), allow_pickle=False)
             os.replace(tmp, path)  # a trie loaded (mmap) from here keeps the old file's pages
         info = {"format": FORMAT, "version": VERSION, "terminator": self.terminator,
-                "hash": HASH_NAME, "bucket_bits": self.bucket_bits,
+                "hash": HASH_NAME, "slots": self.slots,
                 "shared_hashes": sorted(self._shared),
                 "n_nodes": len(self.edge_token), "meta": self.meta,
                 "boundary_merged": self.boundary_merged,
@@ -802,11 +801,12 @@ def _level_hashes(acc: np.ndarray, tokens: np.ndarray, depth: int) -> tuple[np.n
 def _hash_index(edge: np.ndarray, child_start: np.ndarray, parent: np.ndarray,
                 level_start: np.ndarray, term: int) -> tuple[dict, int, list[int]]:
     """The prefix index of a level-ordered trie: every internal node's (but the root's) prefix
-    hash, sorted, with its child range, and a bucket table (see the class docstring).
+    hash with its child range, placed in the prefix table (see the class docstring). Returns
+    (table, slots S, hashes shared by two nodes).
 
-    Built inside the result's own memory plus one column-sized buffer at a time: the hashes go
-    to column 0 and the sort keys to column 1, each column is sorted through a contiguous copy,
-    and the keys then become child ranges in place.
+    Built inside the table's own memory plus one column-sized buffer at a time: the hashes go to
+    column 0 and the sort keys to column 1 of its first M rows, each column is sorted through a
+    contiguous copy, the keys become child ranges in place, then the rows move to their slots.
     """
     n_nodes = len(edge)
     if n_nodes >= 2 ** 31:
@@ -814,8 +814,8 @@ def _hash_index(edge: np.ndarray, child_start: np.ndarray, parent: np.ndarray,
     internal = edge != term
     internal[0] = False
     m = int(internal.sum())
-    index = np.empty((m + 1, 2), dtype=np.int64)
-    index[m] = (np.iinfo(np.int64).max, 0)  # sentinel: stops every scan
+    slots = _slot_count(m)
+    index = np.empty((slots + _SPARE, 2), dtype=np.int64)  # untouched rows cost no memory
     hashes, keys = index[:m, 0], index[:m, 1].view(np.uint64)
     nbits = max(n_nodes - 1, 1).bit_length()
     # key = (hash top bits, in unsigned order) | node id. Sorting it (numpy's fast sort; an
@@ -843,67 +843,105 @@ def _hash_index(edge: np.ndarray, child_start: np.ndarray, parent: np.ndarray,
             filled += len(h)
         acc = new_acc
     del acc, internal
-    for column in (hashes, keys):
-        buffer = np.ascontiguousarray(column)
-        buffer.sort()
-        column[:] = buffer
-        del buffer
+    buffer = np.ascontiguousarray(hashes)
+    buffer.sort()
+    hashes[:] = buffer
+    del buffer
+    keys = np.ascontiguousarray(keys)  # sorted apart; column 1 then gets the child ranges
+    keys.sort()
     low = np.uint64((1 << nbits) - 1)
     # Where two hashes share their top bits (rare: ~m**2 / 2**(65 - nbits) pairs) the key order
     # is by node id: re-pair those nodes with their hashes, recomputed from their paths.
-    tie = np.flatnonzero((keys[1:] >> np.uint64(nbits)) == (keys[:-1] >> np.uint64(nbits)))
+    tie = []
+    for c in range(0, m, _CHUNK):
+        tops = keys[c:c + _CHUNK + 1] >> np.uint64(nbits)
+        tie.append(np.flatnonzero(tops[1:] == tops[:-1]) + c)
+    tie = np.concatenate(tie) if tie else np.zeros(0, np.int64)
     if len(tie):
         where = np.unique(np.concatenate([tie, tie + 1]))
         nodes = (keys[where] & low).astype(np.int64)
         order = np.argsort(_path_hashes(nodes, edge, parent), kind="stable")
         keys[where] = (keys[where] & ~low) | nodes[order].astype(np.uint64)
-    # keys -> child ranges (child_lo, child_hi as two int32 in the same 8 bytes), in place
-    span = index.view(np.int32).reshape(m + 1, 4)
+    keys &= low  # node ids, in hash order
+    nodes = keys.view(np.int64)
+    span = index.view(np.int32).reshape(-1, 4)
     for c in range(0, m, _CHUNK):
-        nd = (keys[c:c + _CHUNK] & low).view(np.int64)
+        nd = nodes[c:c + _CHUNK]
         span[c:c + len(nd), 2] = child_start[nd]
-        nd += 1
-        span[c:c + len(nd), 3] = child_start[nd]
-    return _finish_index(index)
+        span[c:c + len(nd), 3] = child_start[nd + 1]
+    del keys, nodes
+    return _place(index, m, slots)
 
 
-def _finish_index(index: np.ndarray) -> tuple[dict, int, list[int]]:
-    """Bucket table over the sorted hashes of ``index`` [m + 1, 2]; hashes two nodes share get
-    the child range (-1, -1) (lookups walk from the root instead)."""
-    m = len(index) - 1
-    hashes = index[:m, 0]
+_SPARE = 4096  # rows past the S slots for the last cluster's overflow (grown if ever short)
+
+
+def _slot_count(m: int) -> int:
+    return max(int(m / _LOAD) + 1, 1)
+
+
+def _slot_of(hashes: np.ndarray, slots: int) -> np.ndarray:
+    """int64 slot of each signed hash: ((h >> 32) + 2**31) * S >> 32 (exact in uint64, S < 2**32),
+    the same arithmetic as the lookup's."""
+    u = ((hashes >> 32) + (1 << 31)).astype(np.uint64)
+    u *= np.uint64(slots)
+    u >>= np.uint64(32)
+    return u.view(np.int64)
+
+
+def _place(table: np.ndarray, m: int, slots: int) -> tuple[np.ndarray, int, list[int]]:
+    """Move the M entries sorted by hash in ``table[:m]`` to their slots: entry e goes to
+    pos[e] = max(slot[e], pos[e - 1] + 1), which keeps rows sorted; fill the empty rows with
+    the smallest hash of the next slot, and end with an int64-max row. In place, by chunks,
+    last chunk first (pos[e] >= e, so no entry is overwritten before it moves)."""
+    hashes = table[:m, 0]
     same = np.flatnonzero(hashes[1:] == hashes[:-1]) if m > 1 else np.zeros(0, np.int64)
     shared = sorted({int(h) for h in hashes[same]})
-    if shared:  # ~1e-5 for 5M titles
+    if shared:  # ~1e-5 for 5M titles; lookups of these hashes walk from the root instead
         log.info("entity trie: %d prefix hash(es) shared by two nodes", len(shared))
-        index.view(np.int32).reshape(m + 1, 4)[:m, 2:][np.isin(hashes, shared)] = -1
-    bucket_bits = max(m.bit_length() - 1, 1)  # 1-2 hashes per bucket
-    n_buckets, half = 1 << bucket_bits, 1 << (bucket_bits - 1)
-    dtype = np.int32 if 2 * (m + 1) < 2 ** 31 else np.int64
-    counts = np.zeros(n_buckets + 1, dtype=dtype)
-    for lo in range(0, m, _CHUNK):  # sorted hashes: a chunk covers a contiguous bucket range
-        b = hashes[lo:lo + _CHUNK] >> (64 - bucket_bits)
-        b += half
-        first = int(b[0])
-        counts[first + 1:int(b[-1]) + 2] += np.bincount(b - first).astype(dtype)
-    np.cumsum(counts, out=counts)
-    counts *= 2  # offsets into the flat (hash, child range) pairs
-    bucket_start = np.empty(n_buckets, dtype=dtype)  # signed top bits t at index t mod 2**b
-    bucket_start[:half] = counts[half:n_buckets]
-    bucket_start[half:] = counts[:half]
-    return {"prefix_index": index, "bucket_start": bucket_start}, bucket_bits, shared
+        table.view(np.int32).reshape(-1, 4)[:m, 2:][np.isin(hashes, shared)] = -1
+    # pos[e] = e + max over j <= e of (slot[j] - j): a running maximum, carried across chunks
+    carry, carries = np.iinfo(np.int64).min, []
+    for c in range(0, m, _CHUNK):
+        carries.append(carry)
+        gap = _slot_of(hashes[c:c + _CHUNK], slots) - np.arange(c, min(c + _CHUNK, m))
+        carry = max(carry, int(gap.max()))
+    rows = max(slots, m + carry if m else 0) + 1  # the last entry's row + 1, or the S slots
+    if rows + 1 > len(table):  # the last cluster ran past the spare rows (never seen)
+        table = np.concatenate([table, np.empty((rows + 1 - len(table), 2), np.int64)])
+    filled = np.zeros(rows + 1, dtype=bool)
+    for k in range(len(carries) - 1, -1, -1):
+        c = k * _CHUNK
+        block = table[c:c + _CHUNK].copy() if c + _CHUNK <= m else table[c:m].copy()
+        gap = _slot_of(block[:, 0], slots) - np.arange(c, c + len(block))
+        np.maximum.accumulate(gap, out=gap)
+        pos = np.maximum(gap, carries[k]) + np.arange(c, c + len(block))
+        table[pos] = block
+        filled[pos] = True
+    table = table[:rows + 1]
+    for c in range(0, rows, _CHUNK):  # empty row p: the smallest hash whose slot is > p
+        p = np.flatnonzero(~filled[c:c + _CHUNK]) + c
+        p = p[p < rows]
+        first = -((-(p + 1) * (1 << 32)) // slots)  # ceil((p + 1) * 2**32 / S)
+        table[p, 0] = np.where(first >= 1 << 32, np.iinfo(np.int64).max,
+                               (np.minimum(first, (1 << 32) - 1) - (1 << 31)) << 32)
+        table[p, 1] = 0
+    table[rows] = (np.iinfo(np.int64).max, 0)  # stops every scan
+    return table, slots, shared
 
 
 def _small_index(hashes: list[int], nodes: list[int], child_start: np.ndarray
-                 ) -> tuple[dict, int, list[int]]:
+                 ) -> tuple[np.ndarray, int, list[int]]:
     """:func:`_hash_index` from (hash, node) lists, for small tries (sub-tries)."""
     pairs = sorted(zip(hashes, nodes))
-    index = np.empty((len(pairs) + 1, 2), dtype=np.int64)
-    index[:, 0] = [h for h, _ in pairs] + [np.iinfo(np.int64).max]
-    span = index.view(np.int32).reshape(-1, 4)
-    span[:, 2] = [child_start[x] for _, x in pairs] + [0]
-    span[:, 3] = [child_start[x + 1] for _, x in pairs] + [0]
-    return _finish_index(index)
+    m = len(pairs)
+    slots = _slot_count(m)
+    table = np.empty((slots + _SPARE, 2), dtype=np.int64)
+    table[:m, 0] = [h for h, _ in pairs]
+    span = table.view(np.int32).reshape(-1, 4)
+    span[:m, 2] = [child_start[x] for _, x in pairs]
+    span[:m, 3] = [child_start[x + 1] for _, x in pairs]
+    return _place(table, m, slots)
 
 
 def _path_hashes(nodes: np.ndarray, edge: np.ndarray, parent: np.ndarray) -> np.ndarray:

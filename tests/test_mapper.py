@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -167,10 +166,17 @@ def test_image_tokens_grad_and_cache(tmp_path, sp_tokenizer, clip):
         mapper.eval()
         assert not embedder([ImageSlot(m)]).requires_grad
         assert len(seen) == 1  # encoded once (in-memory memo)
+        # features are the encoder's own precision even under the caller's autocast
+        fresh = ImageTokens(clip, mapper, "overlay")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = fresh.features([m])
+        assert under.dtype == torch.float32
+        torch.testing.assert_close(under, embedder.features([m]), rtol=1e-5, atol=1e-6)
+        seen.clear()
         # a new embedder (another run) finds the features in the disk cache
         again = ImageTokens(clip, mapper, "overlay", cache=FeatureCache(tmp_path / "cache"))
         again([ImageSlot(m)])
-        assert len(seen) == 1
+        assert not seen
     finally:
         hook.remove()
 
