@@ -49,15 +49,18 @@ def data_dir() -> Path:
 
 
 def real_titles(data: Path) -> list[str]:
-    wikimel, wikidiverse = data / "wikimel" / "qid2ne.json", data / "wikidiverse" / "WikiDiverse.json"
+    wikimel = data / "wikimel" / "qid2ne.json"
+    wikidiverse = data / "wikidiverse" / "WikiDiverse.json"
     if not wikimel.exists() and not wikidiverse.exists():
-        sys.exit(f"benchmarks/trie.py: no real titles found: neither {wikimel} nor {wikidiverse} "
-                 "exists. Point GEMEL_DATA to the shared data folder (see ../shared/data/README.md).")
+        sys.exit(f"benchmarks/trie.py: no real titles found: neither {wikimel} nor "
+                 f"{wikidiverse} exists. Point GEMEL_DATA to the shared data folder "
+                 "(see ../shared/data/README.md).")
     titles = []
     if wikimel.exists():
         titles += [str(t) for t in json.loads(wikimel.read_text()).values() if t]
     if wikidiverse.exists():
-        titles += [e for r in json.loads(wikidiverse.read_text()) for e in r.get("entity") or [] if e]
+        records = json.loads(wikidiverse.read_text())
+        titles += [e for r in records for e in r.get("entity") or [] if e]
     return sorted(set(titles))
 
 
@@ -185,7 +188,8 @@ def worker_build(work: Path, n: int) -> dict:
         shutil.rmtree(folder)
     t0 = time.perf_counter()
     trie.save(folder)
-    return {"build_s": build_s, "peak_mb": peak, "rss_before_mb": before, "nodes": len(trie.edge_token),
+    return {"build_s": build_s, "peak_mb": peak, "rss_before_mb": before,
+            "nodes": len(trie.edge_token),
             "save_mb": folder_mb(folder), "save_s": time.perf_counter() - t0,
             "duplicates": int(len(trie.duplicates))}
 
@@ -256,7 +260,8 @@ def worker_baseline(work: Path, n: int, samples: int, budget_s: float) -> dict:
     out = {"build_s": build_s, "peak_mb": peak, "save_mb": path.stat().st_size / 2 ** 20,
            "load_s": load_s, "allowed": {}, "calls": {}}
     for d in DEPTHS:  # as many calls as fit the budget (depth 0 enumerates every key)
-        args, times, t_start = sample_prefixes(tokens, offsets, d, samples, rng), [], time.perf_counter()
+        args, times = sample_prefixes(tokens, offsets, d, samples, rng), []
+        t_start = time.perf_counter()
         for a in args:
             times.append(time_calls(get, [a], overhead)[0])
             if time.perf_counter() - t_start > budget_s and len(times) >= 3:
@@ -326,7 +331,9 @@ def stall_probe() -> tuple[float, float]:
 
 
 def fmt_size(n: int) -> str:
-    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k" if n % 1000 == 0 else str(n)
+    if n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
 
 
 def fmt_us(pair) -> str:
@@ -445,7 +452,8 @@ def main() -> None:
                                   str(args.baseline_budget)], args.baseline_timeout)
             print(f"marisa {fmt_size(n)} done", flush=True)
     print_report(sizes, tok_info, ours, base, args)
-    print(f"load average at the end {os.getloadavg()[0]:.1f}; total {time.perf_counter() - t0:.0f}s")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}; "
+          f"total {time.perf_counter() - t0:.0f}s")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

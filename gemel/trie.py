@@ -49,7 +49,8 @@ _XXP1, _XXP2, _XXP5 = 11400714785074694791, 14029467366897019727, 28701774500126
 HASH_NAME = "cpython-tuple-xxh64"
 FORMAT = "gemel-entity-trie"
 VERSION = 1
-ARRAYS = ("edge_token", "child_start", "parent", "level_start", "prefix_index", "leaf_node", "leaf_value", "title_leaf", "title_ids", "duplicates")
+ARRAYS = ("edge_token", "child_start", "parent", "level_start", "prefix_index", "leaf_node",
+          "leaf_value", "title_leaf", "title_ids", "duplicates")
 _OPTIONAL = ("title_ids", "duplicates")
 _CHUNK = 1 << 20  # elements per chunk where a full-size temporary would cost memory
 _KEY_BITS = 64  # a level's (parent, token, row) sort key must fit; else the argsort path
@@ -83,7 +84,7 @@ class EntityTrie:
       leaf_node int32 [L] (sorted), leaf_value int32 [L]: title index of each leaf
       title_leaf int32 [n]       the leaf of each title (duplicates share the first one's leaf)
       title_ids int64 [n]        original title indices (sub-tries only; the full trie: 0..n-1)
-      duplicates int64 [k, 2]    (title, kept title) for titles whose sequence repeats an earlier one
+      duplicates int64 [k, 2]    (title, kept title): titles whose sequence repeats an earlier one
     """
 
     root = 0
@@ -477,7 +478,8 @@ def _batch_encoder(tokenizer, probe: list[str]):
     return lambda texts: _encode(tokenizer, texts)
 
 
-def resolve_terminator(tokenizer, answer_prefix: str, terminator: int | str) -> tuple[int, list[int]]:
+def resolve_terminator(tokenizer, answer_prefix: str,
+                       terminator: int | str) -> tuple[int, list[int]]:
     """(terminator id, tokens of the terminator text in context after an answer).
 
     A string is tokenized after ``answer_prefix + "x"``; its first token there is the terminator
@@ -487,8 +489,9 @@ def resolve_terminator(tokenizer, answer_prefix: str, terminator: int | str) -> 
     if not isinstance(terminator, str):
         term = int(terminator)
         if not 0 <= term < len(tokenizer):
-            raise DataError(f"terminator id {term} is outside the vocabulary (0..{len(tokenizer) - 1})",
-                            field="terminator", fix="pass a token id of this tokenizer")
+            raise DataError(f"terminator id {term} is outside the vocabulary "
+                            f"(0..{len(tokenizer) - 1})", field="terminator",
+                            fix="pass a token id of this tokenizer")
         return term, [term]
     if not terminator:
         raise DataError("empty terminator text", field="terminator",
@@ -541,7 +544,8 @@ def tokenize_titles(titles: Sequence[str], tokenizer, answer_prefix: str,
         else:
             ok_pre = ok
         if lt:
-            got = flat[np.clip(start[1:, None] - lt + np.arange(lt), 0, last)] if len(flat) else None
+            ends = np.clip(start[1:, None] - lt + np.arange(lt), 0, last)
+            got = flat[ends] if len(flat) else None
             ok_term = ok & ((got == tail_arr).all(1) if got is not None else False)
         else:
             ok_term = ok
@@ -584,7 +588,7 @@ def tokenize_titles(titles: Sequence[str], tokenizer, answer_prefix: str,
 
 def _fallback(tokenizer, prefix: str, title: str, pre: list[int], suffix: str, tail: list[int],
               prefix_ok: bool) -> tuple[list[int], bool, bool]:
-    """Title tokens for a title whose encoding crosses a boundary: (tokens, prefix?, terminator?)."""
+    """Tokens of a title whose encoding crosses a boundary: (tokens, prefix?, terminator?)."""
     lp, lt = len(pre), len(tail)
     if not prefix_ok:
         alone = _encode(tokenizer, [title + suffix])[0]
