@@ -7,12 +7,14 @@ from typing import Iterable, Sequence
 def hits_at_k(rows: Iterable[dict], ks: Sequence[int] = (1, 5)) -> dict:
     """H@k in percent over rows that have a gold id; a failed row counts as a miss.
 
-    A hit at k: the gold entity id is among the first k candidates.
+    A hit at k: the gold entity id is among the first k candidates. Rows of a NIL-mode run whose
+    gold is NIL (``gold_nil: true``) count too: their hit is the NIL answer (``entity_id`` null).
+    Without NIL mode, NIL golds have no id and are left out.
     """
     n, hits, errors = 0, {k: 0 for k in ks}, 0
     for row in rows:
         gold = row.get("gold_id")
-        if gold is None:
+        if gold is None and not row.get("gold_nil"):
             continue
         n += 1
         errors += row.get("error") is not None

@@ -49,8 +49,8 @@ def expand(sweep: SweepConfig) -> list[dict]:
     retriever, so they collapse into one (``retriever`` shown as "-")."""
     keys = list(sweep.grid)
     cells, seen = [], set()
-    for combo in itertools.product(*(sweep.grid[k] for k in keys)):
-        cells.append(dict(zip(keys, combo)))
+    if keys or not sweep.cells:  # no grid and no cells: one cell of the base settings
+        cells = [dict(zip(keys, combo)) for combo in itertools.product(*(sweep.grid[k] for k in keys))]
     cells.extend(dict(c) for c in sweep.cells)
     out = []
     for c in cells:
@@ -70,7 +70,7 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
     from gemel.eval.baselines import combo_baseline
     from gemel.eval.metrics import hits_at_k
     from gemel.kb import KnowledgeBase
-    from gemel.linker import Linker, LinkerConfig, make_retriever
+    from gemel.linker import Linker, LinkerConfig, fit_retriever
     from gemel.runs import run
 
     sweep = from_dict(SweepConfig, load_yaml(path), source=str(path))
@@ -88,12 +88,14 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
     for cell in expand(sweep):
         values = {k: v for k, v in {**sweep.linker, **cell}.items() if not (k == "retriever" and v == "-")}
         config = from_dict(LinkerConfig, values, source=f"{path}: cell {cell_name(cell)}")
-        if config.demos > 0 and config.retriever not in retrievers:
-            retrievers[config.retriever] = make_retriever(config).fit(train)
-        linker = Linker(config, kb, backend, trie=shared.get(("trie", config.template)),
-                        train=train, retriever=retrievers.get(config.retriever),
+        pool = (config.retriever, config.nil)  # NIL mode changes the demonstration pool
+        if config.demos > 0 and pool not in retrievers:
+            retrievers[pool] = fit_retriever(config, train)
+        trie_key = ("trie", config.template, config.terminator, config.nil)
+        linker = Linker(config, kb, backend, trie=shared.get(trie_key),
+                        train=train, retriever=retrievers.get(pool),
                         candidate_retriever=shared.get("candidates"))
-        shared[("trie", config.template)] = linker.trie
+        shared[trie_key] = linker.trie
         if linker.candidate_retriever is not None:
             shared["candidates"] = linker.candidate_retriever
         name = cell_name(cell)
@@ -119,7 +121,8 @@ def kb_for(sweep: SweepConfig, read: dict):
 
     if sweep.kb != "gold":
         return KnowledgeBase.from_jsonl(sweep.kb)
-    everything = read_mentions(sweep.data, **read)
+    # every split of the release: the gold KB must not depend on which split is evaluated
+    everything = read_mentions(sweep.data, **{**read, "splits_path": None})
     seen: dict[str, str] = {}
     for m in everything:
         if m.entity_id is not None and m.entity and m.entity_id not in seen:

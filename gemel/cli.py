@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from gemel.errors import GemelError
+from gemel.retrieval.registry import retriever_names
 
 DATA_FORMATS = ["auto", "native", "wikidiverse", "wikimel", "mimic", "vpwiki"]
 
@@ -42,7 +43,7 @@ def prompt_options(f):
     f = click.option("--train-split", default=None,
                      help="Take the training mentions from this split of --data (with --splits).")(f)
     f = click.option("--demos", type=int, default=None, help="Demonstrations per prompt [0].")(f)
-    f = click.option("--retriever", type=click.Choice(["simcse", "bm25", "random", "hybrid"]),
+    f = click.option("--retriever", type=click.Choice(retriever_names()),
                      default=None, help="Demonstration retriever [simcse].")(f)
     f = click.option("--candidates", type=int, default=None,
                      help="Restrict decoding to the top-C retrieved KB titles per mention.")(f)
@@ -50,6 +51,9 @@ def prompt_options(f):
                      help="A fusion model from `gemel fit-fusion`: rerank beams + retrieved.")(f)
     f = click.option("--max-prompt-tokens", type=int, default=None,
                      help="Token budget: drop the least similar demonstrations first.")(f)
+    f = click.option("--nil", is_flag=True, default=None,
+                     help="Allow the answer NIL (entity not in the KB; entity_id null in the "
+                     "output); NIL training mentions become demonstrations.")(f)
     return f
 
 
@@ -102,8 +106,9 @@ def cli(verbose: bool) -> None:
 @prompt_options
 @data_options
 def link(kb_path, data_path, out_path, config_path, model, num_beams, top_k, batch_size, template,
-         dtype, device, trie, length_penalty, progress, mapper, no_image, train_path, train_split, demos, retriever,
-         candidates, fusion, max_prompt_tokens, fmt, split, splits_path, images_dir, limit):
+         dtype, device, trie, length_penalty, progress, mapper, no_image, train_path, train_split,
+         demos, retriever, candidates, fusion, max_prompt_tokens, nil, fmt, split, splits_path,
+         images_dir, limit):
     """Link every mention in --data to the KB; write ranked candidates to --out."""
     from gemel.eval.baselines import exact_match
     from gemel.eval.metrics import format_hits, generation_rows, hits_at_k
@@ -120,7 +125,7 @@ def link(kb_path, data_path, out_path, config_path, model, num_beams, top_k, bat
                                 device=device, trie=trie, length_penalty=length_penalty,
                                 demos=demos, retriever=retriever, candidates=candidates,
                                 fusion=fusion, max_prompt_tokens=max_prompt_tokens,
-                                mapper=mapper, no_image=no_image)
+                                mapper=mapper, no_image=no_image, nil=nil)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     rows = run(lambda batch: linker.link_batch(batch), mentions, out_path,
@@ -162,7 +167,8 @@ def link(kb_path, data_path, out_path, config_path, model, num_beams, top_k, bat
               help="The template whose answer prefix and terminator the trie follows.")
 @click.option("--terminator", default=None, help="Override the terminator text (default: the "
               "template's text after the answer, e.g. a newline).")
-def build_trie_cmd(kb_path, out_dir, model, template, terminator):
+@click.option("--nil", is_flag=True, default=False, help="Add the reserved answer NIL (for link --nil).")
+def build_trie_cmd(kb_path, out_dir, model, template, terminator, nil):
     """Tokenize the KB titles once and save the entity trie (.npy + JSON) for reuse with --trie."""
     from transformers import AutoTokenizer
 
@@ -175,7 +181,8 @@ def build_trie_cmd(kb_path, out_dir, model, template, terminator):
     tokenizer = AutoTokenizer.from_pretrained(resolve(model, "llm"))
     builder = PromptBuilder(template, tokenizer)
     t0 = time.perf_counter()
-    trie = build_trie(kb, tokenizer, builder.answer_prefix, terminator or builder.terminator_text)
+    trie = build_trie(kb, tokenizer, builder.answer_prefix, terminator or builder.terminator_text,
+                      nil=nil)
     trie.save(out_dir)
     merged = getattr(trie, "boundary_merged", [])
     click.echo(f"trie of {len(trie)} titles in {time.perf_counter() - t0:.1f}s -> {out_dir}")
@@ -236,7 +243,7 @@ def sweep(config_path, progress):
 @data_options
 def fit_fusion(kb_path, data_path, out_path, config_path, model, num_beams, batch_size, template,
                fusion_pool, progress, train_path, train_split, demos, retriever, candidates, fusion,
-               max_prompt_tokens, fmt, split, splits_path, images_dir, limit):
+               max_prompt_tokens, nil, fmt, split, splits_path, images_dir, limit):
     """Fit the fused ranking (LLM log-prob, retriever similarity, prior, exact title) on dev."""
     from gemel.kb import KnowledgeBase
     from gemel.linker import Linker
@@ -248,7 +255,8 @@ def fit_fusion(kb_path, data_path, out_path, config_path, model, num_beams, batc
     linker = Linker.from_config(config_path, kb=kb, train=train, model=model, num_beams=num_beams,
                                 batch_size=batch_size, template=template, demos=demos,
                                 retriever=retriever, candidates=candidates,
-                                max_prompt_tokens=max_prompt_tokens, fusion_pool=fusion_pool)
+                                max_prompt_tokens=max_prompt_tokens, fusion_pool=fusion_pool,
+                                nil=nil)
     model_, report = fit_on_mentions(linker, mentions, progress=progress)
     model_.save(out_path)
     click.echo(json.dumps(report, indent=2))

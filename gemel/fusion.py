@@ -35,15 +35,20 @@ def mention_key(text: str | None) -> str:
 
 
 class MentionPrior:
-    """P(entity | mention string) counted over training mentions (casefolded strings)."""
+    """P(entity | mention string) counted over training mentions (casefolded strings).
+
+    NIL training mentions count under ``entity_id=None`` (so ``prob(m, None)`` is the NIL rate).
+    """
 
     def __init__(self, train: Sequence[Mention]):
+        from gemel.data.nil import is_nil
+
         self.counts: dict[str, Counter] = defaultdict(Counter)
         for m in train:
-            if m.entity_id is not None and m.mention:
+            if (m.entity_id is not None or is_nil(m)) and m.mention:
                 self.counts[mention_key(m.mention)][m.entity_id] += 1
 
-    def prob(self, mention: str | None, entity_id: str) -> float:
+    def prob(self, mention: str | None, entity_id: str | None) -> float:
         c = self.counts.get(mention_key(mention))
         return c[entity_id] / sum(c.values()) if c else 0.0
 
@@ -51,9 +56,10 @@ class MentionPrior:
         return mention_key(mention) in self.counts
 
     def best(self, mention: str | None) -> str | None:
-        """The most frequent gold entity for this string in training (ties: first seen)."""
+        """The most frequent KB entity for this string in training (ties: first seen; NIL never)."""
         c = self.counts.get(mention_key(mention))
-        return c.most_common(1)[0][0] if c else None
+        ranked = [e for e, _ in c.most_common() if e is not None] if c else []
+        return ranked[0] if ranked else None
 
 
 @dataclass
@@ -118,18 +124,20 @@ def fit_on_mentions(linker, mentions: Sequence[Mention], progress: bool = True
     """
     from tqdm.auto import tqdm
 
+    from gemel.data.nil import is_nil
+
     lists, gen_hits, n = [], 0, 0
     bs = linker.config.batch_size
     for i in tqdm(range(0, len(mentions), bs), disable=not progress, unit="batch"):
         batch = mentions[i:i + bs]
         hyps, embeds, mask, _ = linker.generate(batch, linker.config.top_k)
         for m, h, (titles, feats) in zip(batch, hyps, linker.fusion_lists(batch, hyps, embeds, mask)):
-            if m.entity_id is None:
-                continue
-            n += 1
-            gold = [j for j, t in enumerate(titles) if m.entity_id in linker.kb.ids_for_title_index(t)]
+            if m.entity_id is None and not (linker.config.nil and is_nil(m)):
+                continue  # unlabelled, or NIL outside NIL mode: nothing to learn from
+            n += 1  # the gold's id; None is the NIL answer (linker.ids_for gives [None] for it)
+            gold = [j for j, t in enumerate(titles) if m.entity_id in linker.ids_for(t)]
             lists.append((feats, gold[0] if gold else -1))
-            gen_hits += bool(h) and m.entity_id in linker.kb.ids_for_title_index(h[0].title_index)
+            gen_hits += bool(h) and m.entity_id in linker.ids_for(h[0].title_index)
     model = fit(lists)
     fused_hits = sum(g >= 0 and int(np.argmax(model.score(f))) == g for f, g in lists)
     report = {"dev_mentions": n, "gold_in_pool": sum(g >= 0 for _, g in lists),

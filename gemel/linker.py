@@ -19,6 +19,7 @@ from gemel.config import from_dict, load_yaml, merge
 import numpy as np
 
 from gemel.beam import Hypothesis
+from gemel.data.nil import NIL, is_nil
 from gemel.errors import GemelError, MismatchError
 from gemel.fusion import FusionModel, MentionPrior
 from gemel.retrieval import get_retriever, order_demonstrations
@@ -61,6 +62,9 @@ class LinkerConfig:
     # images: a mapper checkpoint from `gemel train` (names its vision encoder, feature, template)
     mapper: str | None = None
     no_image: bool = False  # ablation: the same mapper run, but every prompt text-only
+    # NIL: a reserved answer "NIL" (entity_id null) for mentions whose entity is not in the KB;
+    # NIL training mentions then serve as demonstrations (otherwise they are left out)
+    nil: bool = False
 
 
 class Linker:
@@ -68,12 +72,20 @@ class Linker:
                  trie: EntityTrie | None = None, model: GemelModel | None = None,
                  train: Sequence[Mention] | None = None, retriever=None, candidate_retriever=None):
         self.config, self.kb, self.backend = config, kb, backend
+        # title index -> title; in NIL mode one more index, past the KB's, is the NIL answer
+        self.titles = list(kb.titles) + ([NIL] if config.nil else [])
+        self.nil_index = len(kb.titles) if config.nil else None
+        if config.nil and NIL in kb.titles:
+            raise GemelError(f"--nil reserves the answer {NIL!r}, but the KB has an entity titled "
+                             f"{NIL!r} ({kb.ids_for_title_index(kb.titles.index(NIL))[0]}); rename "
+                             "it in the KB or link without --nil")
+        train = demonstration_pool(train, config.nil)
         self.retriever = retriever
         if config.demos > 0 and retriever is None:
             if not train:
                 raise GemelError(f"demos={config.demos} needs training mentions to retrieve "
                                  "demonstrations from (--train FILE)")
-            self.retriever = make_retriever(config).fit(train)
+            self.retriever = fit_retriever(config, train)
         self.fusion = FusionModel.load(config.fusion) if config.fusion else None
         self.prior = MentionPrior(train or [])
         if self.fusion is not None and not train:
@@ -98,7 +110,7 @@ class Linker:
         self.model = model or GemelModel(tokenizer, backend.input_embeddings(), image_embedder)
         self.trie = trie or load_or_build_trie(kb, tokenizer, self.builder.answer_prefix,
                                                config.terminator or self.builder.terminator_text,
-                                               path=config.trie)
+                                               path=config.trie, nil=config.nil)
 
     @classmethod
     def from_config(cls, config: LinkerConfig | dict | str | Path | None = None, *,
@@ -131,6 +143,10 @@ class Linker:
         """Link one batch (one prefill). ``demonstrations[i]`` are mention i's, least similar first."""
         k = top_k or self.config.top_k
         hyps, embeds, mask, extras = self.generate(mentions, k, demonstrations)
+        if self.config.nil:
+            for m, x in zip(mentions, extras):
+                if is_nil(m):
+                    x["gold_nil"] = True  # metrics count it: a hit is the NIL answer
         if self.fusion is None:
             return [LinkResult(m.id, self.candidates(h, k), gold_id=m.entity_id, extra=x)
                     for m, h, x in zip(mentions, hyps, extras)]
@@ -155,7 +171,8 @@ class Linker:
         tries, extras = self.trie, [{} for _ in mentions]
         if self.config.candidates > 0:
             rows, _ = self.candidate_retriever.top(mentions, self.config.candidates)
-            tries = [self.trie.subtrie(r.tolist()) for r in rows]
+            nil = [self.nil_index] if self.config.nil else []  # NIL stays a possible answer
+            tries = [self.trie.subtrie(r.tolist() + nil) for r in rows]
             for extra, m, r in zip(extras, mentions, rows):
                 if m.entity_id is not None:
                     retrieved = {e for i in r.tolist() for e in self.kb.ids_for_title_index(i)}
@@ -177,17 +194,20 @@ class Linker:
         missing = [[t for t in titles if t not in beam] for titles, beam in pools]
         forced = self.backend.score(embeds, mask, [[self.trie.sequence(t) for t in ts]
                                                    for ts in missing])
-        sims = self.candidate_retriever.similarity(mentions, [titles for titles, _ in pools])
+        # the NIL answer has no text to compare: similarity 0, never an exact title
+        in_kb = [[t for t in titles if t != self.nil_index] for titles, _ in pools]
+        sims = [dict(zip(ts, sim)) for ts, sim in
+                zip(in_kb, self.candidate_retriever.similarity(mentions, in_kb))]
         out = []
         for m, (titles, beam), miss, lp, sim in zip(mentions, pools, missing, forced, sims):
             llm = dict(beam)
             llm.update(zip(miss, lp))
             key = (m.mention or "").strip().casefold()
-            feats = np.array([[llm[t], float(t in beam), float(sim[j]),
-                               sum(self.prior.prob(m.mention, e) for e in self.kb.ids_for_title_index(t)),
+            feats = np.array([[llm[t], float(t in beam), float(sim.get(t, 0.0)),
+                               sum(self.prior.prob(m.mention, e) for e in self.ids_for(t)),
                                float(self.prior.seen(m.mention)),
-                               float(bool(key) and self.kb.titles[t].casefold() == key)]
-                              for j, t in enumerate(titles)])
+                               float(bool(key) and t in sim and self.titles[t].casefold() == key)]
+                              for t in titles])
             out.append((titles, feats))
         return out
 
@@ -199,12 +219,18 @@ class Linker:
         return [[d.mention for d in order_demonstrations(ds, self.config.demo_order)]
                 for ds in found]
 
+    def ids_for(self, title_index: int) -> list[str | None]:
+        """The entity ids behind a title index; ``[None]`` for the NIL answer."""
+        if title_index == self.nil_index:
+            return [None]
+        return self.kb.ids_for_title_index(title_index)
+
     def candidates(self, hypotheses, k: int) -> tuple[Candidate, ...]:
         """Hypotheses (title indices) -> up to k entities; entities sharing a title share its score."""
         out: list[Candidate] = []
         for h in hypotheses:
-            title = self.kb.titles[h.title_index]
-            for entity_id in self.kb.ids_for_title_index(h.title_index):
+            title = self.titles[h.title_index]
+            for entity_id in self.ids_for(h.title_index):
                 out.append(Candidate(entity_id, title, round(h.score, 6)))
         return tuple(out[:k])
 
@@ -225,6 +251,19 @@ def load_image_embedder(mapper_dir: str | Path, backend: Backend):
                        cache=FeatureCache(cache_dir() / "features"))
 
 
+def demonstration_pool(train: Sequence[Mention] | None, nil: bool) -> list[Mention] | None:
+    """The training mentions that may be demonstrations and feed the prior: NIL ones only in
+    NIL mode (elsewhere their answer is no KB title, and showing it would teach a wrong format)."""
+    if train is None:
+        return None
+    return list(train) if nil else [m for m in train if not is_nil(m)]
+
+
+def fit_retriever(config: LinkerConfig, train: Sequence[Mention]):
+    """The config's demonstration retriever, fitted on its demonstration pool."""
+    return make_retriever(config).fit(demonstration_pool(train, config.nil))
+
+
 def make_retriever(config: LinkerConfig):
     """The demonstration retriever named by the config (simcse uses ``config.sentence_model``)."""
     options = {"seed": config.seed} if config.retriever == "random" else {}
@@ -233,15 +272,20 @@ def make_retriever(config: LinkerConfig):
     return get_retriever(config.retriever, **options)
 
 
-def trie_identity(kb: KnowledgeBase, tokenizer, answer_prefix: str, terminator: str) -> dict:
-    return {"tokenizer": tokenizer_identity(tokenizer), "kb_fingerprint": kb.fingerprint,
-            "answer_prefix": answer_prefix, "terminator_text": terminator}
+def trie_identity(kb: KnowledgeBase, tokenizer, answer_prefix: str, terminator: str,
+                  nil: bool = False) -> dict:
+    identity = {"tokenizer": tokenizer_identity(tokenizer), "kb_fingerprint": kb.fingerprint,
+                "answer_prefix": answer_prefix, "terminator_text": terminator}
+    if nil:  # only then: tries built before NIL mode existed stay valid
+        identity["nil_answer"] = NIL
+    return identity
 
 
 def load_or_build_trie(kb: KnowledgeBase, tokenizer, answer_prefix: str, terminator: str,
-                       path: str | Path | None = None) -> EntityTrie:
-    """Load a saved trie (checking it fits this KB, tokenizer and template) or build and cache one."""
-    expect = trie_identity(kb, tokenizer, answer_prefix, terminator)
+                       path: str | Path | None = None, nil: bool = False) -> EntityTrie:
+    """Load a saved trie (checking it fits this KB, tokenizer and template) or build and cache one.
+    ``nil``: the trie also holds the reserved answer "NIL", as title index ``len(kb.titles)``."""
+    expect = trie_identity(kb, tokenizer, answer_prefix, terminator, nil)
     if path is not None:
         return EntityTrie.load(path, expect=expect)
     key = hashlib.sha256(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:16]
@@ -251,15 +295,17 @@ def load_or_build_trie(kb: KnowledgeBase, tokenizer, answer_prefix: str, termina
             return EntityTrie.load(folder, expect=expect)
         except (MismatchError, OSError, ValueError) as err:  # stale or half-written: rebuild
             log.warning("rebuilding cached trie %s: %s", folder, err)
-    trie = build_trie(kb, tokenizer, answer_prefix, terminator)
+    trie = build_trie(kb, tokenizer, answer_prefix, terminator, nil)
     trie.save(folder)
     return trie
 
 
-def build_trie(kb: KnowledgeBase, tokenizer, answer_prefix: str, terminator: str) -> EntityTrie:
-    trie = EntityTrie.from_titles(kb.titles, tokenizer, answer_prefix, terminator,
+def build_trie(kb: KnowledgeBase, tokenizer, answer_prefix: str, terminator: str,
+               nil: bool = False) -> EntityTrie:
+    titles = list(kb.titles) + ([NIL] if nil else [])
+    trie = EntityTrie.from_titles(titles, tokenizer, answer_prefix, terminator,
                                   kb_fingerprint=kb.fingerprint)
-    trie.meta.update(trie_identity(kb, tokenizer, answer_prefix, terminator))
+    trie.meta.update(trie_identity(kb, tokenizer, answer_prefix, terminator, nil))
     return trie
 
 

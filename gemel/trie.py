@@ -48,7 +48,7 @@ MASK64 = (1 << 64) - 1
 _XXP1, _XXP2, _XXP5 = 11400714785074694791, 14029467366897019727, 2870177450012600261
 HASH_NAME = "cpython-tuple-xxh64"
 FORMAT = "gemel-entity-trie"
-VERSION = 1
+VERSION = 2  # 2: hashed prefix buckets (slots); bump whenever the saved arrays change
 ARRAYS = ("edge_token", "child_start", "parent", "level_start", "prefix_index", "leaf_node",
           "leaf_value", "title_leaf", "title_ids", "duplicates")
 _OPTIONAL = ("title_ids", "duplicates")

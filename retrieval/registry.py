@@ -1,7 +1,7 @@
 """Retrievers by name: ``get_retriever("simcse", field="mention")``.
 
-Built-in names are imported only when asked for; :func:`register_retriever` adds more (the image
-retriever will register itself this way).
+Built-in names are imported only when asked for (``image`` loads a vision encoder);
+:func:`register_retriever` adds more.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ _BUILTIN: dict[str, str] = {
     "bm25": "gemel.retrieval.bm25:BM25Retriever",
     "random": "gemel.retrieval.random_demos:RandomRetriever",
     "hybrid": "gemel.retrieval.hybrid:HybridRetriever",
+    "image": "gemel.retrieval.image:ImageRetriever",
 }
 _REGISTERED: dict[str, Callable] = {}
 

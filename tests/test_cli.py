@@ -103,3 +103,27 @@ grid:
     configs = json.loads((out / "cells.json").read_text())
     assert configs["demos=2,retriever=bm25"]["retriever"] == "bm25"
     assert (out / "results.png").stat().st_size > 1000 and (out / "results.md").exists()
+
+
+def test_link_nil_mode_from_a_release_with_nil_answers(tmp_path, tiny_model_dir):
+    """answer "nil" in a release: no crash; with --nil the NIL gold counts and NIL is an answer."""
+    release = {"1": {"id": "1", "sentence": "Paris in spring", "mentions": "Paris",
+                     "entities": "Paris", "answer": "Q90"},
+               "2": {"id": "2", "sentence": "An unknown man", "mentions": "man", "entities": "",
+                     "answer": "nil"}}
+    data = tmp_path / "WikiMEL.json"
+    data.write_text(json.dumps(release))
+    kb = tmp_path / "kb.jsonl"
+    kb.write_text('{"id": "Q90", "title": "Paris"}\n{"id": "Q64", "title": "Berlin"}\n')
+    for nil in (False, True):
+        out = tmp_path / f"pred{nil}.jsonl"
+        r = CliRunner().invoke(cli, ["link", "--kb", str(kb), "--data", str(data), "--out", str(out),
+                                     "--model", str(tiny_model_dir), "--beams", "3", "--top-k", "3",
+                                     "--no-progress"] + (["--nil"] if nil else []))
+        assert r.exit_code == 0, r.output
+        rows = {x["id"]: x for x in map(json.loads, out.read_text().splitlines())}
+        titles = {c["title"] for row in rows.values() for c in row["candidates"]}
+        assert ("NIL" in titles) == nil
+        metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+        assert metrics["gemel"]["n"] == (2 if nil else 1)
+        assert rows["2"].get("gold_nil", False) == nil

@@ -5,6 +5,9 @@ import numpy as np
 import pytest
 
 from gemel.backends.hf import HFBackend
+from gemel.data.nil import NIL, is_nil
+from gemel.errors import GemelError
+from gemel.eval.metrics import hits_at_k
 from gemel.fusion import FEATURES, FusionModel, MentionPrior, fit
 from gemel.kb import KnowledgeBase
 from gemel.linker import Linker, LinkerConfig
@@ -68,3 +71,53 @@ def test_fusion_learns_the_informative_feature(tmp_path):
     assert all(int(np.argmax(model.score(f))) == g for f, g in lists)
     model.save(tmp_path / "fusion.json")
     assert FusionModel.load(tmp_path / "fusion.json").weights == pytest.approx(model.weights)
+
+
+# -- NIL mode --------------------------------------------------------------------------------------
+NIL_TRAIN = TRAIN + [Mention(f"n{i}", f"Sentence {i} names someone unknown.", f"Nobody{i}",
+                             entity=NIL) for i in range(3)]
+
+
+def test_nil_mode_offers_the_nil_answer_with_a_null_id(llama_pair):
+    model, tok = llama_pair
+    everything = len(TITLES) + 1  # beams >= titles: the search is exhaustive, NIL included
+    cfg = LinkerConfig(model="tiny", nil=True, num_beams=everything, top_k=everything)
+    linker = Linker(cfg, KB, HFBackend(model, tok), train=NIL_TRAIN)
+    query = Mention("q", "Sentence 9 names someone unknown.", "Nobody9", entity=NIL)
+    result = linker.link([query])[0]
+    nil = [c for c in result.candidates if c.title == NIL]
+    assert len(nil) == 1 and nil[0].entity_id is None
+    assert {c.title for c in result.candidates} == set(TITLES) | {NIL}
+    row = result.to_json()
+    assert row["gold_nil"] is True and row["gold_id"] is None
+    # metrics: a NIL gold counts in NIL mode; its hit is the NIL answer
+    at = [c["entity_id"] for c in row["candidates"]].index(None) + 1
+    assert hits_at_k([row], (at,))[f"H@{at}"] == 100.0
+    if at > 1:
+        assert hits_at_k([row], (at - 1,))[f"H@{at - 1}"] == 0.0
+    # without NIL mode the same mention is linked to a KB title and left out of the metrics
+    plain = Linker(LinkerConfig(model="tiny", num_beams=4, top_k=4), KB, HFBackend(model, tok),
+                   train=NIL_TRAIN, trie=None).link([query])[0]
+    assert all(c.entity_id is not None for c in plain.candidates)
+    assert hits_at_k([plain.to_json()], (1,))["n"] == 0
+
+
+def test_nil_demonstrations_only_in_nil_mode(llama_pair):
+    model, tok = llama_pair
+    query = Mention("q", "Who is this?", "Someone")
+    for nil in (False, True):
+        cfg = LinkerConfig(model="tiny", nil=nil, demos=len(NIL_TRAIN), retriever="random",
+                           num_beams=2, top_k=2)
+        linker = Linker(cfg, KB, HFBackend(model, tok), train=NIL_TRAIN)
+        demos = linker.demonstrations([query])[0]
+        nil_demos = [d for d in demos if is_nil(d)]
+        assert len(nil_demos) == (3 if nil else 0) and len(demos) == len(TRAIN) + (3 if nil else 0)
+        prompt = "".join(linker.builder.build(query, demos).segments)
+        assert ("[Answer]" + NIL in prompt.replace(" ", "")) == nil
+
+
+def test_nil_mode_refuses_a_kb_title_nil(llama_pair):
+    model, tok = llama_pair
+    kb = KnowledgeBase.from_entities([Entity("Q1", "Paris"), Entity("Q2", NIL)])
+    with pytest.raises(GemelError, match="reserves the answer 'NIL'.*Q2"):
+        Linker(LinkerConfig(model="tiny", nil=True), kb, HFBackend(model, tok))

@@ -328,3 +328,25 @@ def test_cache_put_get_and_bad_index(tmp_path):
     (tmp_path / "c" / "index.json").write_text("{broken")
     with pytest.raises(DataError, match="index.json.*delete"):
         FeatureCache(tmp_path / "c")
+
+
+def test_image_retriever_finds_the_same_picture_and_reuses_the_cache(tmp_path, clip, image_files):
+    from gemel.retrieval import get_retriever
+
+    train = [Mention(f"t{i}", f"caption {i}", f"m{i}", image=p) for i, p in enumerate(image_files)]
+    train.append(Mention("noimg", "caption without image", "m"))
+    retriever = get_retriever("image", encoder=clip, cache_dir=tmp_path / "features").fit(train)
+    # a query whose picture is a copy of train image 2 under another name and id
+    copy = tmp_path / "copy.png"
+    shutil.copy(image_files[2], copy)
+    demos = retriever.query(Mention("q", "another caption", "q", image=str(copy)), k=3)
+    assert demos[0].mention.id == "t2" and demos[0].similarity == pytest.approx(1.0, abs=1e-5)
+    assert demos[0].similarity > demos[1].similarity >= demos[2].similarity
+    assert "noimg" not in {d.mention.id for d in demos[:len(image_files)]}
+    # the query itself is never its own demonstration
+    assert "t2" not in {d.mention.id for d in retriever.query(train[2], k=6)}
+    # no image: similarity 0 to everything
+    assert all(d.similarity == 0.0 for d in retriever.query(Mention("x", "text only", "x"), k=3))
+    forwards = count_forwards(clip)
+    get_retriever("image", encoder=clip, cache_dir=tmp_path / "features").fit(train)
+    assert forwards[0] == 0  # second fit: every feature from the cache
