@@ -103,10 +103,13 @@ def cli(verbose: bool) -> None:
               help="A mapper checkpoint from `gemel train`: images become soft tokens.")
 @click.option("--no-image", is_flag=True, default=None,
               help="Ablation: with --mapper, link text-only.")
+@click.option("--feature-cache", default=None,
+              help="Folder of cached vision features ('none': memory only) [gemel cache/features].")
 @prompt_options
 @data_options
 def link(kb_path, data_path, out_path, config_path, model, num_beams, top_k, batch_size, template,
-         dtype, device, trie, length_penalty, progress, mapper, no_image, train_path, train_split,
+         dtype, device, trie, length_penalty, progress, mapper, no_image, feature_cache, train_path,
+         train_split,
          demos, retriever, candidates, fusion, max_prompt_tokens, nil, fmt, split, splits_path,
          images_dir, limit):
     """Link every mention in --data to the KB; write ranked candidates to --out."""
@@ -125,7 +128,8 @@ def link(kb_path, data_path, out_path, config_path, model, num_beams, top_k, bat
                                 device=device, trie=trie, length_penalty=length_penalty,
                                 demos=demos, retriever=retriever, candidates=candidates,
                                 fusion=fusion, max_prompt_tokens=max_prompt_tokens,
-                                mapper=mapper, no_image=no_image, nil=nil)
+                                mapper=mapper, no_image=no_image, feature_cache=feature_cache,
+                                nil=nil)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     rows = run(lambda batch: linker.link_batch(batch), mentions, out_path,
@@ -153,6 +157,18 @@ def link(kb_path, data_path, out_path, config_path, model, num_beams, top_k, bat
             click.echo(f"{'candidates recall@' + str(linker.config.candidates):<24} "
                        f"{summary['candidate_recall']:.1f}")
         click.echo(format_hits("exact-match baseline", summary["exact_match"]))
+    images = linker.model.image_embedder
+    if images is not None:
+        encoded = images.encoder.stats
+        summary["images"] = {"encoded": encoded["images"],
+                             "seconds_per_encoded_image": round(encoded["seconds"] / encoded["images"], 4)
+                             if encoded["images"] else None}
+        if images.cache is not None:
+            summary["images"]["feature_cache"] = {**images.cache.stats,
+                                                  "hit_rate": round(images.cache.hit_rate, 4)}
+            click.echo(images.cache.summary())
+        click.echo(f"images encoded: {encoded['images']} "
+                   f"({summary['images']['seconds_per_encoded_image'] or 0:.3f} s/image)")
     metrics_path = Path(out_path).with_suffix(".metrics.json")
     metrics_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     click.echo(f"predictions: {out_path}\nmetrics: {metrics_path}")

@@ -62,6 +62,8 @@ class LinkerConfig:
     # images: a mapper checkpoint from `gemel train` (names its vision encoder, feature, template)
     mapper: str | None = None
     no_image: bool = False  # ablation: the same mapper run, but every prompt text-only
+    feature_cache: str | None = "auto"  # vision features on disk: auto = <gemel cache>/features,
+    #                                     a folder, or None / "none" (in memory only)
     # NIL: a reserved answer "NIL" (entity_id null) for mentions whose entity is not in the KB;
     # NIL training mentions then serve as demonstrations (otherwise they are left out)
     nil: bool = False
@@ -91,15 +93,12 @@ class Linker:
         if self.fusion is not None and not train:
             raise GemelError("score fusion needs the training mentions (--train FILE) for its prior")
         self.candidate_retriever = candidate_retriever
-        needs_candidates = config.candidates > 0 or self.fusion is not None
-        if needs_candidates and candidate_retriever is None:
-            from gemel.candidates import CandidateRetriever
-
-            self.candidate_retriever = CandidateRetriever(kb, config.sentence_model)
+        if config.candidates > 0 or self.fusion is not None:
+            self.kb_retriever()
         tokenizer = backend.tokenizer
         image_embedder = None
         if model is None and config.mapper and not config.no_image:
-            image_embedder = load_image_embedder(config.mapper, backend)
+            image_embedder = load_image_embedder(config.mapper, backend, config.feature_cache)
         elif model is not None:
             image_embedder = model.image_embedder
         tokens_per_slot = getattr(image_embedder, "tokens_per_slot", 0)
@@ -182,10 +181,18 @@ class Linker:
                                    length_penalty=self.config.length_penalty)
         return hyps, embeds, mask, extras
 
+    def kb_retriever(self):
+        """The KB-title retriever of candidate-aware decoding and fusion (built when first needed)."""
+        if self.candidate_retriever is None:
+            from gemel.candidates import CandidateRetriever
+
+            self.candidate_retriever = CandidateRetriever(self.kb, self.config.sentence_model)
+        return self.candidate_retriever
+
     def fusion_lists(self, mentions, hyps, embeds, mask) -> list[tuple[list[int], np.ndarray]]:
         """Per mention: candidate title indices (beams, then top-C retrieved) and their features
         [n_candidates, len(FEATURES)] in gemel.fusion.FEATURES order."""
-        rows, _ = self.candidate_retriever.top(mentions, self.config.fusion_pool)
+        rows, _ = self.kb_retriever().top(mentions, self.config.fusion_pool)
         pools = []
         for h, r in zip(hyps, rows):
             beam = {x.title_index: x.logprob for x in h}
@@ -235,8 +242,9 @@ class Linker:
         return tuple(out[:k])
 
 
-def load_image_embedder(mapper_dir: str | Path, backend: Backend):
-    """Vision encoder + trained mapper from a `gemel train` checkpoint, checked against the LLM."""
+def load_image_embedder(mapper_dir: str | Path, backend: Backend, feature_cache: str | None = "auto"):
+    """Vision encoder + trained mapper from a `gemel train` checkpoint, checked against the LLM.
+    ``feature_cache``: "auto" (<gemel cache>/features), a folder, or None / "none"."""
     from gemel.image_tokens import ImageTokens
     from gemel.mapper import LinearMapper
     from gemel.sources import cache_dir
@@ -247,8 +255,10 @@ def load_image_embedder(mapper_dir: str | Path, backend: Backend):
                                      device=backend.device)
     mapper = LinearMapper.load(mapper_dir, expect_llm=backend.model, expect_vision=vision,
                                device=backend.device)
+    folder = (cache_dir() / "features" if feature_cache == "auto" else
+              None if feature_cache in (None, "none") else Path(feature_cache))
     return ImageTokens(vision, mapper, saved.get("vp_mode", "none"),
-                       cache=FeatureCache(cache_dir() / "features"))
+                       cache=FeatureCache(folder) if folder is not None else None)
 
 
 def demonstration_pool(train: Sequence[Mention] | None, nil: bool) -> list[Mention] | None:

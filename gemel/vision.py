@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -133,6 +134,8 @@ class VisionEncoder:
                              f"has none; use 'pooled' or 'mean'")
         self._feature_dim: int | None = None
         self._identity: dict | None = None
+        # images encoded (cache misses) and the seconds spent on them: read, render, forward
+        self.stats = {"images": 0, "seconds": 0.0}
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -343,6 +346,7 @@ class VisionEncoder:
             while start < len(pending):
                 chunk = pending[start:start + max(1, self.batch_size // (k or 1))]
                 start += len(chunk)
+                t0 = time.perf_counter()
                 images: list[Image.Image] = []
                 counts = set()
                 for _key, i in chunk:
@@ -355,6 +359,8 @@ class VisionEncoder:
                                      f"return the same number (>= 1) for every item")
                 k = counts.pop()
                 feats = self.encode(images).numpy().reshape(len(chunk), k, -1)
+                self.stats["images"] += len(chunk)
+                self.stats["seconds"] += time.perf_counter() - t0
                 for (key, _i), f in zip(chunk, feats):
                     found[key] = f
                     if cache is not None:

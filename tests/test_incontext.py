@@ -121,3 +121,32 @@ def test_nil_mode_refuses_a_kb_title_nil(llama_pair):
     kb = KnowledgeBase.from_entities([Entity("Q1", "Paris"), Entity("Q2", NIL)])
     with pytest.raises(GemelError, match="reserves the answer 'NIL'.*Q2"):
         Linker(LinkerConfig(model="tiny", nil=True), kb, HFBackend(model, tok))
+
+
+def test_fit_fusion_on_dev_then_link_with_it(llama_pair, tmp_path):
+    pytest.importorskip("sentence_transformers")
+    from gemel.fusion import fit_on_mentions
+    from gemel.sources import offline_file
+    try:
+        offline_file("minilm-l6-v2")
+    except Exception as err:  # the offline MiniLM wheel is not installed
+        pytest.skip(str(err))
+    model, tok = llama_pair
+    backend = HFBackend(model, tok)
+    cfg = LinkerConfig(model="tiny", num_beams=2, top_k=3, fusion_pool=4, batch_size=3)
+    linker = Linker(cfg, KB, backend, train=TRAIN)
+    dev = TRAIN[:7]
+    fusion, report = fit_on_mentions(linker, dev, progress=False)
+    assert report["dev_mentions"] == 7 and set(fusion.weights) == set(FEATURES)
+    # every dev mention's own string was seen in train with its gold: the prior must carry weight
+    assert fusion.weights["prior"] > 0 and report["dev_H@1_fused"] >= report["dev_H@1_generation"]
+    fusion.save(tmp_path / "fusion.json")
+    fused = Linker(LinkerConfig(model="tiny", num_beams=2, top_k=3, fusion_pool=4,
+                                fusion=str(tmp_path / "fusion.json")), KB, backend, train=TRAIN,
+                   trie=linker.trie)
+    results = fused.link(dev)
+    for r in results:
+        assert len(r.extra["generated"]) >= 1 and all(c.title in TITLES for c in r.candidates)
+        scores = [c.score for c in r.candidates]
+        assert scores == sorted(scores, reverse=True)
+    assert hits_at_k([r.to_json() for r in results], (1,))["H@1"] == report["dev_H@1_fused"]
