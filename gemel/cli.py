@@ -253,7 +253,7 @@ def sweep(config_path, progress):
 @click.option("--batch-size", type=int, default=None)
 @click.option("--template", default=None)
 @click.option("--pool", "fusion_pool", type=int, default=None,
-              help="Retrieved titles added to the beams as candidates [32].")
+              help="Retrieved titles added to the candidates (beams, prior, exact matches) [16].")
 @click.option("--progress/--no-progress", default=True)
 @prompt_options
 @data_options

@@ -52,6 +52,11 @@ class MentionPrior:
         c = self.counts.get(mention_key(mention))
         return c[entity_id] / sum(c.values()) if c else 0.0
 
+    def entities(self, mention: str | None) -> list[str | None]:
+        """The gold entities seen for this string in training, most frequent first."""
+        c = self.counts.get(mention_key(mention))
+        return [e for e, _ in c.most_common()] if c else []
+
     def seen(self, mention: str | None) -> bool:
         return mention_key(mention) in self.counts
 
@@ -128,6 +133,7 @@ def fit_on_mentions(linker, mentions: Sequence[Mention], progress: bool = True
 
     lists, gen_hits, n = [], 0, 0
     bs = linker.config.batch_size
+    linker.fitting_fusion = True  # the beam search keeps its prefill for the scoring pass
     for i in tqdm(range(0, len(mentions), bs), disable=not progress, unit="batch"):
         batch = mentions[i:i + bs]
         hyps, embeds, mask, _ = linker.generate(batch, linker.config.top_k)

@@ -56,9 +56,9 @@ class LinkerConfig:
     # candidate-aware decoding: restrict the trie per mention to the top-C retrieved KB titles
     candidates: int = 0
     sentence_model: str = "minilm-l6-v2"  # for simcse demonstrations and KB candidates
-    # score fusion: a fitted FusionModel JSON (gemel fit-fusion); its pool = beams + top-C retrieved
+    # score fusion: a fitted FusionModel JSON (gemel fit-fusion)
     fusion: str | None = None
-    fusion_pool: int = 32
+    fusion_pool: int = 16  # top retrieved titles added to the beams, prior and exact matches
     # images: a mapper checkpoint from `gemel train` (names its vision encoder, feature, template)
     mapper: str | None = None
     no_image: bool = False  # ablation: the same mapper run, but every prompt text-only
@@ -89,6 +89,7 @@ class Linker:
                                  "demonstrations from (--train FILE)")
             self.retriever = fit_retriever(config, train)
         self.fusion = FusionModel.load(config.fusion) if config.fusion else None
+        self.fitting_fusion = False  # set by gemel.fusion.fit_on_mentions: score after search
         self.prior = MentionPrior(train or [])
         if self.fusion is not None and not train:
             raise GemelError("score fusion needs the training mentions (--train FILE) for its prior")
@@ -178,7 +179,8 @@ class Linker:
                     extra["in_candidates"] = m.entity_id in retrieved
         hyps = self.backend.search(embeds, mask, tries, num_beams=max(self.config.num_beams, 1),
                                    top_k=k, max_new_tokens=self.config.max_new_tokens,
-                                   length_penalty=self.config.length_penalty)
+                                   length_penalty=self.config.length_penalty,
+                                   keep_prefill=self.fusion is not None or self.fitting_fusion)
         return hyps, embeds, mask, extras
 
     def kb_retriever(self):
@@ -190,13 +192,20 @@ class Linker:
         return self.candidate_retriever
 
     def fusion_lists(self, mentions, hyps, embeds, mask) -> list[tuple[list[int], np.ndarray]]:
-        """Per mention: candidate title indices (beams, then top-C retrieved) and their features
-        [n_candidates, len(FEATURES)] in gemel.fusion.FEATURES order."""
+        """Per mention: candidate title indices and their features [n_candidates, len(FEATURES)]
+        in gemel.fusion.FEATURES order. Candidates: the beams, the entities the training prior
+        knows for the mention string, exact title/alias matches, then the top retrieved titles."""
         rows, _ = self.kb_retriever().top(mentions, self.config.fusion_pool)
         pools = []
-        for h, r in zip(hyps, rows):
+        for m, h, r in zip(mentions, hyps, rows):
             beam = {x.title_index: x.logprob for x in h}
-            pools.append((list(dict.fromkeys([x.title_index for x in h] + r.tolist())), beam))
+            known = [e for e in self.prior.entities(m.mention) if e is not None and e in self.kb]
+            known += self.kb.lookup(m.mention) if m.mention else []
+            titled = [self.kb.title_index(self.kb[e].title) for e in known]
+            if self.config.nil and None in self.prior.entities(m.mention):
+                titled.append(self.nil_index)
+            pools.append((list(dict.fromkeys([x.title_index for x in h] + titled + r.tolist())),
+                          beam))
         # one teacher-forced pass scores every retrieved title that the beams did not reach
         missing = [[t for t in titles if t not in beam] for titles, beam in pools]
         forced = self.backend.score(embeds, mask, [[self.trie.sequence(t) for t in ts]

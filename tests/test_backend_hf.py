@@ -127,3 +127,30 @@ def test_image_slots_need_an_embedder(llama_pair):
         gm.embed([prompt])
     # without an image the text-only layout is used: no slot at all
     assert all(isinstance(s, str) for s in builder.build(Mention("2", "t", "Paris")).segments)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_scoring_after_search_reuses_the_prefill_and_agrees(family, llama_pair, opt_pair):
+    """score() after search(keep_prefill=True) equals a fresh score(), in passes of any size, and
+    agrees with the beam search's own scores for the titles it found."""
+    from gemel.backends.hf import HFStepper
+
+    model, tok = llama_pair if family == "llama" else opt_pair
+    linker = make_linker(model, tok, TITLES, num_beams=3)
+    ms = [mention(i, t, t.split()[0]) for i, t in enumerate(TEXTS[:3])]
+    embeds, mask = linker.model.embed([linker.builder.build(m) for m in ms])
+    seqs = [[linker.trie.sequence(i) for i in range(len(TITLES)) if (i + p) % 2] for p in range(3)]
+    fresh = linker.backend.score(embeds, mask, seqs)
+    hyps = linker.backend.search(embeds, mask, linker.trie, num_beams=3, top_k=3, keep_prefill=True)
+    assert linker.backend._kept is not None
+    reused = linker.backend.score(embeds, mask, seqs)
+    assert linker.backend._kept is None  # used once, then dropped
+    for a, b in zip(fresh, reused):
+        assert a == pytest.approx(b, abs=1e-4)
+    small = HFStepper(model, embeds, mask).score(seqs, rows_per_pass=5)
+    for a, b in zip(fresh, small):
+        assert a == pytest.approx(b, abs=1e-4)
+    every = linker.backend.score(embeds, mask, [[linker.trie.sequence(i) for i in range(len(TITLES))]] * 3)
+    for p, hs in enumerate(hyps):
+        for h in hs:
+            assert h.logprob == pytest.approx(every[p][h.title_index], abs=1e-4)

@@ -38,8 +38,10 @@ class Backend(ABC):
     @abstractmethod
     def search(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, tries, *,
                num_beams: int = 5, top_k: int = 5, max_new_tokens: int = 32,
-               length_penalty: float = 0.0) -> list:
-        """Per prompt, the finished hypotheses (gemel.beam.Hypothesis), best first."""
+               length_penalty: float = 0.0, keep_prefill: bool = False) -> list:
+        """Per prompt, the finished hypotheses (gemel.beam.Hypothesis), best first.
+        ``keep_prefill``: a following :meth:`score` of the same ``inputs_embeds`` may reuse the
+        prompts' prefill (score fusion asks for it)."""
 
     @abstractmethod
     def score(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,

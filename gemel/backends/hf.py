@@ -8,6 +8,7 @@ result against ``generate`` with ``prefix_allowed_tokens_fn`` on a tiny model.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from functools import lru_cache
 from typing import Sequence
@@ -34,11 +35,15 @@ class HFStepper:
     inputs_embeds: [n_prompts, seq, hidden], left-padded; attention_mask: [n_prompts, seq] (1 = token).
     """
 
-    def __init__(self, model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor):
+    def __init__(self, model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                 keep_prefill: bool = False):
         self.model, self.embeds, self.mask = model, inputs_embeds, attention_mask.long()
+        self.keep = keep_prefill
         self.kw = _cache_kwarg(model)
         self.cache = None
         self.next_pos: torch.Tensor | None = None
+        self.first: torch.Tensor | None = None  # [n_prompts, vocab] log-probs of the first token
+        self.prefill = None
 
     @torch.inference_mode()
     def start(self) -> torch.Tensor:
@@ -49,7 +54,10 @@ class HFStepper:
         self.cache = _cache_of(out)
         self.next_pos = self.mask.sum(-1)
         # fp32 log-softmax: fp16 logits can overflow and leave every allowed token at -inf.
-        return out.logits[:, -1, :].float().log_softmax(-1)
+        self.first = out.logits[:, -1, :].float().log_softmax(-1)
+        if self.keep:
+            self.keep_prefill()
+        return self.first
 
     @torch.inference_mode()
     def advance(self, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -64,37 +72,55 @@ class HFStepper:
         self.next_pos = pos + 1
         return out.logits[:, -1, :].float().log_softmax(-1)
 
+    def keep_prefill(self) -> None:
+        """Snapshot the prefill (cache, first log-probs, mask, positions) so that :meth:`score` can
+        run after a beam search without a second prefill (a copy: the search reorders the cache)."""
+        self.prefill = (copy.deepcopy(self.cache), self.first, self.mask.clone(), self.next_pos.clone())
+
     @torch.inference_mode()
-    def score(self, sequences: Sequence[Sequence[Sequence[int]]]) -> list[list[float]]:
+    def score(self, sequences: Sequence[Sequence[Sequence[int]]],
+              rows_per_pass: int = 64) -> list[list[float]]:
         """Teacher-forced log-probability of given token sequences, per prompt.
 
         sequences[p] = list of token sequences (title tokens + terminator) to score after prompt p.
+        Rows (prompt, sequence) go through the model ``rows_per_pass`` at a time, sorted by length
+        so that little padding is computed; each pass starts from a copy of the prefill cache.
         """
-        first = self.start()  # [n_prompts, vocab]
-        rows = [(p, seq) for p, seqs in enumerate(sequences) for seq in seqs]
-        if not rows:
-            return [[] for _ in sequences]
-        device = self.mask.device
-        parents = torch.tensor([p for p, _ in rows], device=device)
-        longest = max(len(s) for _, s in rows)
-        ids = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
-        seq_mask = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
-        for i, (_, s) in enumerate(rows):  # right-padded continuation
-            ids[i, :len(s)] = torch.tensor(s)
-            seq_mask[i, :len(s)] = 1
-        self.cache.reorder_cache(parents)
-        mask = torch.cat([self.mask[parents], seq_mask], dim=1)
-        pos = self.next_pos[parents][:, None] + torch.arange(longest, device=device)[None]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                         **{self.kw: self.cache})
-        lp = out.logits.float().log_softmax(-1)  # [rows, longest, vocab]: predicts token t+1
-        scores: list[list[float]] = [[] for _ in sequences]
-        for i, (p, s) in enumerate(rows):
-            total = first[p, s[0]].item()
-            if len(s) > 1:
-                total += lp[i, torch.arange(len(s) - 1), torch.tensor(s[1:])].sum().item()
-            scores[p].append(total)
-        return scores
+        if getattr(self, "prefill", None) is None:
+            self.start()
+            self.keep_prefill()
+        cache0, first, mask0, pos0 = self.prefill
+        rows = sorted(((p, seq) for p, seqs in enumerate(sequences) for seq in seqs),
+                      key=lambda r: len(r[1]))
+        found: dict[tuple[int, tuple[int, ...]], float] = {}
+        device = mask0.device
+        for start in range(0, len(rows), rows_per_pass):
+            chunk = rows[start:start + rows_per_pass]
+            parents = torch.tensor([p for p, _ in chunk], device=device)
+            longest = len(chunk[-1][1])
+            ids = torch.zeros(len(chunk), longest, dtype=torch.long, device=device)
+            seq_mask = torch.zeros(len(chunk), longest, dtype=torch.long, device=device)
+            for i, (_, seq) in enumerate(chunk):  # right-padded continuation
+                ids[i, :len(seq)] = torch.tensor(seq)
+                seq_mask[i, :len(seq)] = 1
+            cache = copy.deepcopy(cache0) if start + rows_per_pass < len(rows) else cache0
+            cache.reorder_cache(parents)
+            mask = torch.cat([mask0[parents], seq_mask], dim=1)
+            pos = pos0[parents][:, None] + torch.arange(longest, device=device)[None]
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                             **{self.kw: cache})
+            # log p(token t+1 | ..., token t) = logit - logsumexp, only at the tokens we need
+            logits = out.logits.float()  # [rows, longest, vocab]
+            norm = logits.logsumexp(-1)  # [rows, longest]
+            for i, (p, seq) in enumerate(chunk):
+                total = first[p, seq[0]].item()
+                if len(seq) > 1:
+                    steps = torch.arange(len(seq) - 1, device=device)
+                    nxt = torch.tensor(seq[1:], device=device)
+                    total += (logits[i, steps, nxt] - norm[i, steps]).sum().item()
+                found[(p, tuple(seq))] = total
+        self.prefill = None  # the last pass consumed the snapshot's cache
+        return [[found[(p, tuple(seq))] for seq in seqs] for p, seqs in enumerate(sequences)]
 
 
 @lru_cache(maxsize=1)
@@ -149,12 +175,21 @@ class HFBackend(Backend):
         return self.model.get_input_embeddings()
 
     def search(self, inputs_embeds, attention_mask, tries, *, num_beams=5, top_k=5,
-               max_new_tokens=32, length_penalty=0.0) -> list[list[Hypothesis]]:
-        stepper = HFStepper(self.model, inputs_embeds.to(self.device), attention_mask.to(self.device))
-        return beam_search(stepper, tries, inputs_embeds.shape[0], num_beams=num_beams, top_k=top_k,
-                           max_new_tokens=max_new_tokens, length_penalty=length_penalty)
+               max_new_tokens=32, length_penalty=0.0, keep_prefill=False) -> list[list[Hypothesis]]:
+        # keep_prefill: score() of these same prompts will reuse the prefill
+        stepper = HFStepper(self.model, inputs_embeds.to(self.device), attention_mask.to(self.device),
+                            keep_prefill=keep_prefill)
+        hyps = beam_search(stepper, tries, inputs_embeds.shape[0], num_beams=num_beams,
+                           top_k=top_k, max_new_tokens=max_new_tokens,
+                           length_penalty=length_penalty)
+        self._kept = (inputs_embeds, stepper) if keep_prefill else None
+        return hyps
 
     def score(self, inputs_embeds, attention_mask, sequences) -> list[list[float]]:
+        kept = getattr(self, "_kept", None)
+        self._kept = None
+        if kept is not None and kept[0] is inputs_embeds and kept[1].prefill is not None:
+            return kept[1].score(sequences)
         stepper = HFStepper(self.model, inputs_embeds.to(self.device), attention_mask.to(self.device))
         return stepper.score(sequences)
 
