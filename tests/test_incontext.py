@@ -19,6 +19,16 @@ TRAIN = [Mention(f"t{i}", f"Sentence {i} mentions {t.split()[0]}.", t.split()[0]
                  entity=t) for i, t in enumerate(TITLES)]
 
 
+def needs_minilm() -> None:
+    """Skip unless the offline MiniLM (candidate retrieval) is installed."""
+    pytest.importorskip("sentence_transformers")
+    from gemel.sources import offline_file
+    try:
+        offline_file("minilm-l6-v2")
+    except Exception as err:  # the offline MiniLM wheel is not installed
+        pytest.skip(str(err))
+
+
 def test_demonstrations_in_prompt_never_the_query(llama_pair):
     model, tok = llama_pair
     cfg = LinkerConfig(model="tiny", demos=3, retriever="random", num_beams=2, top_k=2)
@@ -34,12 +44,7 @@ def test_demonstrations_in_prompt_never_the_query(llama_pair):
 
 
 def test_candidate_restriction_keeps_answers_inside_the_subtrie(llama_pair):
-    pytest.importorskip("sentence_transformers")
-    from gemel.sources import offline_file
-    try:
-        offline_file("minilm-l6-v2")
-    except Exception as err:  # the offline MiniLM wheel is not installed
-        pytest.skip(str(err))
+    needs_minilm()
     model, tok = llama_pair
     cfg = LinkerConfig(model="tiny", candidates=3, num_beams=4, top_k=4)
     linker = Linker(cfg, KB, HFBackend(model, tok))
@@ -124,13 +129,9 @@ def test_nil_mode_refuses_a_kb_title_nil(llama_pair):
 
 
 def test_fit_fusion_on_dev_then_link_with_it(llama_pair, tmp_path):
-    pytest.importorskip("sentence_transformers")
+    needs_minilm()
     from gemel.fusion import fit_on_mentions
-    from gemel.sources import offline_file
-    try:
-        offline_file("minilm-l6-v2")
-    except Exception as err:  # the offline MiniLM wheel is not installed
-        pytest.skip(str(err))
+
     model, tok = llama_pair
     backend = HFBackend(model, tok)
     cfg = LinkerConfig(model="tiny", num_beams=2, top_k=3, fusion_pool=4, batch_size=3)
