@@ -99,7 +99,8 @@ class Linker:
         tokenizer = backend.tokenizer
         image_embedder = None
         if model is None and config.mapper and not config.no_image:
-            image_embedder = load_image_embedder(config.mapper, backend, config.feature_cache)
+            image_embedder = load_image_embedder(config.mapper, backend, config.feature_cache,
+                                                 model_name=config.model)
         elif model is not None:
             image_embedder = model.image_embedder
         tokens_per_slot = getattr(image_embedder, "tokens_per_slot", 0)
@@ -251,18 +252,22 @@ class Linker:
         return tuple(out[:k])
 
 
-def load_image_embedder(mapper_dir: str | Path, backend: Backend, feature_cache: str | None = "auto"):
+def load_image_embedder(mapper_dir: str | Path, backend: Backend, feature_cache: str | None = "auto",
+                        model_name: str | None = None):
     """Vision encoder + trained mapper from a `gemel train` checkpoint, checked against the LLM.
     ``feature_cache``: "auto" (<gemel cache>/features), a folder, or None / "none"."""
     from gemel.image_tokens import ImageTokens
-    from gemel.mapper import LinearMapper
+    from gemel.mapper import LinearMapper, llm_identity
     from gemel.sources import cache_dir
     from gemel.vision import FeatureCache, VisionEncoder
 
     saved = LinearMapper.read_config(mapper_dir)
     vision = VisionEncoder.from_name(saved["vision"]["model"], feature=saved["feature"],
                                      device=backend.device)
-    mapper = LinearMapper.load(mapper_dir, expect_llm=backend.model, expect_vision=vision,
+    # the LLM under the name the user gave (an offline name resolves to a cache folder, which
+    # is no reason to warn about a renamed model)
+    mapper = LinearMapper.load(mapper_dir, expect_llm=llm_identity(backend.model, name=model_name),
+                               out_dtype=backend.dtype, expect_vision=vision,
                                device=backend.device)
     folder = (cache_dir() / "features" if feature_cache == "auto" else
               None if feature_cache in (None, "none") else Path(feature_cache))
