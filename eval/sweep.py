@@ -71,7 +71,7 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
     from gemel.eval.metrics import hits_at_k
     from gemel.kb import KnowledgeBase
     from gemel.linker import Linker, LinkerConfig, fit_retriever
-    from gemel.runs import run
+    from gemel.runs import read_done, run
 
     sweep = from_dict(SweepConfig, load_yaml(path), source=str(path))
     out = Path(sweep.out)
@@ -99,17 +99,19 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
         if linker.candidate_retriever is not None:
             shared["candidates"] = linker.candidate_retriever
         name = cell_name(cell)
+        path = out / "cells" / f"{safe(name)}.jsonl"
+        wanted = {m.id for m in mentions}
+        before = len(wanted & set(read_done(path)))
         t0 = time.perf_counter()
-        preds = run(linker.link_batch, mentions, out / "cells" / f"{safe(name)}.jsonl",
-                    batch_size=config.batch_size, progress=progress, source=sweep.data)
-        seconds = time.perf_counter() - t0
-        rows.append(result_row(name, cell, preds, hits_at_k, seconds, len(mentions)))
+        preds = run(linker.link_batch, mentions, path, batch_size=config.batch_size,
+                    progress=progress, source=sweep.data)
+        timing = add_timing(path, time.perf_counter() - t0, len(mentions) - before)
+        rows.append(result_row(name, cell, preds, hits_at_k, timing))
         configs[name] = dataclasses.asdict(config)
         write_outputs(out, rows, configs)
     if sweep.baseline and train:
         preds = [r.to_json() for r in combo_baseline(kb, train, mentions, shared.get("candidates"))]
-        rows.append(result_row("baseline: prior > exact title > MiniLM", {}, preds, hits_at_k, 0.0,
-                               len(mentions)))
+        rows.append(result_row("baseline: prior > exact title > MiniLM", {}, preds, hits_at_k, None))
         write_outputs(out, rows, configs)
     return rows
 
@@ -136,10 +138,24 @@ def safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "=,.-_" else "_" for ch in name)
 
 
-def result_row(name, cell, preds, hits_at_k, seconds, n) -> dict:
+def add_timing(cell_path: Path, seconds: float, linked: int) -> dict:
+    """Accumulate a cell's linking time across resumed runs in ``<cell>.timing.json``, so that
+    seconds per mention stay true when a sweep is interrupted and picked up again."""
+    path = cell_path.with_suffix(".timing.json")
+    total = {"seconds": 0.0, "linked": 0}
+    if path.exists():
+        total.update(json.loads(path.read_text(encoding="utf-8")))
+    if linked > 0:
+        total = {"seconds": total["seconds"] + seconds, "linked": total["linked"] + linked}
+        path.write_text(json.dumps(total) + "\n", encoding="utf-8")
+    return total
+
+
+def result_row(name, cell, preds, hits_at_k, timing: dict | None) -> dict:
     m = hits_at_k(preds, (1, 5))
+    per = round(timing["seconds"] / timing["linked"], 3) if timing and timing["linked"] else None
     row = {"cell": name, "H@1": m["H@1"], "H@5": m["H@5"], "n": m["n"], "errors": m["errors"],
-           "s_per_mention": round(seconds / max(n, 1), 3)}
+           "s_per_mention": per}
     flags = [p["in_candidates"] for p in preds if "in_candidates" in p]
     row["recall@C"] = round(100.0 * sum(flags) / len(flags), 1) if flags else None
     if any("generated" in p for p in preds):

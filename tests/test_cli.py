@@ -1,6 +1,7 @@
 """End to end through the `gemel` command, with a tiny random model saved to a folder."""
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -103,6 +104,33 @@ grid:
     configs = json.loads((out / "cells.json").read_text())
     assert configs["demos=2,retriever=bm25"]["retriever"] == "bm25"
     assert (out / "results.png").stat().st_size > 1000 and (out / "results.md").exists()
+    first = {row["cell"]: row for row in csv.DictReader(open(out / "results.csv"))}
+    assert all(float(row["s_per_mention"]) > 0 for row in first.values())
+    # a rerun resumes every cell: nothing is linked again, and the timing of the first run stays
+    r = CliRunner().invoke(cli, ["sweep", str(config), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    again = {row["cell"]: row for row in csv.DictReader(open(out / "results.csv"))}
+    assert again == first
+
+
+def test_sweep_of_extra_cells_only(tmp_path, tiny_model_dir):
+    """No grid: exactly the listed cells (not a base cell besides them)."""
+    config = tmp_path / "sweep.yaml"
+    config.write_text(f"""
+data: {REPO / 'examples/mentions.jsonl'}
+train: {REPO / 'examples/mentions.jsonl'}
+kb: {REPO / 'examples/kb.jsonl'}
+out: {tmp_path / 'sweep'}
+limit: 3
+baseline: false
+linker: {{model: "{tiny_model_dir}", num_beams: 2, top_k: 2}}
+cells:
+  - {{demos: 1, retriever: random}}
+""")
+    r = CliRunner().invoke(cli, ["sweep", str(config), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert [p.name for p in sorted((tmp_path / "sweep" / "cells").glob("*.jsonl"))] == [
+        "demos=1,retriever=random.jsonl"]
 
 
 def test_link_nil_mode_from_a_release_with_nil_answers(tmp_path, tiny_model_dir):
@@ -127,3 +155,19 @@ def test_link_nil_mode_from_a_release_with_nil_answers(tmp_path, tiny_model_dir)
         metrics = json.loads(out.with_suffix(".metrics.json").read_text())
         assert metrics["gemel"]["n"] == (2 if nil else 1)
         assert rows["2"].get("gold_nil", False) == nil
+
+
+def test_sweep_gold_kb_spans_every_split(tmp_path):
+    """kb: gold takes the gold entities of the whole release, whichever split is evaluated."""
+    from gemel.data import read_mentions
+    from gemel.eval.sweep import SweepConfig, kb_for
+
+    data = needs_data("wikidiverse", "WikiDiverse.json")
+    splits = needs_data("wikidiverse", "splits.json")
+    sweep = SweepConfig(data=str(data), out=str(tmp_path), format="wikidiverse", splits=str(splits),
+                        split="test")
+    kb = kb_for(sweep, {"fmt": "wikidiverse", "splits_path": str(splits), "images_dir": None})
+    gold = {m.entity_id for m in read_mentions(data, fmt="wikidiverse") if m.entity_id}
+    test = {m.entity_id for m in read_mentions(data, fmt="wikidiverse", split="test",
+                                               splits_path=splits) if m.entity_id}
+    assert len(kb) == len(gold) > len(test) and all(e in kb for e in test)
