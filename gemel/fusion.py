@@ -6,12 +6,18 @@ rank by ``w . features``; ``w`` is fitted on a dev split by maximising the softm
 gold candidate within each mention's list (listwise, a few weights, L2-regularised).
 
 Features (per candidate title t of mention m):
-  llm_logprob   sequence log-probability of t under the prompt (teacher-forced when t was no beam)
-  llm_beam      1 if t was found by the beam search
-  similarity    cosine similarity of the mention to "title: description" (the candidate retriever)
-  prior         P(t | mention string) in the training mentions (0 when the string was never seen)
-  prior_seen    1 if the mention string occurs in the training mentions
-  exact_title   1 if the mention string equals the title (case-insensitive)
+  llm_logprob         sequence log-probability of t under the prompt (teacher-forced when t was
+                      no beam)
+  llm_beam            1 if t was found by the beam search
+  similarity          cosine similarity of the mention to "title: description" (KB retriever)
+  prior               P(t | mention string) in the training mentions (0 for unseen strings)
+  prior_best          1 if t is the most frequent gold of the mention string in training
+  exact_match         1 if the mention string equals t's title or an alias (case-insensitive)
+  top_retrieved       1 if t is the KB retriever's nearest title
+  llm_logprob_unseen  llm_logprob when the mention string never occurs in training, else 0: lets
+                      the model trust the LLM more where no prior exists
+prior_best, exact_match and top_retrieved are the non-LLM baseline's back-off order as features,
+so a fitted model can reproduce that baseline and move away from it where the LLM knows better.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ import torch
 from gemel.errors import DataError, MismatchError
 from gemel.types import Mention
 
-FEATURES = ("llm_logprob", "llm_beam", "similarity", "prior", "prior_seen", "exact_title")
+FEATURES = ("llm_logprob", "llm_beam", "similarity", "prior", "prior_best", "exact_match",
+            "top_retrieved", "llm_logprob_unseen")
 
 
 def mention_key(text: str | None) -> str:

@@ -211,20 +211,24 @@ class Linker:
         missing = [[t for t in titles if t not in beam] for titles, beam in pools]
         forced = self.backend.score(embeds, mask, [[self.trie.sequence(t) for t in ts]
                                                    for ts in missing])
-        # the NIL answer has no text to compare: similarity 0, never an exact title
+        # the NIL answer has no text to compare: similarity 0, never an exact match
         in_kb = [[t for t in titles if t != self.nil_index] for titles, _ in pools]
         sims = [dict(zip(ts, sim)) for ts, sim in
                 zip(in_kb, self.candidate_retriever.similarity(mentions, in_kb))]
         out = []
-        for m, (titles, beam), miss, lp, sim in zip(mentions, pools, missing, forced, sims):
+        for m, r, (titles, beam), miss, lp, sim in zip(mentions, rows, pools, missing, forced, sims):
             llm = dict(beam)
             llm.update(zip(miss, lp))
-            key = (m.mention or "").strip().casefold()
+            best = self.prior.best(m.mention)
+            exact = {self.kb.title_index(self.kb[e].title)
+                     for e in (self.kb.lookup(m.mention) if m.mention else [])}
+            unseen = not self.prior.seen(m.mention)
+            top = int(r[0]) if len(r) else -1
             feats = np.array([[llm[t], float(t in beam), float(sim.get(t, 0.0)),
                                sum(self.prior.prob(m.mention, e) for e in self.ids_for(t)),
-                               float(self.prior.seen(m.mention)),
-                               float(bool(key) and t in sim and self.titles[t].casefold() == key)]
-                              for t in titles])
+                               float(best is not None and best in self.ids_for(t)),
+                               float(t in exact), float(t == top), llm[t] if unseen else 0.0]
+                              for t in titles])  # [n_candidates, len(FEATURES)]
             out.append((titles, feats))
         return out
 
