@@ -17,27 +17,33 @@ def exact_match(kb: KnowledgeBase, mentions: Sequence[Mention]) -> list[LinkResu
     return out
 
 
+def backoff_ranking(kb: KnowledgeBase, prior, mention: Mention, nearest: Sequence[int],
+                    k: int | None = None) -> list[str]:
+    """The back-off order of the strongest non-LLM baseline we know, as entity ids: the train
+    prior's most frequent entity for the exact mention string, then case-insensitive exact
+    title/alias matches, then the entities of ``nearest`` (title indices, nearest first)."""
+    ranked: list[str] = []
+    best = prior.best(mention.mention)
+    if best is not None and best in kb:
+        ranked.append(best)
+    if mention.mention:
+        ranked += kb.lookup(mention.mention, casefold=True, aliases=True)
+    ranked += [e for i in nearest for e in kb.ids_for_title_index(int(i))]
+    ranked = list(dict.fromkeys(ranked))
+    return ranked[:k] if k is not None else ranked
+
+
 def combo_baseline(kb: KnowledgeBase, train: Sequence[Mention], mentions: Sequence[Mention],
                    candidate_retriever=None, k: int = 5) -> list[LinkResult]:
-    """The strongest non-LLM baseline we know: the train prior for the exact mention string, else
-    a case-insensitive exact title/alias match, else the MiniLM-nearest title; the ranking continues
-    with the nearest titles so that H@k is defined too."""
+    """:func:`backoff_ranking` for every mention, the nearest titles by MiniLM similarity of the
+    mention to "title: description"; the ranking continues with them so that H@k is defined."""
     from gemel.candidates import CandidateRetriever
     from gemel.fusion import MentionPrior
 
     prior = MentionPrior(train)
     retriever = candidate_retriever or CandidateRetriever(kb)
     rows, _ = retriever.top(mentions, k)
-    out = []
-    for m, r in zip(mentions, rows):
-        ranked: list[str] = []
-        best = prior.best(m.mention)
-        if best is not None and best in kb:
-            ranked.append(best)
-        if m.mention:
-            ranked += kb.lookup(m.mention, casefold=True, aliases=True)
-        ranked += [e for i in r.tolist() for e in kb.ids_for_title_index(i)]
-        ranked = list(dict.fromkeys(ranked))[:k]
-        out.append(LinkResult(m.id, tuple(Candidate(e, kb[e].title, 0.0) for e in ranked),
-                              gold_id=m.entity_id))
-    return out
+    return [LinkResult(m.id, tuple(Candidate(e, kb[e].title, 0.0)
+                                   for e in backoff_ranking(kb, prior, m, r.tolist(), k)),
+                       gold_id=m.entity_id)
+            for m, r in zip(mentions, rows)]

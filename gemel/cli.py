@@ -273,10 +273,11 @@ def fit_fusion(kb_path, data_path, out_path, config_path, model, num_beams, batc
                                 retriever=retriever, candidates=candidates,
                                 max_prompt_tokens=max_prompt_tokens, fusion_pool=fusion_pool,
                                 nil=nil)
-    model_, report = fit_on_mentions(linker, mentions, progress=progress)
+    lists = Path(out_path).with_suffix(".dev-lists.npz")
+    model_, report = fit_on_mentions(linker, mentions, progress=progress, lists_path=lists)
     model_.save(out_path)
     click.echo(json.dumps(report, indent=2))
-    click.echo(f"fusion model: {out_path}")
+    click.echo(f"fusion model: {out_path} (dev candidate lists kept in {lists})")
 
 
 def _register_train() -> None:

@@ -14,10 +14,13 @@ Features (per candidate title t of mention m):
   prior_best          1 if t is the most frequent gold of the mention string in training
   exact_match         1 if the mention string equals t's title or an alias (case-insensitive)
   top_retrieved       1 if t is the KB retriever's nearest title
+  backoff_top1        1 if t is the non-LLM baseline's answer (prior > exact match > nearest:
+                      gemel.eval.baselines.backoff_ranking) — the back-off is not linear in the
+                      three features above, so the model gets it whole and learns when to leave it
   llm_logprob_unseen  llm_logprob when the mention string never occurs in training, else 0: lets
                       the model trust the LLM more where no prior exists
-prior_best, exact_match and top_retrieved are the non-LLM baseline's back-off order as features,
-so a fitted model can reproduce that baseline and move away from it where the LLM knows better.
+So a fitted model can reproduce the non-LLM baseline and move away from it where the LLM knows
+better.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from gemel.errors import DataError, MismatchError
 from gemel.types import Mention
 
 FEATURES = ("llm_logprob", "llm_beam", "similarity", "prior", "prior_best", "exact_match",
-            "top_retrieved", "llm_logprob_unseen")
+            "top_retrieved", "backoff_top1", "llm_logprob_unseen")
 
 
 def mention_key(text: str | None) -> str:
@@ -128,11 +131,31 @@ def fit(lists: Sequence[tuple[np.ndarray, int]], l2: float = 1e-3, steps: int = 
                        {"n_fitted": len(usable), "n_lists": len(lists), "loss": float(final.detach())})
 
 
-def fit_on_mentions(linker, mentions: Sequence[Mention], progress: bool = True
-                    ) -> tuple[FusionModel, dict]:
+def save_lists(path: str | Path, lists: Sequence[tuple[np.ndarray, int]]) -> None:
+    """The dev candidate lists (features, gold position) as .npz, so that refitting (another
+    regularisation, a feature subset) needs no LLM pass. Arrays only: loads without pickle."""
+    feats = [np.asarray(f, dtype=np.float64).reshape(-1, len(FEATURES)) for f, _ in lists]
+    np.savez(path, features=np.concatenate(feats) if feats else np.zeros((0, len(FEATURES))),
+             offsets=np.cumsum([0] + [len(f) for f in feats]).astype(np.int64),
+             gold=np.array([g for _, g in lists], dtype=np.int64),
+             names=np.array(FEATURES))
+
+
+def load_lists(path: str | Path) -> list[tuple[np.ndarray, int]]:
+    with np.load(path, allow_pickle=False) as data:
+        if tuple(data["names"].tolist()) != FEATURES:
+            raise MismatchError(f"{path}: saved with features {data['names'].tolist()}, this "
+                                f"gemel has {list(FEATURES)}; run gemel fit-fusion again")
+        off, feats = data["offsets"], data["features"]
+        return [(feats[off[i]:off[i + 1]], int(g)) for i, g in enumerate(data["gold"])]
+
+
+def fit_on_mentions(linker, mentions: Sequence[Mention], progress: bool = True,
+                    lists_path: str | Path | None = None) -> tuple[FusionModel, dict]:
     """Run ``linker`` (prompts, beams, retrieved pool) over dev mentions and fit the fusion weights.
 
     Returns the model and a report: dev H@1 of pure generation and of the fused ranking (in-sample).
+    ``lists_path``: also keep the candidate lists there (:func:`save_lists`).
     """
     from tqdm.auto import tqdm
 
@@ -151,6 +174,8 @@ def fit_on_mentions(linker, mentions: Sequence[Mention], progress: bool = True
             gold = [j for j, t in enumerate(titles) if m.entity_id in linker.ids_for(t)]
             lists.append((feats, gold[0] if gold else -1))
             gen_hits += bool(h) and m.entity_id in linker.ids_for(h[0].title_index)
+    if lists_path is not None:
+        save_lists(lists_path, lists)
     model = fit(lists)
     fused_hits = sum(g >= 0 and int(np.argmax(model.score(f))) == g for f, g in lists)
     report = {"dev_mentions": n, "gold_in_pool": sum(g >= 0 for _, g in lists),

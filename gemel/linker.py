@@ -21,6 +21,7 @@ import numpy as np
 from gemel.beam import Hypothesis
 from gemel.data.nil import NIL, is_nil
 from gemel.errors import GemelError, MismatchError
+from gemel.eval.baselines import backoff_ranking
 from gemel.fusion import FusionModel, MentionPrior
 from gemel.retrieval import get_retriever, order_demonstrations
 from gemel.kb import KnowledgeBase
@@ -224,10 +225,13 @@ class Linker:
                      for e in (self.kb.lookup(m.mention) if m.mention else [])}
             unseen = not self.prior.seen(m.mention)
             top = int(r[0]) if len(r) else -1
+            backoff = backoff_ranking(self.kb, self.prior, m, r.tolist(), k=1)
             feats = np.array([[llm[t], float(t in beam), float(sim.get(t, 0.0)),
                                sum(self.prior.prob(m.mention, e) for e in self.ids_for(t)),
                                float(best is not None and best in self.ids_for(t)),
-                               float(t in exact), float(t == top), llm[t] if unseen else 0.0]
+                               float(t in exact), float(t == top),
+                               float(bool(backoff) and backoff[0] in self.ids_for(t)),
+                               llm[t] if unseen else 0.0]
                               for t in titles])  # [n_candidates, len(FEATURES)]
             out.append((titles, feats))
         return out

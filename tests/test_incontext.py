@@ -8,7 +8,7 @@ from gemel.backends.hf import HFBackend
 from gemel.data.nil import NIL, is_nil
 from gemel.errors import GemelError
 from gemel.eval.metrics import hits_at_k
-from gemel.fusion import FEATURES, FusionModel, MentionPrior, fit
+from gemel.fusion import FEATURES, FusionModel, MentionPrior, fit, load_lists
 from gemel.kb import KnowledgeBase
 from gemel.linker import Linker, LinkerConfig
 from gemel.types import Entity, Mention
@@ -137,7 +137,9 @@ def test_fit_fusion_on_dev_then_link_with_it(llama_pair, tmp_path):
     cfg = LinkerConfig(model="tiny", num_beams=2, top_k=3, fusion_pool=4, batch_size=3)
     linker = Linker(cfg, KB, backend, train=TRAIN)
     dev = TRAIN[:7]
-    fusion, report = fit_on_mentions(linker, dev, progress=False)
+    fusion, report = fit_on_mentions(linker, dev, progress=False, lists_path=tmp_path / "dev.npz")
+    refit = fit(load_lists(tmp_path / "dev.npz"))  # the kept lists refit without the LLM
+    assert refit.weights == pytest.approx(fusion.weights, rel=1e-6, abs=1e-9)
     assert report["dev_mentions"] == 7 and set(fusion.weights) == set(FEATURES)
     # every dev mention's own string was seen in train with its gold: the prior must carry weight
     assert fusion.weights["prior"] > 0 and report["dev_H@1_fused"] >= report["dev_H@1_generation"]
