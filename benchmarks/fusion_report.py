@@ -7,7 +7,8 @@ Reads prediction files of ``gemel link --fusion`` (each row keeps pure generatio
 ``generated``), takes the mentions they cover (a run may still be going), and scores the
 baseline (train prior > exact title/alias > MiniLM nearest title) on the same mentions, so that
 the three numbers always sit on one set. ``--first N`` also reports the first N mentions of
-``--mentions`` on their own.
+``--mentions`` on their own. ``--refit F.json`` ranks the kept candidate pools again with another
+fusion model (e.g. one fitted on more dev mentions) instead of the run's own: no LLM pass.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def main() -> None:
     ap.add_argument("--mentions", required=True, help="all mentions, in order (for --first)")
     ap.add_argument("--pred", nargs="+", required=True)
     ap.add_argument("--first", type=int, default=None)
+    ap.add_argument("--refit", default=None, help="a fusion model to rerank the kept pools with")
     args = ap.parse_args()
 
     from gemel.data import read_mentions
@@ -37,6 +39,13 @@ def main() -> None:
     done: dict[str, dict] = {}
     for path in args.pred:
         done.update(read_done(Path(path)))
+    if args.refit:
+        from gemel.fusion import FusionModel, rerank
+
+        model = FusionModel.load(args.refit)
+        done = {i: rerank(r, model, k=max(len(r["candidates"]), 5), where=args.refit)
+                for i, r in done.items()}
+        print(f"fused = the kept pools reranked by {args.refit}")
     sets = {"all linked": [m for m in mentions if m.id in done]}
     if args.first:
         first = mentions[:args.first]

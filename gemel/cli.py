@@ -242,11 +242,18 @@ def sweep(config_path, progress):
 
 
 @cli.command("fit-fusion")
-@click.option("--kb", "kb_path", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--kb", "kb_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False),
               help="Dev mentions with gold.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
-              help="Fusion model JSON to write.")
+              help="Fusion model JSON to write; the dev rows (every candidate pool) go beside it "
+              "as <out>.dev.jsonl, and a rerun resumes them.")
+@click.option("--rows", "rows_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Refit from dev rows already written (a .dev.jsonl, or `gemel link --fusion` "
+              "output with gold), several files merged: no LLM pass, no --kb/--data.")
+@click.option("--l2", "l2s", multiple=True, type=float, default=(1e-4, 1e-3, 1e-2, 1e-1),
+              show_default=True, help="L2 strengths; with several, 5-fold cross-validation "
+              "on dev picks one.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--model", default=None)
 @click.option("--beams", "num_beams", type=int, default=None)
@@ -257,27 +264,38 @@ def sweep(config_path, progress):
 @click.option("--progress/--no-progress", default=True)
 @prompt_options
 @data_options
-def fit_fusion(kb_path, data_path, out_path, config_path, model, num_beams, batch_size, template,
-               fusion_pool, progress, train_path, train_split, demos, retriever, candidates, fusion,
-               max_prompt_tokens, nil, fmt, split, splits_path, images_dir, limit):
+def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, config_path, model, num_beams,
+               batch_size, template, fusion_pool, progress, train_path, train_split, demos,
+               retriever, candidates, fusion, max_prompt_tokens, nil, fmt, split, splits_path,
+               images_dir, limit):
     """Fit the fused ranking (LLM log-prob, retriever similarity, prior, exact title) on dev."""
-    from gemel.kb import KnowledgeBase
-    from gemel.linker import Linker
-    from gemel.fusion import fit_on_mentions
+    from gemel.fusion import fit_on_mentions, fit_report, rows_lists
+    from gemel.runs import read_done
 
-    kb = KnowledgeBase.from_jsonl(kb_path)
-    mentions = read_data(data_path, fmt, split, splits_path, images_dir, limit)
-    train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir)
-    linker = Linker.from_config(config_path, kb=kb, train=train, model=model, num_beams=num_beams,
-                                batch_size=batch_size, template=template, demos=demos,
-                                retriever=retriever, candidates=candidates,
-                                max_prompt_tokens=max_prompt_tokens, fusion_pool=fusion_pool,
-                                nil=nil)
-    lists = Path(out_path).with_suffix(".dev-lists.npz")
-    model_, report = fit_on_mentions(linker, mentions, progress=progress, lists_path=lists)
+    if rows_paths:
+        lists = [x for p in rows_paths for x in rows_lists(list(read_done(Path(p)).values()), p)]
+        model_, report = fit_report(lists, l2s)
+        rows_note = ", ".join(rows_paths)
+    else:
+        if not (kb_path and data_path):
+            raise click.UsageError("give --kb and --data (dev mentions), or --rows to refit")
+        from gemel.kb import KnowledgeBase
+        from gemel.linker import Linker
+
+        kb = KnowledgeBase.from_jsonl(kb_path)
+        mentions = read_data(data_path, fmt, split, splits_path, images_dir, limit)
+        train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir)
+        linker = Linker.from_config(config_path, kb=kb, train=train, model=model,
+                                    num_beams=num_beams, batch_size=batch_size, template=template,
+                                    demos=demos, retriever=retriever, candidates=candidates,
+                                    max_prompt_tokens=max_prompt_tokens, fusion_pool=fusion_pool,
+                                    nil=nil)
+        rows_note = str(Path(out_path).with_suffix(".dev.jsonl"))
+        model_, report = fit_on_mentions(linker, mentions, rows_note, progress=progress, l2s=l2s,
+                                         source=str(data_path))
     model_.save(out_path)
     click.echo(json.dumps(report, indent=2))
-    click.echo(f"fusion model: {out_path} (dev candidate lists kept in {lists})")
+    click.echo(f"fusion model: {out_path} (dev rows: {rows_note})")
 
 
 def _register_train() -> None:

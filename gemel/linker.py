@@ -22,7 +22,7 @@ from gemel.beam import Hypothesis
 from gemel.data.nil import NIL, is_nil
 from gemel.errors import GemelError, MismatchError
 from gemel.eval.baselines import backoff_ranking
-from gemel.fusion import FusionModel, MentionPrior
+from gemel.fusion import FusionModel, MentionPrior, pool_json
 from gemel.retrieval import get_retriever, order_demonstrations
 from gemel.kb import KnowledgeBase
 from gemel.model import GemelModel
@@ -90,7 +90,9 @@ class Linker:
                                  "demonstrations from (--train FILE)")
             self.retriever = fit_retriever(config, train)
         self.fusion = FusionModel.load(config.fusion) if config.fusion else None
-        self.fitting_fusion = False  # set by gemel.fusion.fit_on_mentions: score after search
+        # keep every mention's candidate pool (titles, ids, fusion features) in its row: set by
+        # gemel.fusion.fit_on_mentions; always on with a fusion model, so a refit can rerank a run
+        self.keep_pool = self.fusion is not None
         self.prior = MentionPrior(train or [])
         if self.fusion is not None and not train:
             raise GemelError("score fusion needs the training mentions (--train FILE) for its prior")
@@ -149,12 +151,17 @@ class Linker:
             for m, x in zip(mentions, extras):
                 if is_nil(m):
                     x["gold_nil"] = True  # metrics count it: a hit is the NIL answer
-        if self.fusion is None:
+        if not self.keep_pool:
             return [LinkResult(m.id, self.candidates(h, k), gold_id=m.entity_id, extra=x)
                     for m, h, x in zip(mentions, hyps, extras)]
         out = []
         for m, h, x, (titles, feats) in zip(mentions, hyps, extras,
                                             self.fusion_lists(mentions, hyps, embeds, mask)):
+            x["pool"] = pool_json([self.titles[t] for t in titles],
+                                  [self.ids_for(t) for t in titles], feats)
+            if self.fusion is None:
+                out.append(LinkResult(m.id, self.candidates(h, k), gold_id=m.entity_id, extra=x))
+                continue
             x["generated"] = [c.entity_id for c in self.candidates(h, k)]
             fused = self.fusion.score(feats)
             ranked = [Hypothesis(titles[i], float(fused[i]), float(feats[i, 0]), 0)
@@ -182,7 +189,7 @@ class Linker:
         hyps = self.backend.search(embeds, mask, tries, num_beams=max(self.config.num_beams, 1),
                                    top_k=k, max_new_tokens=self.config.max_new_tokens,
                                    length_penalty=self.config.length_penalty,
-                                   keep_prefill=self.fusion is not None or self.fitting_fusion)
+                                   keep_prefill=self.keep_pool)
         return hyps, embeds, mask, extras
 
     def kb_retriever(self):

@@ -171,3 +171,33 @@ def test_sweep_gold_kb_spans_every_split(tmp_path):
     test = {m.entity_id for m in read_mentions(data, fmt="wikidiverse", split="test",
                                                splits_path=splits) if m.entity_id}
     assert len(kb) == len(gold) > len(test) and all(e in kb for e in test)
+
+
+def test_fit_fusion_refits_from_kept_rows_of_several_shards(tmp_path):
+    from gemel.fusion import FEATURES, FusionModel, pool_json
+
+    prior = FEATURES.index("prior")
+    shards = []
+    for shard in range(2):  # the gold is the candidate with the highest prior; the rest is noise
+        rows = []
+        for i in range(12):
+            values = [[(j * 7 + i) % 5 / 10.0] * len(FEATURES) for j in range(4)]
+            gold = (i + shard) % 4
+            for j in range(4):
+                values[j][prior] = 0.9 if j == gold else 0.1
+            rows.append({"id": f"{shard}-{i}", "candidates": [], "gold_id": f"Q{gold}",
+                         "error": None, "pool": pool_json([f"T{j}" for j in range(4)],
+                                                          [[f"Q{j}"] for j in range(4)], values)})
+        path = tmp_path / f"dev{shard}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        shards.append(str(path))
+    out = tmp_path / "fusion.json"
+    result = CliRunner().invoke(cli, ["fit-fusion", "--rows", shards[0], "--rows", shards[1],
+                                      "--out", str(out), "--l2", "0.001"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[:result.output.rindex("}") + 1])
+    assert report["dev_mentions"] == 24 and report["dev_H@1_fused"] == 100.0
+    assert FusionModel.load(out).weights["prior"] > 0
+    # neither rows nor dev mentions: a usage error, not a traceback
+    bad = CliRunner().invoke(cli, ["fit-fusion", "--out", str(out)])
+    assert bad.exit_code != 0 and "--rows" in bad.output

@@ -1,14 +1,16 @@
 """Demonstrations, candidate-restricted decoding and score fusion through the Linker (tiny LLM)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from gemel.backends.hf import HFBackend
 from gemel.data.nil import NIL, is_nil
-from gemel.errors import GemelError
+from gemel.errors import DataError, GemelError, MismatchError
 from gemel.eval.metrics import hits_at_k
-from gemel.fusion import FEATURES, FusionModel, MentionPrior, fit, load_lists
+from gemel.fusion import FEATURES, FusionModel, MentionPrior, fit, fit_report, rerank, rows_lists
 from gemel.kb import KnowledgeBase
 from gemel.linker import Linker, LinkerConfig
 from gemel.types import Entity, Mention
@@ -76,6 +78,28 @@ def test_fusion_learns_the_informative_feature(tmp_path):
     assert all(int(np.argmax(model.score(f))) == g for f, g in lists)
     model.save(tmp_path / "fusion.json")
     assert FusionModel.load(tmp_path / "fusion.json").weights == pytest.approx(model.weights)
+    # cross-validation: held-out folds are ranked as well as the training ones here, and the
+    # report names the L2 it chose among those given
+    chosen, report = fit_report(lists, l2s=(1e-3, 10.0))
+    assert report["dev_H@1_fused_5fold"] == 100.0 and report["l2"] in (1e-3, 10.0)
+    assert set(report["l2_out_of_fold"]) == {"0.001", "10.0"} and report["dev_mentions"] == 60
+
+
+def test_kept_pools_are_checked_before_reranking():
+    row = {"id": "m1", "gold_id": "Q1", "error": None, "candidates": []}
+    with pytest.raises(DataError, match="pool"):
+        rerank(row, FusionModel(dict.fromkeys(FEATURES, 1.0), {}), k=3, where="run.jsonl")
+    old = {**row, "pool": {"features": ["llm_logprob"], "titles": ["Paris"], "ids": [["Q1"]],
+                           "values": [[0.0]]}}
+    with pytest.raises(MismatchError, match="run.jsonl.*m1"):
+        rows_lists([old], "run.jsonl")
+    # a gold outside the pool is a list with position -1: counted, never fitted
+    kept = {**row, "gold_id": "Q9", "pool": {"features": list(FEATURES), "titles": ["A", "B"],
+                                             "ids": [["Q1"], ["Q2", "Q3"]],
+                                             "values": [[0.0] * len(FEATURES)] * 2}}
+    assert rows_lists([kept])[0][1] == -1
+    assert rows_lists([{**kept, "gold_id": "Q3"}])[0][1] == 1
+    assert rows_lists([{**kept, "gold_id": None}]) == []  # unlabelled rows carry no signal
 
 
 # -- NIL mode --------------------------------------------------------------------------------------
@@ -137,10 +161,15 @@ def test_fit_fusion_on_dev_then_link_with_it(llama_pair, tmp_path):
     cfg = LinkerConfig(model="tiny", num_beams=2, top_k=3, fusion_pool=4, batch_size=3)
     linker = Linker(cfg, KB, backend, train=TRAIN)
     dev = TRAIN[:7]
-    fusion, report = fit_on_mentions(linker, dev, progress=False, lists_path=tmp_path / "dev.npz")
-    refit = fit(load_lists(tmp_path / "dev.npz"))  # the kept lists refit without the LLM
-    assert refit.weights == pytest.approx(fusion.weights, rel=1e-6, abs=1e-9)
+    dev_rows = tmp_path / "dev.jsonl"
+    fusion, report = fit_on_mentions(linker, dev, dev_rows, progress=False)
+    # the kept rows refit without the LLM (features rounded to 6 decimals in JSON)
+    kept = [json.loads(line) for line in dev_rows.read_text().splitlines()]
+    assert [r["id"] for r in kept] == [m.id for m in dev]
+    refit, _ = fit_report(rows_lists(kept))
+    assert refit.weights == pytest.approx(fusion.weights, rel=1e-3, abs=1e-6)
     assert report["dev_mentions"] == 7 and set(fusion.weights) == set(FEATURES)
+    assert all(r["pool"]["titles"] and set(r["pool"]["titles"]) <= set(TITLES) for r in kept)
     # every dev mention's own string was seen in train with its gold: the prior must carry weight
     assert fusion.weights["prior"] > 0 and report["dev_H@1_fused"] >= report["dev_H@1_generation"]
     fusion.save(tmp_path / "fusion.json")
@@ -153,3 +182,8 @@ def test_fit_fusion_on_dev_then_link_with_it(llama_pair, tmp_path):
         scores = [c.score for c in r.candidates]
         assert scores == sorted(scores, reverse=True)
     assert hits_at_k([r.to_json() for r in results], (1,))["H@1"] == report["dev_H@1_fused"]
+    # a fused run keeps its pools: reranking them with the same model gives the same ranking
+    for r in results:
+        row = r.to_json()
+        again = rerank(row, fusion, k=3)
+        assert [c["entity_id"] for c in again["candidates"]] == [c.entity_id for c in r.candidates]
