@@ -41,10 +41,11 @@ class CandidateRetriever:
         scores, rows = self.index.search_texts([field_text(m, self.field) for m in mentions], c)
         return rows, scores
 
-    def similarity(self, mentions: Sequence[Mention], title_indices: Sequence[Sequence[int]]
-                   ) -> list[np.ndarray]:
-        """Cosine similarity of each mention to the given titles (for score fusion)."""
-        q = self.index.vectors_for([field_text(m, self.field) for m in mentions])
+    def similarity(self, mentions: Sequence[Mention], title_indices: Sequence[Sequence[int]],
+                   field: str | None = None) -> list[np.ndarray]:
+        """Cosine similarity of each mention (as ``field``, default the retriever's) to the given
+        titles, for score fusion: one array [len(title_indices[i])] per mention."""
+        q = self.index.vectors_for([field_text(m, field or self.field) for m in mentions])
         return [self.index.vectors[self._rows(idx)] @ q[i] for i, idx in enumerate(title_indices)]
 
     def _rows(self, title_indices: Sequence[int]) -> np.ndarray:

@@ -10,6 +10,7 @@ Features (per candidate title t of mention m):
                       no beam)
   llm_beam            1 if t was found by the beam search
   similarity          cosine similarity of the mention to "title: description" (KB retriever)
+  context_similarity  the same for "mention. sentence": the context disambiguates a bare name
   prior               P(t | mention string) in the training mentions (0 for unseen strings)
   prior_best          1 if t is the most frequent gold of the mention string in training
   exact_match         1 if the mention string equals t's title or an alias (case-insensitive)
@@ -19,6 +20,7 @@ Features (per candidate title t of mention m):
                       three features above, so the model gets it whole and learns when to leave it
   llm_logprob_unseen  llm_logprob when the mention string never occurs in training, else 0: lets
                       the model trust the LLM more where no prior exists
+  popularity          log(1 + how often t's entities are gold in training), whatever the string
 So a fitted model can reproduce the non-LLM baseline and move away from it where the LLM knows
 better.
 """
@@ -36,8 +38,8 @@ import torch
 from gemel.errors import DataError, MismatchError
 from gemel.types import Mention
 
-FEATURES = ("llm_logprob", "llm_beam", "similarity", "prior", "prior_best", "exact_match",
-            "top_retrieved", "backoff_top1", "llm_logprob_unseen")
+FEATURES = ("llm_logprob", "llm_beam", "similarity", "context_similarity", "prior", "prior_best",
+            "exact_match", "top_retrieved", "backoff_top1", "llm_logprob_unseen", "popularity")
 
 
 def mention_key(text: str | None) -> str:
@@ -54,9 +56,12 @@ class MentionPrior:
         from gemel.data.nil import is_nil
 
         self.counts: dict[str, Counter] = defaultdict(Counter)
+        self.entity_counts: Counter = Counter()  # gold entity -> training mentions, any string
         for m in train:
-            if (m.entity_id is not None or is_nil(m)) and m.mention:
-                self.counts[mention_key(m.mention)][m.entity_id] += 1
+            if m.entity_id is not None or is_nil(m):
+                self.entity_counts[m.entity_id] += 1
+                if m.mention:
+                    self.counts[mention_key(m.mention)][m.entity_id] += 1
 
     def prob(self, mention: str | None, entity_id: str | None) -> float:
         c = self.counts.get(mention_key(mention))
@@ -66,6 +71,10 @@ class MentionPrior:
         """The gold entities seen for this string in training, most frequent first."""
         c = self.counts.get(mention_key(mention))
         return [e for e, _ in c.most_common()] if c else []
+
+    def popularity(self, entity_ids: Sequence[str | None]) -> float:
+        """log(1 + training mentions whose gold is one of ``entity_ids``)."""
+        return float(np.log1p(sum(self.entity_counts[e] for e in entity_ids)))
 
     def seen(self, mention: str | None) -> bool:
         return mention_key(mention) in self.counts

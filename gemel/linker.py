@@ -221,10 +221,12 @@ class Linker:
                                                    for ts in missing])
         # the NIL answer has no text to compare: similarity 0, never an exact match
         in_kb = [[t for t in titles if t != self.nil_index] for titles, _ in pools]
-        sims = [dict(zip(ts, sim)) for ts, sim in
-                zip(in_kb, self.candidate_retriever.similarity(mentions, in_kb))]
+        sims, context = ([dict(zip(ts, sim)) for ts, sim in
+                          zip(in_kb, self.candidate_retriever.similarity(mentions, in_kb, field))]
+                         for field in ("mention", "mention+sentence"))
         out = []
-        for m, r, (titles, beam), miss, lp, sim in zip(mentions, rows, pools, missing, forced, sims):
+        for m, r, (titles, beam), miss, lp, sim, ctx in zip(mentions, rows, pools, missing, forced,
+                                                            sims, context):
             llm = dict(beam)
             llm.update(zip(miss, lp))
             best = self.prior.best(m.mention)
@@ -234,11 +236,12 @@ class Linker:
             top = int(r[0]) if len(r) else -1
             backoff = backoff_ranking(self.kb, self.prior, m, r.tolist(), k=1)
             feats = np.array([[llm[t], float(t in beam), float(sim.get(t, 0.0)),
+                               float(ctx.get(t, 0.0)),
                                sum(self.prior.prob(m.mention, e) for e in self.ids_for(t)),
                                float(best is not None and best in self.ids_for(t)),
                                float(t in exact), float(t == top),
                                float(bool(backoff) and backoff[0] in self.ids_for(t)),
-                               llm[t] if unseen else 0.0]
+                               llm[t] if unseen else 0.0, self.prior.popularity(self.ids_for(t))]
                               for t in titles])  # [n_candidates, len(FEATURES)]
             out.append((titles, feats))
         return out

@@ -62,6 +62,13 @@ def test_prior_counts_mention_strings():
     prior = MentionPrior(TRAIN + [Mention("x", "t", "paris", entity_id="Q1")])
     assert prior.best("Paris") in {"Q0", "Q1"} and prior.prob("PARIS", "Q1") > 0
     assert not prior.seen("Zanzibar") and prior.prob("Zanzibar", "Q1") == 0.0
+    # popularity counts an entity's training mentions whatever their string (a visual-prompt
+    # mention without one included)
+    q1 = sum(m.entity_id == "Q1" for m in TRAIN) + 2
+    prior = MentionPrior(TRAIN + [Mention("x", "t", "paris", entity_id="Q1"),
+                                  Mention("y", "t", None, entity_id="Q1", bbox=(0, 0, 2, 2))])
+    assert prior.popularity(["Q1"]) == pytest.approx(np.log1p(q1))
+    assert prior.popularity(["Q1", "Q404"]) == prior.popularity(["Q1"]) and prior.popularity([]) == 0
 
 
 def test_fusion_learns_the_informative_feature(tmp_path):
@@ -170,6 +177,9 @@ def test_fit_fusion_on_dev_then_link_with_it(llama_pair, tmp_path):
     assert refit.weights == pytest.approx(fusion.weights, rel=1e-3, abs=1e-6)
     assert report["dev_mentions"] == 7 and set(fusion.weights) == set(FEATURES)
     assert all(r["pool"]["titles"] and set(r["pool"]["titles"]) <= set(TITLES) for r in kept)
+    sim, ctx = FEATURES.index("similarity"), FEATURES.index("context_similarity")
+    values = [v for r in kept for v in r["pool"]["values"]]
+    assert any(abs(v[sim] - v[ctx]) > 1e-3 for v in values)  # the sentence changes the query
     # every dev mention's own string was seen in train with its gold: the prior must carry weight
     assert fusion.weights["prior"] > 0 and report["dev_H@1_fused"] >= report["dev_H@1_generation"]
     fusion.save(tmp_path / "fusion.json")
