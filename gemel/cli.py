@@ -254,6 +254,8 @@ def sweep(config_path, progress):
 @click.option("--l2", "l2s", multiple=True, type=float, default=(1e-4, 1e-3, 1e-2, 1e-1),
               show_default=True, help="L2 strengths; with several, 5-fold cross-validation "
               "on dev picks one.")
+@click.option("--drop", multiple=True, help="Leave this feature out (weight 0), for ablations, "
+              "e.g. --drop llm_logprob --drop llm_beam --drop llm_logprob_unseen.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--model", default=None)
 @click.option("--beams", "num_beams", type=int, default=None)
@@ -264,7 +266,7 @@ def sweep(config_path, progress):
 @click.option("--progress/--no-progress", default=True)
 @prompt_options
 @data_options
-def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, config_path, model, num_beams,
+def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, drop, config_path, model, num_beams,
                batch_size, template, fusion_pool, progress, train_path, train_split, demos,
                retriever, candidates, fusion, max_prompt_tokens, nil, fmt, split, splits_path,
                images_dir, limit):
@@ -274,7 +276,7 @@ def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, config_path, model
 
     if rows_paths:
         lists = [x for p in rows_paths for x in rows_lists(list(read_done(Path(p)).values()), p)]
-        model_, report = fit_report(lists, l2s)
+        model_, report = fit_report(lists, l2s, drop=drop)
         rows_note = ", ".join(rows_paths)
     else:
         if not (kb_path and data_path):
@@ -292,7 +294,7 @@ def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, config_path, model
                                     nil=nil)
         rows_note = str(Path(out_path).with_suffix(".dev.jsonl"))
         model_, report = fit_on_mentions(linker, mentions, rows_note, progress=progress, l2s=l2s,
-                                         source=str(data_path))
+                                         source=str(data_path), drop=drop)
     model_.save(out_path)
     click.echo(json.dumps(report, indent=2))
     click.echo(f"fusion model: {out_path} (dev rows: {rows_note})")

@@ -123,11 +123,17 @@ def _padded(lists: Sequence[tuple[np.ndarray, int]]):
     return feats, mask, torch.tensor([g for _, g in lists])
 
 
-def fit(lists: Sequence[tuple[np.ndarray, int]], l2: float = 1e-3, steps: int = 200) -> FusionModel:
+def fit(lists: Sequence[tuple[np.ndarray, int]], l2: float = 1e-3, steps: int = 200,
+        drop: Sequence[str] = ()) -> FusionModel:
     """Fit the weights on (features [n_i, F], gold position in the list or -1) per mention.
 
-    Mentions whose gold is not among their candidates carry no signal and are skipped.
+    Mentions whose gold is not among their candidates carry no signal and are skipped. Features
+    named in ``drop`` keep weight 0 (ablations: what does the LLM add?).
     """
+    unknown = sorted(set(drop) - set(FEATURES))
+    if unknown:
+        raise DataError(f"unknown fusion feature(s) {unknown}; the features are {list(FEATURES)}",
+                        field="drop", fix="name features from that list")
     usable = [(f, g) for f, g in lists if g >= 0 and len(f) > 1]
     if not usable:
         raise DataError("no dev mention has its gold entity among its candidates: nothing to fit",
@@ -135,7 +141,7 @@ def fit(lists: Sequence[tuple[np.ndarray, int]], l2: float = 1e-3, steps: int = 
     feats, mask, gold = _padded(usable)  # [N, L, F], [N, L], [N]
     # Standardise features so one learning problem fits all scales; fold the scaling back after.
     mu, sd = feats[mask].mean(0), feats[mask].std(0).clamp(min=1e-6)
-    z = (feats - mu) / sd
+    z = (feats - mu) / sd * torch.tensor([f not in drop for f in FEATURES], dtype=torch.float64)
     w = torch.zeros(len(FEATURES), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
@@ -149,7 +155,8 @@ def fit(lists: Sequence[tuple[np.ndarray, int]], l2: float = 1e-3, steps: int = 
     final = opt.step(closure)
     raw = (w.detach() / sd).tolist()  # the mean shift is constant within a list: it drops out
     return FusionModel(dict(zip(FEATURES, raw)), {"n_fitted": len(usable), "n_lists": len(lists),
-                                                  "l2": l2, "loss": float(final.detach())})
+                                                  "l2": l2, "dropped": list(drop),
+                                                  "loss": float(final.detach())})
 
 
 def hits_at_1(model: FusionModel, lists: Sequence[tuple[np.ndarray, int]]) -> float:
@@ -159,14 +166,14 @@ def hits_at_1(model: FusionModel, lists: Sequence[tuple[np.ndarray, int]]) -> fl
 
 
 def cross_validate(lists: Sequence[tuple[np.ndarray, int]], l2: float, folds: int = 5,
-                   seed: int = 0) -> float:
+                   seed: int = 0, drop: Sequence[str] = ()) -> float:
     """Out-of-fold H@1 (percent): each fold ranked by a model fitted on the others. An honest
     estimate of what the fitted model does on unseen mentions (in-sample H@1 flatters it)."""
     order = np.random.default_rng(seed).permutation(len(lists))
     hits = 0.0
     for k in range(folds):
         held = set(order[k::folds].tolist())
-        model = fit([x for i, x in enumerate(lists) if i not in held], l2=l2)
+        model = fit([x for i, x in enumerate(lists) if i not in held], l2=l2, drop=drop)
         held_lists = [lists[i] for i in sorted(held)]
         hits += hits_at_1(model, held_lists) * len(held_lists) / 100.0
     return round(100.0 * hits / max(len(lists), 1), 2)
@@ -226,12 +233,13 @@ def rerank(row: dict, model: FusionModel, k: int, where: str = "<row>") -> dict:
 
 
 def fit_report(lists: Sequence[tuple[np.ndarray, int]], l2s: Sequence[float] = (1e-3,),
-               folds: int = 5) -> tuple[FusionModel, dict]:
+               folds: int = 5, drop: Sequence[str] = ()) -> tuple[FusionModel, dict]:
     """Fit on dev lists, choosing L2 by out-of-fold H@1 when several are given. The report puts
     the in-sample and out-of-fold fused H@1 beside the non-LLM back-off answer's on the same lists."""
-    oof = {l2: cross_validate(lists, l2, folds) for l2 in l2s} if len(lists) >= 2 * folds else {}
+    oof = ({l2: cross_validate(lists, l2, folds, drop=drop) for l2 in l2s}
+           if len(lists) >= 2 * folds else {})
     best = max(oof, key=oof.get) if oof else l2s[0]
-    model = fit(lists, l2=best)
+    model = fit(lists, l2=best, drop=drop)
     backoff = FEATURES.index("backoff_top1")
     report = {"dev_mentions": len(lists), "gold_in_pool": sum(g >= 0 for _, g in lists),
               "dev_H@1_backoff": round(100.0 * sum(g >= 0 and f[g, backoff] > 0 for f, g in lists)
@@ -245,7 +253,7 @@ def fit_report(lists: Sequence[tuple[np.ndarray, int]], l2s: Sequence[float] = (
 
 def fit_on_mentions(linker, mentions: Sequence[Mention], rows_path: str | Path,
                     progress: bool = True, l2s: Sequence[float] = (1e-3,),
-                    source: str = "<mentions>") -> tuple[FusionModel, dict]:
+                    source: str = "<mentions>", drop: Sequence[str] = ()) -> tuple[FusionModel, dict]:
     """Link dev mentions keeping every candidate pool in ``rows_path`` (resumable: a rerun skips
     the mentions already there), then fit the fusion weights on them (:func:`fit_report`). The
     report adds pure generation's dev H@1."""
@@ -255,7 +263,7 @@ def fit_on_mentions(linker, mentions: Sequence[Mention], rows_path: str | Path,
     linker.keep_pool = True  # the beam search keeps its prefill for the scoring pass
     rows = run(linker.link_batch, mentions, rows_path, batch_size=linker.config.batch_size,
                progress=progress, source=source)
-    model, report = fit_report(rows_lists(rows, str(rows_path)), l2s)
+    model, report = fit_report(rows_lists(rows, str(rows_path)), l2s, drop=drop)
     report["dev_H@1_generation"] = hits_at_k(rows, (1,))["H@1"]
     model.meta["dev_H@1_generation"] = report["dev_H@1_generation"]
     return model, report

@@ -198,6 +198,15 @@ def test_fit_fusion_refits_from_kept_rows_of_several_shards(tmp_path):
     report = json.loads(result.output[:result.output.rindex("}") + 1])
     assert report["dev_mentions"] == 24 and report["dev_H@1_fused"] == 100.0
     assert FusionModel.load(out).weights["prior"] > 0
+    # an ablation keeps the dropped feature at weight 0, and the informative one carries it
+    ablated = CliRunner().invoke(cli, ["fit-fusion", "--rows", shards[0], "--out", str(out),
+                                       "--drop", "llm_logprob", "--drop", "similarity"])
+    assert ablated.exit_code == 0, ablated.output
+    weights = FusionModel.load(out).weights
+    assert weights["llm_logprob"] == 0 and weights["similarity"] == 0 and weights["prior"] > 0
+    unknown = CliRunner().invoke(cli, ["fit-fusion", "--rows", shards[0], "--out", str(out),
+                                       "--drop", "llm_magic"])
+    assert unknown.exit_code != 0 and "llm_magic" in str(unknown.exception or unknown.output)
     # neither rows nor dev mentions: a usage error, not a traceback
     bad = CliRunner().invoke(cli, ["fit-fusion", "--out", str(out)])
     assert bad.exit_code != 0 and "--rows" in bad.output
