@@ -222,14 +222,16 @@ def rows_lists(rows: Sequence[dict], where: str = "<rows>") -> list[tuple[np.nda
 
 
 def rerank(row: dict, model: FusionModel, k: int, where: str = "<row>") -> dict:
-    """A prediction row ranked again from its kept pool by ``model`` (e.g. a refit)."""
+    """A prediction row ranked again from its kept pool by ``model`` (e.g. a refit); pure
+    generation's ranking stays under "generated" (a fit-fusion dev row's own candidates)."""
     if row.get("error") is not None:
         return row
     fused = model.score(pool_values(row, where))  # [n_candidates]
     pool = row["pool"]
     candidates = [{"entity_id": e, "title": pool["titles"][i], "score": round(float(fused[i]), 6)}
                   for i in np.argsort(-fused, kind="stable") for e in pool["ids"][i]]
-    return {**row, "candidates": candidates[:k]}
+    generated = row.get("generated", [c["entity_id"] for c in row.get("candidates", [])])
+    return {**row, "candidates": candidates[:k], "generated": generated}
 
 
 def fit_report(lists: Sequence[tuple[np.ndarray, int]], l2s: Sequence[float] = (1e-3,),

@@ -107,6 +107,12 @@ def test_kept_pools_are_checked_before_reranking():
     assert rows_lists([kept])[0][1] == -1
     assert rows_lists([{**kept, "gold_id": "Q3"}])[0][1] == 1
     assert rows_lists([{**kept, "gold_id": None}]) == []  # unlabelled rows carry no signal
+    # reranking a dev row keeps its generated ranking beside the fused one
+    gen = {**kept, "candidates": [{"entity_id": "Q2", "title": "B", "score": -1.0}]}
+    weights = dict.fromkeys(FEATURES, 0.0)
+    again = rerank(gen, FusionModel(weights, {}), k=5)
+    assert again["generated"] == ["Q2"] and [c["entity_id"] for c in again["candidates"]] == [
+        "Q1", "Q2", "Q3"]
 
 
 # -- NIL mode --------------------------------------------------------------------------------------
