@@ -21,6 +21,10 @@ Features (per candidate title t of mention m):
   llm_logprob_unseen  llm_logprob when the mention string never occurs in training, else 0: lets
                       the model trust the LLM more where no prior exists
   popularity          log(1 + how often t's entities are gold in training), whatever the string
+Derived from those within the list, when scoring (so a new one needs no LLM pass over kept rows):
+  llm_top1            1 if t has the list's highest llm_logprob
+  llm_backoff_agree   llm_top1 * backoff_top1: the LLM and the back-off pick the same title
+  llm_prob            softmax of llm_logprob over the list (bounded, unlike the log-probability)
 So a fitted model can reproduce the non-LLM baseline and move away from it where the LLM knows
 better.
 """
@@ -38,8 +42,23 @@ import torch
 from gemel.errors import DataError, MismatchError
 from gemel.types import Mention
 
-FEATURES = ("llm_logprob", "llm_beam", "similarity", "context_similarity", "prior", "prior_best",
-            "exact_match", "top_retrieved", "backoff_top1", "llm_logprob_unseen", "popularity")
+# what Linker.fusion_lists computes and prediction rows keep under "pool"
+STORED = ("llm_logprob", "llm_beam", "similarity", "context_similarity", "prior", "prior_best",
+          "exact_match", "top_retrieved", "backoff_top1", "llm_logprob_unseen", "popularity")
+DERIVED = ("llm_top1", "llm_backoff_agree", "llm_prob")
+FEATURES = STORED + DERIVED  # what a FusionModel weighs
+
+
+def derive(stored: np.ndarray) -> np.ndarray:
+    """One list's stored features [n, len(STORED)] -> all features [n, len(FEATURES)]."""
+    stored = np.asarray(stored, dtype=np.float64).reshape(-1, len(STORED))
+    if not len(stored):
+        return np.zeros((0, len(FEATURES)))
+    logprob = stored[:, STORED.index("llm_logprob")]
+    top1 = (logprob == logprob.max()).astype(np.float64)
+    prob = np.exp(logprob - logprob.max())
+    derived = np.stack([top1, top1 * stored[:, STORED.index("backoff_top1")], prob / prob.sum()], 1)
+    return np.concatenate([stored, derived], 1)
 
 
 def mention_key(text: str | None) -> str:
@@ -183,21 +202,22 @@ def cross_validate(lists: Sequence[tuple[np.ndarray, int]], l2: float, folds: in
 
 def pool_json(titles: Sequence[str], ids: Sequence[Sequence[str | None]], feats: np.ndarray) -> dict:
     """A mention's candidate pool as kept in its prediction row under "pool"."""
-    return {"features": list(FEATURES), "titles": list(titles), "ids": [list(i) for i in ids],
+    return {"features": list(STORED), "titles": list(titles), "ids": [list(i) for i in ids],
             "values": np.round(np.asarray(feats, dtype=np.float64), 6).tolist()}
 
 
 def pool_values(row: dict, where: str = "<row>") -> np.ndarray:
-    """The kept pool's features [n_candidates, F] of a prediction row (checked)."""
+    """The kept pool's features [n_candidates, len(FEATURES)] of a prediction row (checked;
+    derived features computed)."""
     pool = row.get("pool")
     if pool is None:
         raise DataError("the row keeps no candidate pool", path=where, record=row.get("id"),
                         field="pool", fix="use rows written by `gemel fit-fusion` or "
                         "`gemel link --fusion`")
-    if pool.get("features") != list(FEATURES):
+    if pool.get("features") != list(STORED):
         raise MismatchError(f"{where}: row {row.get('id')!r} was written with fusion features "
-                            f"{pool.get('features')}, this gemel has {list(FEATURES)}; run it again")
-    return np.asarray(pool["values"], dtype=np.float64).reshape(-1, len(FEATURES))
+                            f"{pool.get('features')}, this gemel keeps {list(STORED)}; run it again")
+    return derive(np.asarray(pool["values"], dtype=np.float64))
 
 
 def row_list(row: dict, where: str = "<row>") -> tuple[np.ndarray, int] | None:

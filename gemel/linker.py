@@ -22,7 +22,7 @@ from gemel.beam import Hypothesis
 from gemel.data.nil import NIL, is_nil
 from gemel.errors import GemelError, MismatchError
 from gemel.eval.baselines import backoff_ranking
-from gemel.fusion import FusionModel, MentionPrior, pool_json
+from gemel.fusion import FusionModel, MentionPrior, derive, pool_json
 from gemel.retrieval import get_retriever, order_demonstrations
 from gemel.kb import KnowledgeBase
 from gemel.model import GemelModel
@@ -163,7 +163,7 @@ class Linker:
                 out.append(LinkResult(m.id, self.candidates(h, k), gold_id=m.entity_id, extra=x))
                 continue
             x["generated"] = [c.entity_id for c in self.candidates(h, k)]
-            fused = self.fusion.score(feats)
+            fused = self.fusion.score(derive(feats))  # [n_candidates]
             ranked = [Hypothesis(titles[i], float(fused[i]), float(feats[i, 0]), 0)
                       for i in np.argsort(-fused, kind="stable")]
             out.append(LinkResult(m.id, self.candidates(ranked, k), gold_id=m.entity_id, extra=x))
@@ -201,8 +201,8 @@ class Linker:
         return self.candidate_retriever
 
     def fusion_lists(self, mentions, hyps, embeds, mask) -> list[tuple[list[int], np.ndarray]]:
-        """Per mention: candidate title indices and their features [n_candidates, len(FEATURES)]
-        in gemel.fusion.FEATURES order. Candidates: the beams, the entities the training prior
+        """Per mention: candidate title indices and their stored features [n_candidates,
+        len(STORED)] in gemel.fusion.STORED order. Candidates: the beams, the entities the training prior
         knows for the mention string, exact title/alias matches, then the top retrieved titles."""
         rows, _ = self.kb_retriever().top(mentions, self.config.fusion_pool)
         pools = []
@@ -242,7 +242,7 @@ class Linker:
                                float(t in exact), float(t == top),
                                float(bool(backoff) and backoff[0] in self.ids_for(t)),
                                llm[t] if unseen else 0.0, self.prior.popularity(self.ids_for(t))]
-                              for t in titles])  # [n_candidates, len(FEATURES)]
+                              for t in titles])  # [n_candidates, len(STORED)]
             out.append((titles, feats))
         return out
 
