@@ -13,7 +13,6 @@ fusion model (e.g. one fitted on more dev mentions) instead of the run's own: no
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def main() -> None:

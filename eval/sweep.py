@@ -68,8 +68,6 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
     from gemel.backends.base import get_backend
     from gemel.data import read_mentions
     from gemel.eval.baselines import combo_baseline
-    from gemel.eval.metrics import hits_at_k
-    from gemel.kb import KnowledgeBase
     from gemel.linker import Linker, LinkerConfig, fit_retriever
     from gemel.runs import read_done, run
 
@@ -106,12 +104,12 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
         preds = run(linker.link_batch, mentions, path, batch_size=config.batch_size,
                     progress=progress, source=sweep.data)
         timing = add_timing(path, time.perf_counter() - t0, len(mentions) - before)
-        rows.append(result_row(name, cell, preds, hits_at_k, timing))
+        rows.append(result_row(name, cell, preds, timing))
         configs[name] = dataclasses.asdict(config)
         write_outputs(out, rows, configs)
     if sweep.baseline and train:
         preds = [r.to_json() for r in combo_baseline(kb, train, mentions, shared.get("candidates"))]
-        rows.append(result_row("baseline: prior > exact title > MiniLM", {}, preds, hits_at_k, None))
+        rows.append(result_row("baseline: prior > exact title > MiniLM", {}, preds, None))
         write_outputs(out, rows, configs)
     return rows
 
@@ -151,7 +149,9 @@ def add_timing(cell_path: Path, seconds: float, linked: int) -> dict:
     return total
 
 
-def result_row(name, cell, preds, hits_at_k, timing: dict | None) -> dict:
+def result_row(name, cell, preds, timing: dict | None) -> dict:
+    from gemel.eval.metrics import generation_rows, hits_at_k
+
     m = hits_at_k(preds, (1, 5))
     per = round(timing["seconds"] / timing["linked"], 3) if timing and timing["linked"] else None
     row = {"cell": name, "H@1": m["H@1"], "H@5": m["H@5"], "n": m["n"], "errors": m["errors"],
@@ -159,8 +159,7 @@ def result_row(name, cell, preds, hits_at_k, timing: dict | None) -> dict:
     flags = [p["in_candidates"] for p in preds if "in_candidates" in p]
     row["recall@C"] = round(100.0 * sum(flags) / len(flags), 1) if flags else None
     if any("generated" in p for p in preds):
-        gen = [{**p, "candidates": [{"entity_id": e} for e in p.get("generated", [])]} for p in preds]
-        row["H@1 generation"] = hits_at_k(gen, (1,))["H@1"]
+        row["H@1 generation"] = hits_at_k(generation_rows(preds), (1,))["H@1"]
     return row
 
 

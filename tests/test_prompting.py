@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from gemel.errors import DataError, GemelError
-from gemel.prompting import ImageSlot, PromptBuilder, load_template, parse_template, template_names
+from gemel.prompting import ImageSlot, PromptBuilder, load_template, template_names
 from gemel.types import Mention
 
 Q = Mention("q", "Obama visited Paris.", "Obama", entity="Barack Obama")
