@@ -14,6 +14,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("GEMEL_DATA", REPO.parent / "shared" / "data"))
 
+# GPU checks: they run where a CUDA device is (a lent GPU machine), and skip with this reason in CI
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="no CUDA device here; this check runs on a GPU machine")
+
 TITLES = ["Paris", "Paris Hilton", "Paris, Texas", "Jordan", "Michael Jordan", "Jordan River",
           "United Kingdom", "Parliament of the United Kingdom", "Barack Obama", "Michelle Obama",
           "Apple Inc.", "Apple", "Amazon (company)", "Amazon River", "Mercury (planet)",

@@ -12,16 +12,16 @@ from gemel.linker import Linker, LinkerConfig
 from gemel.model import GemelModel
 from gemel.prompting import PromptBuilder
 from gemel.types import Entity, Mention
-from tests.conftest import TITLES, tiny_llama, tiny_opt
+from tests.conftest import TITLES, needs_cuda, tiny_llama, tiny_opt
 
 TEXTS = ["Obama visited Paris with Michelle.", "The Amazon River floods every year.",
          "Queen played at Tower Bridge in London.", "Jordan scored 40 points for the Bulls."]
 
 
-def make_linker(model, tokenizer, titles, num_beams=5, **cfg) -> Linker:
+def make_linker(model, tokenizer, titles, num_beams=5, device="cpu", **cfg) -> Linker:
     kb = KnowledgeBase.from_entities(Entity(f"Q{i}", t) for i, t in enumerate(titles))
     config = LinkerConfig(model="tiny", num_beams=num_beams, top_k=num_beams, **cfg)
-    return Linker(config, kb, HFBackend(model, tokenizer))
+    return Linker(config, kb, HFBackend(model.to(device), tokenizer, device))
 
 
 def mention(i: int, text: str, word: str) -> Mention:
@@ -35,8 +35,9 @@ def exhaustive_scores(linker: Linker, m: Mention) -> list[float]:
     return linker.backend.score(embeds, mask, seqs)[0]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_exhaustive_beam_equals_argmax(family, sp_tokenizer, bpe_tokenizer):
+def test_exhaustive_beam_equals_argmax(family, device, sp_tokenizer, bpe_tokenizer):
     """With beams >= titles the search is exact: top-1 is the argmax of the sequence log-prob,
     and each returned score equals the teacher-forced score of its title."""
     rng = random.Random(0)
@@ -44,7 +45,7 @@ def test_exhaustive_beam_equals_argmax(family, sp_tokenizer, bpe_tokenizer):
     for trial in range(4):
         model = (tiny_llama if family == "llama" else tiny_opt)(len(tokenizer), seed=trial)
         titles = rng.sample(TITLES, rng.randint(3, 8))
-        linker = make_linker(model, tokenizer, titles, num_beams=len(titles))
+        linker = make_linker(model, tokenizer, titles, num_beams=len(titles), device=device)
         m = mention(trial, rng.choice(TEXTS), rng.choice(["Paris", "Jordan", "Amazon", "Queen"]))
         result = linker.link([m], top_k=len(titles))[0]
         assert {c.title for c in result.candidates} <= set(titles)

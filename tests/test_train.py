@@ -23,7 +23,7 @@ from gemel.kb import KnowledgeBase
 from gemel.mapper import LinearMapper
 from gemel.train import TrainConfig, train, weights_sha256
 from gemel.types import Entity, Mention
-from tests.conftest import REPO, TITLES, tiny_llama
+from tests.conftest import REPO, TITLES, needs_cuda, tiny_llama
 
 EXTRA = ["London River", "Queen Jordan", "Amazon Tower", "Apple River", "Texas Bridge",
          "Jordan Tower", "Mercury River", "Paris Bridge", "Obama Tower", "London Apple"]
@@ -177,6 +177,28 @@ def test_mapper_learns_images_to_titles_and_nothing_else_moves(tmp_path, sp_toke
     losses = [r["loss"] for r in log if r["event"] == "step"]
     assert losses[-1] < losses[0] / 2
     assert any(r["event"] == "eval" for r in log)
+
+
+@needs_cuda
+def test_mapper_trains_on_cuda_with_mixed_precision(tmp_path, sp_tokenizer):
+    """GPU check: the same task on CUDA under bf16 (or fp16) autocast reaches 100% train H@1, and
+    the frozen LLM and encoder are bit-identical afterwards."""
+    kb, mentions = make_task(tmp_path / "images")
+    llm, vision = steerable_llama(len(sp_tokenizer)), tiny_clip()
+    llm_before, vision_before = snapshot(llm), snapshot(vision.model)
+    summary = train(config(tmp_path / "ckpt", epochs=200, batch_size=16, lr=1e-1, eval_every=100,
+                           n_visual_tokens=8, cpu=False, mixed_precision="auto"),
+                    llm=llm, tokenizer=sp_tokenizer,
+                    vision=vision, kb=kb, train_mentions=mentions, dev_mentions=mentions)
+    print(f"\ncuda train: {summary['steps']} steps, {summary['seconds_per_step']} s/step; best dev "
+          f"H@1 {summary['best_dev_h1']} at step {summary['best_step']}")
+    assert summary["best_dev_h1"] == 100.0, summary
+    for name, value in snapshot(llm).items():
+        assert torch.equal(value.cpu(), llm_before[name].cpu()), f"LLM weight {name} changed"
+    for name, value in snapshot(vision.model).items():
+        assert torch.equal(value.cpu(), vision_before[name].cpu()), f"vision weight {name} changed"
+    assert summary["mixed_precision"] in ("bf16", "fp16")  # autocast was on
+    assert LinearMapper.load(tmp_path / "ckpt" / "best").proj.weight.dtype == torch.float32
 
 
 def test_only_target_tokens_carry_loss(tmp_path, sp_tokenizer):
