@@ -68,7 +68,8 @@ def beam_search(stepper: Stepper, tries: EntityTrie | Sequence[EntityTrie], n_pr
         tok = np.concatenate(toks).astype(np.int64)
         kid = np.concatenate(kids).astype(np.int64)
         owner = np.concatenate(owners)
-        lp = logprobs[torch.from_numpy(owner), torch.from_numpy(tok)].double().numpy()
+        rows_t, toks_t = (torch.from_numpy(a).to(logprobs.device) for a in (owner, tok))
+        lp = logprobs[rows_t, toks_t].double().cpu().numpy()  # [n_candidates], one device sync
         cand = row_score[owner] + lp
         cand_prompt = row_prompt[owner]
         order = np.lexsort((-cand, cand_prompt))  # by prompt, then best first

@@ -62,7 +62,7 @@ class ImageRetriever(ScoredRetriever):
                 feats = self.encoder.encode_mentions([mentions[i] for i in with_image],
                                                      self.prompt, cache=cache)
             # [n, n_images, feature_dim] -> [n, n_images * feature_dim]
-            flat = feats.reshape(len(with_image), -1).numpy().astype(np.float32)
+            flat = feats.reshape(len(with_image), -1).cpu().numpy().astype(np.float32)
             flat /= np.linalg.norm(flat, axis=1, keepdims=True).clip(min=1e-12)
             out[with_image] = flat
         return out

@@ -285,7 +285,9 @@ def test_two_processes_shard_the_data_and_agree(tmp_path):
     """torchrun --nproc_per_node 2: disjoint shards, one mapper (equal on both ranks and on disk)."""
     from safetensors.torch import load_file
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # the repository first (tests.* imports), then whatever PYTHONPATH the caller had
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     # --standalone: a free port and a local rendezvous (a fixed --master_port may be taken)
     cmd = [shutil.which("torchrun"), "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "ddp_train_script.py"), str(tmp_path)]

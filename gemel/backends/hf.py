@@ -98,11 +98,13 @@ class HFStepper:
             chunk = rows[start:start + rows_per_pass]
             parents = torch.tensor([p for p, _ in chunk], device=device)
             longest = len(chunk[-1][1])
-            ids = torch.zeros(len(chunk), longest, dtype=torch.long, device=device)
-            seq_mask = torch.zeros(len(chunk), longest, dtype=torch.long, device=device)
-            for i, (_, seq) in enumerate(chunk):  # right-padded continuation
+            # right-padded continuations, built on the host and sent once
+            ids = torch.zeros(len(chunk), longest, dtype=torch.long)
+            seq_mask = torch.zeros(len(chunk), longest, dtype=torch.long)
+            for i, (_, seq) in enumerate(chunk):
                 ids[i, :len(seq)] = torch.tensor(seq)
                 seq_mask[i, :len(seq)] = 1
+            ids, seq_mask = ids.to(device), seq_mask.to(device)
             cache = copy.deepcopy(cache0) if start + rows_per_pass < len(rows) else cache0
             cache.reorder_cache(parents)
             mask = torch.cat([mask0[parents], seq_mask], dim=1)
@@ -111,13 +113,10 @@ class HFStepper:
                              **{self.kw: cache})
             # log p(token t+1 | ..., token t) = logit - logsumexp, only at the tokens we need
             logits = out.logits.float()  # [rows, longest, vocab]
-            norm = logits.logsumexp(-1)  # [rows, longest]
-            for i, (p, seq) in enumerate(chunk):
-                total = first[p, seq[0]].item()
-                if len(seq) > 1:
-                    steps = torch.arange(len(seq) - 1, device=device)
-                    nxt = torch.tensor(seq[1:], device=device)
-                    total += (logits[i, steps, nxt] - norm[i, steps]).sum().item()
+            following = (logits[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+                         - logits[:, :-1].logsumexp(-1))  # [rows, longest - 1]
+            totals = first[parents, ids[:, 0]] + (following * seq_mask[:, 1:]).sum(1)  # [rows]
+            for (p, seq), total in zip(chunk, totals.tolist()):  # one device sync per pass
                 found[(p, tuple(seq))] = total
         self.prefill = None  # the last pass consumed the snapshot's cache
         return [[found[(p, tuple(seq))] for seq in seqs] for p, seqs in enumerate(sequences)]
