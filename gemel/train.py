@@ -372,6 +372,20 @@ def read_trainer_state(folder: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # loading what the config names
+def _wait_for_everyone(accelerator) -> None:
+    """A barrier across processes. accelerate's passes ``device_ids=[local rank]``, which in a CPU
+    (gloo) run on a host with fewer GPUs than processes names a GPU that does not exist ("invalid
+    device ordinal": seen with torch 2.11 + accelerate 1.15, 2 CPU processes on a 1-GPU host)."""
+    if accelerator.num_processes == 1:
+        return
+    if accelerator.device.type == "cpu":
+        import torch.distributed as dist
+
+        dist.barrier()
+    else:
+        accelerator.wait_for_everyone()
+
+
 def _mixed_precision(requested: str, device: str) -> str:
     import torch
 
@@ -554,8 +568,11 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     lora_model = _add_lora(llm, config.lora_r, config.lora_alpha) if config.lora_r > 0 else None
     lm = lora_model if lora_model is not None else llm
     lm.eval()
-    with accelerator.main_process_first():  # one process builds and caches the trie
-        trie = load_or_build_trie(kb, tokenizer, builder.answer_prefix, builder.terminator_text)
+    if not accelerator.is_main_process:
+        _wait_for_everyone(accelerator)  # the main process builds and caches the trie first
+    trie = load_or_build_trie(kb, tokenizer, builder.answer_prefix, builder.terminator_text)
+    if accelerator.is_main_process:
+        _wait_for_everyone(accelerator)
 
     params = list(mapper.parameters())
     if lora_model is not None:
@@ -691,7 +708,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
             if improved:
                 save_checkpoint(out / "best", raw_mapper, lora)
             save_checkpoint(out / "last", raw_mapper, lora, raw_optimizer, trainer_state())
-        accelerator.wait_for_everyone()
+        _wait_for_everyone(accelerator)
 
     # -- the loop --------------------------------------------------------------------------------
     raw_mapper.train()
