@@ -99,7 +99,8 @@ def main() -> None:
                                                          for c in r["candidates"])}
         print(dtype, json.dumps(report[dtype]), flush=True)
         del linker
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if len(firsts) == 2:
         a, b = firsts.values()
         report["top1_agreement_between_dtypes"] = agreement(a, b)
@@ -133,7 +134,8 @@ def main() -> None:
                                        if torch.cuda.is_available() else None}
             print(name, json.dumps(report[f"shape_{name}"]), flush=True)
             del linker, model
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     (out / "device_check.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(report, indent=2))
 

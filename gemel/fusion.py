@@ -226,8 +226,9 @@ def row_list(row: dict, where: str = "<row>") -> tuple[np.ndarray, int] | None:
     gold = row.get("gold_id")
     if gold is None and not row.get("gold_nil"):
         return None
-    position = [j for j, ids in enumerate(row["pool"]["ids"]) if gold in ids] if "pool" in row else []
-    return pool_values(row, where), position[0] if position else -1
+    values = pool_values(row, where)  # checks the pool first
+    position = [j for j, ids in enumerate(row["pool"]["ids"]) if gold in ids]
+    return values, position[0] if position else -1
 
 
 def rows_lists(rows: Sequence[dict], where: str = "<rows>") -> list[tuple[np.ndarray, int]]:

@@ -202,8 +202,9 @@ class Linker:
 
     def fusion_lists(self, mentions, hyps, embeds, mask) -> list[tuple[list[int], np.ndarray]]:
         """Per mention: candidate title indices and their stored features [n_candidates,
-        len(STORED)] in gemel.fusion.STORED order. Candidates: the beams, the entities the training prior
-        knows for the mention string, exact title/alias matches, then the top retrieved titles."""
+        len(STORED)] in gemel.fusion.STORED order. Candidates: the beams, the entities the training
+        prior knows for the mention string, exact title/alias matches, then the top retrieved
+        titles."""
         rows, _ = self.kb_retriever().top(mentions, self.config.fusion_pool)
         pools = []
         for m, h, r in zip(mentions, hyps, rows):
@@ -235,13 +236,14 @@ class Linker:
             unseen = not self.prior.seen(m.mention)
             top = int(r[0]) if len(r) else -1
             backoff = backoff_ranking(self.kb, self.prior, m, r.tolist(), k=1)
+            ids = {t: self.ids_for(t) for t in titles}  # once per candidate, used four times
             feats = np.array([[llm[t], float(t in beam), float(sim.get(t, 0.0)),
                                float(ctx.get(t, 0.0)),
-                               sum(self.prior.prob(m.mention, e) for e in self.ids_for(t)),
-                               float(best is not None and best in self.ids_for(t)),
+                               sum(self.prior.prob(m.mention, e) for e in ids[t]),
+                               float(best is not None and best in ids[t]),
                                float(t in exact), float(t == top),
-                               float(bool(backoff) and backoff[0] in self.ids_for(t)),
-                               llm[t] if unseen else 0.0, self.prior.popularity(self.ids_for(t))]
+                               float(bool(backoff) and backoff[0] in ids[t]),
+                               llm[t] if unseen else 0.0, self.prior.popularity(ids[t])]
                               for t in titles])  # [n_candidates, len(STORED)]
             out.append((titles, feats))
         return out
