@@ -197,8 +197,9 @@ def link_identity(config, kb_path, data_path, fmt, split, splits_path, train_pat
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--model", default="smollm2-135m-instruct", show_default=True,
               help="Whose tokenizer the trie is for.")
-@click.option("--template", default="gemel", show_default=True,
-              help="The template whose answer prefix and terminator the trie follows.")
+@click.option("--template", default=None,
+              help="The template whose answer prefix and terminator the trie follows [the model's "
+              "default: gemel].")
 @click.option("--terminator", default=None, help="Override the terminator text (default: the "
               "template's text after the answer, e.g. a newline).")
 @click.option("--nil", is_flag=True, default=False, help="Add the reserved answer NIL (for link --nil).")
@@ -209,11 +210,11 @@ def build_trie_cmd(kb_path, out_dir, model, template, terminator, nil):
     from gemel.kb import KnowledgeBase
     from gemel.linker import build_trie
     from gemel.prompting import PromptBuilder
-    from gemel.sources import resolve
+    from gemel.sources import default_template, resolve
 
     kb = KnowledgeBase.from_jsonl(kb_path)
     tokenizer = AutoTokenizer.from_pretrained(resolve(model, "llm"))
-    builder = PromptBuilder(template, tokenizer)
+    builder = PromptBuilder(template or default_template(model), tokenizer)
     t0 = time.perf_counter()
     trie = build_trie(kb, tokenizer, builder.answer_prefix, terminator or builder.terminator_text,
                       nil=nil)
@@ -279,6 +280,39 @@ def sweep(config_path, progress):
     rows = run_sweep(config_path, progress=progress)
     for r in rows:
         click.echo(" | ".join(f"{k} {v}" for k, v in r.items()))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per model (with the exact "
+              "pins of every part).")
+def models(as_json):
+    """List the offline models: kind, parameters, size, installed or not, pip line, origin, license."""
+    from gemel.sources import LADDER_EXTRA, OFFLINE, model_status
+
+    rows = [model_status(name) for name in OFFLINE]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+
+    def billions(n):
+        if n is None:
+            return "-"
+        return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e8 else f"{n / 1e6:.1f}M"
+
+    table = [("name", "kind", "params", "non-emb", "size", "installed", "ready", "install")]
+    for r, spec in zip(rows, OFFLINE.values()):
+        table.append((r["name"], r["kind"], billions(r["parameters"]), billions(r["non_embedding"]),
+                      "-" if r["bytes"] is None else f"{r['bytes'] / 2**20:.0f} MiB", r["installed"],
+                      "yes" if r["ready"] else "no",
+                      LADDER_EXTRA if spec.assembled else r["pip"]))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    click.echo("\nready: converted (GGUF dequantised, ONNX unpacked) in the cache already; "
+               "exact part pins: gemel models --json")
+    for r in rows:
+        click.echo(f"\n{r['name']}: {r['format']}\n  origin:  {r['origin']}\n  license: {r['license']}")
 
 
 @cli.command("fit-fusion")

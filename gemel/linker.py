@@ -28,7 +28,7 @@ from gemel.retrieval import get_retriever, order_demonstrations
 from gemel.kb import KnowledgeBase
 from gemel.model import GemelModel
 from gemel.prompting import PromptBuilder, load_template
-from gemel.sources import cache_dir
+from gemel.sources import cache_dir, default_template
 from gemel.trie import EntityTrie, tokenizer_identity
 from gemel.types import Candidate, LinkResult, Mention
 
@@ -41,7 +41,7 @@ class LinkerConfig:
     backend: str = "hf"
     device: str = "auto"
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16
-    template: str = "gemel"
+    template: str | None = None  # None: the model's default (gemel/offline_models.yaml), else gemel
     num_beams: int = 5
     top_k: int = 5
     max_new_tokens: int = 32
@@ -120,6 +120,8 @@ class Linker:
     def __init__(self, config: LinkerConfig, kb: KnowledgeBase, backend: Backend,
                  trie: EntityTrie | None = None, model: GemelModel | None = None,
                  train: Sequence[Mention] | None = None, retriever=None, candidate_retriever=None):
+        if config.template is None:  # recorded, so that a run's config names the template it used
+            config = dataclasses.replace(config, template=default_template(config.model))
         self.config, self.kb, self.backend = config, kb, backend
         # title index -> title; in NIL mode one more index, past the KB's, is the NIL answer
         self.titles = list(kb.titles) + ([NIL] if config.nil else [])

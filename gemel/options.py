@@ -35,7 +35,7 @@ model_option = click.option(
     "--model", default=None, help="LLM: offline name, folder, .gguf or hub id "
     "[smollm2-135m-instruct].")
 template_option = click.option(
-    "--template", default=None, help="Prompt template name or .txt path [gemel].")
+    "--template", default=None, help="Prompt template name or .txt path [the model's, see `gemel models`; else gemel].")
 beams_option = click.option(
     "--beams", "num_beams", type=AT_LEAST_1, default=None, help="Beam size (>= 1) [5].")
 top_k_option = click.option(
