@@ -136,11 +136,15 @@ def link(kb_path, data_path, out_path, config_path, model, num_beams, top_k, bat
                batch_size=linker.config.batch_size, progress=progress, source=str(data_path))
     t_link = time.perf_counter() - t0
     k = linker.config.top_k
+    if linker.box_only_from_text:
+        click.echo(f"{linker.box_only_from_text} box-only mention(s) (no mention string) linked "
+                   f"from their text alone: --no-image ablation")
     summary = {"mentions": len(rows), "kb_entities": len(kb), "model": linker.config.model,
                "dtype": str(linker.backend.dtype).replace("torch.", ""),
                "load_seconds": round(t_load, 2), "link_seconds": round(t_link, 2),
                "seconds_per_mention": round(t_link / max(len(mentions), 1), 4),
-               "trie_boundary_merged": len(getattr(linker.trie, "boundary_merged", []))}
+               "trie_boundary_merged": len(getattr(linker.trie, "boundary_merged", [])),
+               "box_only_from_text": linker.box_only_from_text}
     click.echo(f"linked {len(rows)} mentions in {t_link:.1f}s "
                f"({summary['seconds_per_mention']:.3f} s/mention; model load {t_load:.1f}s)")
     if any(m.entity_id is not None for m in mentions):
