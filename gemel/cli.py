@@ -104,11 +104,15 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
         click.echo(f"merged {len(parts)} parts into {out_path}")
         mentions = everything
     k = linker.config.top_k
+    if linker.box_only_from_text:
+        click.echo(f"{linker.box_only_from_text} box-only mention(s) (no mention string) linked "
+                   f"from their text alone: --no-image ablation")
     summary = {"mentions": len(rows), "kb_entities": len(kb), "model": linker.config.model,
                "dtype": str(linker.backend.dtype).replace("torch.", ""),
                "load_seconds": round(t_load, 2), "link_seconds": round(t_link, 2),
                "seconds_per_mention": round(t_link / max(len(mentions), 1), 4),
-               "trie_boundary_merged": len(getattr(linker.trie, "boundary_merged", []))}
+               "trie_boundary_merged": len(getattr(linker.trie, "boundary_merged", [])),
+               "box_only_from_text": linker.box_only_from_text}
     if any(m.entity_id is not None for m in mentions):
         # the one summary of `gemel eval`, beside the exact-match baseline on the same mentions
         result = evaluate_files([(str(out_path), rows), ("exact-match baseline", [
