@@ -11,6 +11,7 @@ import click
 
 from gemel.errors import GemelError
 from gemel.files import write_atomic
+from gemel.eval.baselines import KINDS as BASELINE_KINDS
 
 # the flags live in gemel.options (one definition each); imported here under their old names
 from gemel.options import (DATA_FORMATS, data_options, fusion_option, linker_options,  # noqa: F401
@@ -53,7 +54,7 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
     Under `torchrun --nproc_per_node N -m gemel.cli link ...` each process links its shard of
     the mentions into OUT.shard-R-of-N.jsonl, and process 0 merges them into --out."""
     from gemel.eval.baselines import exact_match
-    from gemel.eval.metrics import format_hits, generation_rows, hits_at_k
+    from gemel.eval.summary import evaluate_files, format_summary
     from gemel.kb import KnowledgeBase
     from gemel.linker import Linker, linker_config
     from gemel.runs import (check_output, merge_parts, open_output, run, select_shard,
@@ -103,25 +104,25 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
         click.echo(f"merged {len(parts)} parts into {out_path}")
         mentions = everything
     k = linker.config.top_k
+    if linker.box_only_from_text:
+        click.echo(f"{linker.box_only_from_text} box-only mention(s) (no mention string) linked "
+                   f"from their text alone: --no-image ablation")
     summary = {"mentions": len(rows), "kb_entities": len(kb), "model": linker.config.model,
                "dtype": str(linker.backend.dtype).replace("torch.", ""),
                "load_seconds": round(t_load, 2), "link_seconds": round(t_link, 2),
                "seconds_per_mention": round(t_link / max(len(mentions), 1), 4),
-               "trie_boundary_merged": len(getattr(linker.trie, "boundary_merged", []))}
+               "trie_boundary_merged": len(getattr(linker.trie, "boundary_merged", [])),
+               "box_only_from_text": linker.box_only_from_text}
     if any(m.entity_id is not None for m in mentions):
-        ks = sorted({1, k})
-        summary["gemel"] = hits_at_k(rows, ks)
-        summary["exact_match"] = hits_at_k([r.to_json() for r in exact_match(kb, mentions)], ks)
-        click.echo(format_hits("gemel", summary["gemel"]))
-        if any("generated" in r for r in rows):
-            summary["gemel_generation"] = hits_at_k(generation_rows(rows), ks)
-            click.echo(format_hits("  pure generation", summary["gemel_generation"]))
-        flags = [r["in_candidates"] for r in rows if "in_candidates" in r]
-        if flags:
-            summary["candidate_recall"] = round(100.0 * sum(flags) / len(flags), 2)
-            click.echo(f"{'candidates recall@' + str(linker.config.candidates):<24} "
-                       f"{summary['candidate_recall']:.1f}")
-        click.echo(format_hits("exact-match baseline", summary["exact_match"]))
+        # the one summary of `gemel eval`, beside the exact-match baseline on the same mentions
+        result = evaluate_files([(str(out_path), rows), ("exact-match baseline", [
+            r.to_json() for r in exact_match(kb, mentions)])], mentions, train=train, kb=kb)
+        summary["gemel"], summary["exact_match"] = result["files"]
+        summary["paired"] = result["paired"]
+        if linker.config.candidates:
+            summary["gemel"]["candidates"] = linker.config.candidates  # C of recall@C
+        click.echo("gemel beside the exact-match baseline, on the same mentions:")
+        click.echo(format_summary(result))
     images = linker.model.image_embedder
     if images is not None:
         encoded = images.encoder.stats
@@ -386,6 +387,83 @@ def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, drop, fusion_pool,
     model_.save(out_path)
     click.echo(json.dumps(report, indent=2))
     click.echo(f"fusion model: {out_path} (dev rows: {rows_note})")
+
+
+def train_options(f):
+    """Training mentions for `gemel eval` (seen/unseen split) and `gemel baseline` (prior)."""
+    f = click.option("--train-split", default=None,
+                     help="Take the training mentions from this split of --data (with --splits).")(f)
+    f = click.option("--train", "train_path", type=click.Path(exists=True, dir_okay=False),
+                     default=None, help="Training mentions (JSONL or release file).")(f)
+    return f
+
+
+@cli.command("eval")
+@click.argument("pred_paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The mentions the predictions were made from (their gold is the truth).")
+@click.option("--kb", "kb_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="KB JSONL: gold titles for the mention = title split.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the summary as JSON (a stable contract, see README).")
+@click.option("--resamples", type=int, default=1000, show_default=True,
+              help="Bootstrap resamples for the intervals and paired tests.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@train_options
+@data_options
+def eval_cmd(pred_paths, data_path, kb_path, json_path, resamples, seed, train_path, train_split,
+             fmt, split, splits_path, images_dir, limit):
+    """H@1/3/5/10 and MRR with 95% bootstrap intervals, seen/unseen and mention = title splits,
+    and a paired bootstrap of H@1 for every pair of files."""
+    from gemel.eval.summary import evaluate_files, format_summary, read_predictions, write_json
+    from gemel.kb import KnowledgeBase
+
+    mentions = read_data(data_path, fmt, split, splits_path, images_dir, limit)
+    train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir)
+    kb = KnowledgeBase.from_jsonl(kb_path) if kb_path else None
+    result = evaluate_files([(p, read_predictions(p)) for p in pred_paths], mentions, train=train,
+                            kb=kb, n_resamples=resamples, seed=seed)
+    click.echo(format_summary(result))
+    if json_path:
+        write_json(result, json_path)
+        click.echo(f"json: {json_path}")
+
+
+@cli.command()
+@click.option("--kind", required=True, type=click.Choice(BASELINE_KINDS),
+              help="exact | prior | dense | dense-context | combo | combo-context.")
+@click.option("--kb", "kb_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Predictions JSONL (overwritten).")
+@click.option("--top-k", type=int, default=10, show_default=True, help="Candidates per mention.")
+@click.option("--sentence-model", default="minilm-l6-v2", show_default=True,
+              help="Sentence encoder of the dense kinds.")
+@click.option("--progress/--no-progress", default=True)
+@train_options
+@data_options
+def baseline(kind, kb_path, data_path, out_path, top_k, sentence_model, progress, train_path,
+             train_split, fmt, split, splits_path, images_dir, limit):
+    """Non-LLM baseline predictions in the usual format, to set beside gemel with `gemel eval`."""
+    from gemel.eval.baselines import check_baseline, run_baseline
+    from gemel.eval.summary import evaluate_files, format_summary
+    from gemel.kb import KnowledgeBase
+    from gemel.runs import run
+
+    kb = KnowledgeBase.from_jsonl(kb_path)
+    mentions = read_data(data_path, fmt, split, splits_path, images_dir, limit)
+    train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir)
+    check_baseline(kind, train, top_k)
+    retrievers: dict = {}
+    t0 = time.perf_counter()
+    Path(out_path).unlink(missing_ok=True)  # deterministic and quick: never resume another kind
+    rows = run(lambda batch: run_baseline(kind, kb, batch, train, top_k, sentence_model, retrievers),
+               mentions, out_path, batch_size=512, progress=progress, source=str(data_path))
+    click.echo(f"baseline {kind}: {len(rows)} mentions in {time.perf_counter() - t0:.1f}s "
+               f"-> {out_path}")
+    if any(m.entity_id is not None for m in mentions):
+        click.echo(format_summary(evaluate_files([(str(out_path), rows)], mentions, train=train,
+                                                 kb=kb)))
 
 
 def _register_train() -> None:
