@@ -124,34 +124,41 @@ def main() -> None:
     # kill times uniform over what a fresh process would need from here: startup + the rows left
     rng = random.Random(args.seed)
     landed: dict[str, int] = {}
-    kills = finished_early = 0
+    kills = finished_early = cycle_kills = 0
+    cycles: list[tuple[int, bool]] = []  # (kills survived, identical) per finished file
+    read = lambda p: [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines()]  # noqa: E731
     t0 = time.perf_counter()
     while kills < args.kills:
         left = args.limit - len({json.loads(x)["id"] for x in killed.read_text().splitlines()
                                  if x.endswith("}")}) if killed.exists() else args.limit
         at = rng.uniform(0.0, startup + max(left, args.batch_size) * per_row)
         where = killed_run(link_cmd(args, killed), killed, at, startup)
-        if where is None:  # finished before the kill: start over from an empty file
+        if where is None:  # finished before its kill: check this cycle, then start over
             finished_early += 1
+            cycles.append((cycle_kills, compare(read(straight), read(killed))["identical"]))
+            cycle_kills = 0
             for q in (killed, killed.with_name(killed.name + ".run.json")):
                 q.unlink(missing_ok=True)
             continue
         kills += 1
+        cycle_kills += 1
         landed[where] = landed.get(where, 0) + 1
     proc = subprocess.run(link_cmd(args, killed), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE)
     if proc.returncode != 0:
         raise SystemExit(f"final resume failed ({proc.returncode}):\n{proc.stderr.decode()[-3000:]}")
-    print(f"killed run: {time.perf_counter() - t0:.1f}s for {kills} kills + the final resume "
-          f"({finished_early} run(s) finished before their kill and were started over)")
-    read = lambda p: [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines()]
+    print(f"killed runs: {time.perf_counter() - t0:.1f}s for {kills} kills + the final resume "
+          f"({finished_early} run(s) finished before their kill: checked, then started over)")
     a, b = read(straight), read(killed)
     result = compare(a, b)
+    cycles.append((cycle_kills, result["identical"]))
     print(f"kills: {kills} ({', '.join(f'{n} {w}' for w, n in sorted(landed.items()))})")
-    print(f"rows: {len(a)} uninterrupted, {len(b)} after kills + resumes")
-    print(json.dumps(result))
-    print("IDENTICAL" if result["identical"] else "DIFFERENT")
-    sys.exit(0 if result["identical"] else 1)
+    print(f"finished files: {len(cycles)}, kills each survived: {[k for k, _ in cycles]}, "
+          f"identical to the uninterrupted run: {sum(ok for _, ok in cycles)} of {len(cycles)}")
+    print(f"last file: {len(b)} rows ({len(a)} uninterrupted); {json.dumps(result)}")
+    identical = all(ok for _, ok in cycles)
+    print("IDENTICAL" if identical else "DIFFERENT")
+    sys.exit(0 if identical else 1)
 
 
 if __name__ == "__main__":
