@@ -87,6 +87,11 @@ def test_baseline_then_eval_json(tmp_path):
                                 "--no-progress"])
         assert r.exit_code == 0, r.output
         assert "H@1" in r.output
+    # another kind into the same --out is refused (it would mix two runs), the file is kept
+    before = (tmp_path / "prior.jsonl").read_text()
+    r = runner.invoke(cli, ["baseline", "--kind", "exact", "--kb", str(kb), "--data", str(data),
+                            "--out", str(tmp_path / "prior.jsonl"), "--no-progress"])
+    assert r.exit_code != 0 and (tmp_path / "prior.jsonl").read_text() == before
     rows = [json.loads(x) for x in (tmp_path / "exact.jsonl").read_text().splitlines()]
     assert [x["id"] for x in rows] == [m.id for m in TEST] and rows[0]["gold_id"] == ID["Michael Jordan"]
     out = tmp_path / "eval.json"
