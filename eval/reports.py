@@ -214,12 +214,23 @@ def markdown(report: dict, command: str) -> str:
             label = kind if len(report["kbs"]) == 1 else f"{kind} (KB {first})"
             for metric, value in metrics.items():
                 here = files[label][metric]
-                lines.append(f"| {kind} | {metric} | {value:.1f} | {here:.1f} | {here - value:+.1f} |")
+                lines.append(f"| {kind} | {metric} | {value:.1f} | {here:.2f} | {here - value:+.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--render"]:  # Markdown again from a report's JSON (no recomputation)
+        for path in argv[1:]:
+            report = json.loads(Path(path).read_text(encoding="utf-8"))
+            Path(path).with_suffix(".md").write_text(markdown(report, report["command"]),
+                                                     encoding="utf-8")
+            print(f"rendered {Path(path).with_suffix('.md')}")
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 epilog="python -m gemel.eval.reports --render REPORT.json ...: "
+                                 "write the Markdown again from a report's JSON")
     ap.add_argument("dataset", choices=["wikidiverse", "wikimel"])
     ap.add_argument("--data", default="../shared/data", help="folder of the public releases")
     ap.add_argument("--out", default="eval/results", help="where the .md and .json go")
@@ -230,8 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sentence-model", default="minilm-l6-v2")
     ap.add_argument("--top-k", type=int, default=10)
     args = ap.parse_args(argv)
-    command = "python -m gemel.eval.reports " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m gemel.eval.reports " + " ".join(shlex.quote(a) for a in argv)
     work = Path(args.work or f"runs/reports/{args.dataset}")
     report = build(args.dataset, Path(args.data), work, args.limit, args.pred,
                    args.sentence_model, args.top_k)

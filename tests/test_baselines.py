@@ -133,5 +133,5 @@ def test_report_markdown_names_the_strongest_and_the_command():
     text = markdown(report, "python -m gemel.eval.reports toy")
     assert "python -m gemel.eval.reports toy" in text and "strongest baseline: exact" in text
     assert "| **exact** |" in text and "| prior |" in text
-    assert "| exact | H@1 | 40.0 | 50.0 | +10.0 |" in text  # against the earlier figure
+    assert "| exact | H@1 | 40.0 | 50.00 | +10.00 |" in text  # against the earlier figure
     assert "| prior | -25.00 |" in text  # paired, other - strongest
