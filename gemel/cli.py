@@ -435,7 +435,8 @@ def eval_cmd(pred_paths, data_path, kb_path, json_path, resamples, seed, train_p
 @click.option("--kb", "kb_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
-              help="Predictions JSONL (overwritten).")
+              help="Predictions JSONL: written only when absent, empty, or this same baseline's "
+              "predictions (then resumed).")
 @click.option("--top-k", type=int, default=10, show_default=True, help="Candidates per mention.")
 @click.option("--sentence-model", default="minilm-l6-v2", show_default=True,
               help="Sentence encoder of the dense kinds.")
@@ -454,11 +455,19 @@ def baseline(kind, kb_path, data_path, out_path, top_k, sentence_model, progress
     mentions = read_data(data_path, fmt, split, splits_path, images_dir, limit)
     train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir)
     check_baseline(kind, train, top_k)
+    from gemel.runs import input_identity, path_sha256
+
     retrievers: dict = {}
     t0 = time.perf_counter()
-    Path(out_path).unlink(missing_ok=True)  # deterministic and quick: never resume another kind
+    # --out follows `gemel link`'s rule: written only when absent, empty or this same baseline
+    identity = {"input": input_identity(data_path, fmt or "auto", split, splits_path),
+                "settings": {"baseline": kind, "kb": path_sha256(kb_path), "top_k": top_k,
+                             "sentence_model": sentence_model,
+                             "train": (path_sha256(train_path) if train_path else
+                                       f"split {train_split} of --data" if train_split else None)}}
     rows = run(lambda batch: run_baseline(kind, kb, batch, train, top_k, sentence_model, retrievers),
-               mentions, out_path, batch_size=512, progress=progress, source=str(data_path))
+               mentions, out_path, batch_size=512, progress=progress, source=str(data_path),
+               identity=identity)
     click.echo(f"baseline {kind}: {len(rows)} mentions in {time.perf_counter() - t0:.1f}s "
                f"-> {out_path}")
     if any(m.entity_id is not None for m in mentions):
