@@ -206,7 +206,7 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
         row[f"link_h1_{name}"] = h1(rows)
         if name == "image" and dev_rows:
             mine = top1(rows)
-            row["top1_agree"] = f"{sum(mine[k] == v for k, v in dev_rows.items())}/{len(dev_rows)}"
+            row["top1_agree"] = f"{sum(mine[k] == v[0] for k, v in dev_rows.items())}/{len(dev_rows)}"
         if name == "no_image":
             row["box_only_from_text"] = linker.box_only_from_text
     return row
