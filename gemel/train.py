@@ -663,7 +663,9 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     else:
         mapper_p, optimizer, loader = accelerator.prepare(mapper, optimizer, loader)
         lm_p = llm
-    raw_mapper: LinearMapper = accelerator.unwrap_model(mapper_p)
+    # without accelerate's autocast wrapper around forward (it stays on by default): evaluation
+    # must map features as `gemel link` does, in fp32; training steps run under autocast anyway
+    raw_mapper: LinearMapper = accelerator.unwrap_model(mapper_p, keep_fp32_wrapper=False)
     cache = _feature_cache(config)
     embedder = ImageTokens(vision, raw_mapper, prompt, cache=cache)
     # the training path goes through the prepared (DDP) mapper so that gradients are all-reduced
@@ -773,9 +775,10 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
         total = accelerator.reduce(torch.tensor(counts, dtype=torch.float64, device=device),
                                    reduction="sum").tolist()
         n = int(total[0])
-        # each mention's top-1 entity, so that a link run can be compared answer by answer
-        top1 = {r["id"]: (r["candidates"][0]["entity_id"] if r["candidates"] else None)
-                for r in rows}
+        # each mention's top-1 [entity id, score], so that a link run with the saved checkpoint
+        # can be compared answer by answer, score by score
+        top1 = {r["id"]: ([r["candidates"][0]["entity_id"], r["candidates"][0]["score"]]
+                          if r["candidates"] else [None, None]) for r in rows}
         if accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
