@@ -95,13 +95,13 @@ def expand(sweep: SweepConfig) -> list[dict]:
 def cell_configs(sweep: SweepConfig, source: str) -> list[tuple[str, object]]:
     """(name, LinkerConfig) per cell, grouped so that cells sharing a backend are adjacent (in
     the order each backend first appears): one model load per backend."""
-    from gemel.linker import LinkerConfig
+    from gemel.linker import linker_config
     from gemel.sources import default_template
 
     configs = []
     for cell in expand(sweep):
         values = {k: v for k, v in {**sweep.linker, **cell}.items() if not (k == "retriever" and v == "-")}
-        config = from_dict(LinkerConfig, values, source=f"{source}: cell {cell_name(cell)}")
+        config = linker_config(values, source=f"{source}: cell {cell_name(cell)}")
         # the template the Linker would pick, named here so that the trie key and cells.json say it
         config = dataclasses.replace(config, template=config.template or default_template(config.model))
         configs.append((cell_name(cell), config))
@@ -119,6 +119,7 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
     from gemel.eval.baselines import combo_baseline
     from gemel.eval.measure import environment, parameter_counts, peak_rss_gib, reset_peak_rss
     from gemel.eval.sweep_report import metric_row, write_outputs
+    from gemel.runs import input_identity, path_sha256
     from gemel.sources import resolve
 
     sweep = from_dict(SweepConfig, load_yaml(path), source=str(path))
@@ -138,6 +139,13 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
         dev = (read_mentions(fusion.data, fmt="auto", limit=fusion.limit) if fusion.data else
                read_mentions(sweep.data, split=fusion.split, limit=fusion.limit, **read))
     kb = kb_for(sweep, read)
+    # what every cell's predictions file records, so that a rerun resumes only its own rows
+    fixed = {"input": input_identity(sweep.data, sweep.format, sweep.split, sweep.splits),
+             "dev": (None if fusion is None else input_identity(fusion.data) if fusion.data else
+                     input_identity(sweep.data, sweep.format, fusion.split, sweep.splits)),
+             "kb": path_sha256(sweep.kb) if sweep.kb != "gold" else "gold",
+             "train": (path_sha256(sweep.train) if sweep.train else
+                       f"split {sweep.train_split}" if sweep.train_split else None)}
     env = environment()
     shared: dict = {"retrievers": {}, "tries": {}, "candidates": None}
     rows, cells = [], {}
@@ -165,7 +173,7 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
                        **parameter_counts(base.model, backend.model)}
         for name, config in group:
             measured, linked = run_cell(out, name, config, backend, kb, train, mentions, dev,
-                                        fusion, shared, progress, source=sweep.data)
+                                        fusion, shared, progress, source=sweep.data, fixed=fixed)
             if linked or "load_seconds" not in measured:  # a resumed, finished cell keeps its own
                 measured.update(model_facts, peak_rss_gib=peak_rss_gib(), environment=env)
             write_measure(out, name, measured)
@@ -183,13 +191,18 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
 
 
 def run_cell(out: Path, name: str, config, backend, kb, train, mentions, dev, fusion, shared,
-             progress: bool, source: str) -> tuple[dict, int]:
+             progress: bool, source: str, fixed: dict) -> tuple[dict, int]:
     """Link one cell's mentions (fused: fit on dev first). Returns its measurements (timing
-    accumulated over resumed runs) and how many mentions this call linked."""
-    from gemel.fusion import FEATURES, FusionModel, fit_on_mentions
+    accumulated over resumed runs) and how many mentions this call linked. ``fixed``: the input,
+    dev, KB and train identities the predictions files record (gemel.runs)."""
+    from gemel.fusion import FEATURES, fit_on_mentions
     from gemel.linker import Linker, fit_retriever
-    from gemel.runs import read_done, run
+    from gemel.runs import open_output, read_done, run, settings_identity
     from gemel.trie import tokenizer_identity
+
+    def identity(data: dict, cfg) -> dict:
+        return {"input": data, "settings": settings_identity(cfg, kb=fixed["kb"],
+                                                             train=fixed["train"])}
 
     pool = (config.retriever, config.nil)  # NIL mode changes the demonstration pool
     if config.demos > 0 and pool not in shared["retrievers"]:
@@ -212,13 +225,15 @@ def run_cell(out: Path, name: str, config, backend, kb, train, mentions, dev, fu
         fused_path, plain_path = fusion_paths(out, name)
         if not (fused_path.exists() and plain_path.exists()):
             t0 = time.perf_counter()
-            dev_linker = linker_for(dataclasses.replace(config, fusion=None))
+            dev_config = dataclasses.replace(config, fusion=None)
+            dev_linker = linker_for(dev_config)
             ablate = fusion.ablate or [f for f in FEATURES if f.startswith("llm_")]
-            for drop, target in (((), fused_path), (ablate, plain_path)):
-                # the second fit reads the dev pools back: no second LLM pass
-                model, _ = fit_on_mentions(dev_linker, dev, f"{stem}.dev.jsonl", progress=progress,
-                                           l2s=fusion.l2, source=source, drop=drop)
-                model.save(target)
+            with open_output(f"{stem}.dev.jsonl", identity(fixed["dev"], dev_config)) as held:
+                for drop, target in (((), fused_path), (ablate, plain_path)):
+                    # the second fit reads the dev pools back: no second LLM pass
+                    model, _ = fit_on_mentions(dev_linker, dev, held, progress=progress,
+                                               l2s=fusion.l2, source=source, drop=drop)
+                    model.save(target)
             fit_seconds = time.perf_counter() - t0
         config = dataclasses.replace(config, fusion=str(fused_path))
     linker = linker_for(config)
@@ -227,7 +242,7 @@ def run_cell(out: Path, name: str, config, backend, kb, train, mentions, dev, fu
     prefill0 = prefill_counters(backend)
     t0 = time.perf_counter()
     run(linker.link_batch, mentions, path, batch_size=config.batch_size, progress=progress,
-        source=source)
+        source=source, identity=identity(fixed["input"], config))
     linked = len(mentions) - before
     measured = add_timing(read_measure(out, name), time.perf_counter() - t0, linked,
                           generate=linker.seconds["generate"],

@@ -1,6 +1,8 @@
 """Metrics with known answers and bootstrap intervals that cover the truth at about the stated rate."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -74,3 +76,107 @@ def test_interval_inputs_are_checked():
         paired_bootstrap([1, 0], [1, 0, 1])
     with pytest.raises(GemelError, match="confidence"):
         bootstrap_interval([1, 0], confidence=95)
+
+
+# ---- the evaluation summary on hand-made rows with known answers -----------------------------------
+
+from gemel.data.nil import NIL  # noqa: E402
+from gemel.errors import DataError  # noqa: E402
+from gemel.eval.summary import evaluate_files, format_summary, read_predictions  # noqa: E402
+from gemel.kb import KnowledgeBase  # noqa: E402
+from gemel.types import Entity, Mention  # noqa: E402
+
+SMALL_KB = KnowledgeBase.from_entities([Entity("Q1", "Paris"), Entity("Q2", "Paris Hilton"),
+                                        Entity("Q3", "Jordan River"), Entity("Q4", "Michael Jordan")])
+MENTIONS = [Mention("a", "Paris is big.", "paris", entity_id="Q1", entity="Paris"),
+            Mention("b", "Hilton sang.", "Hilton", entity_id="Q2", entity="Paris Hilton"),
+            Mention("c", "The Jordan flows.", "Jordan", entity_id="Q3", entity="Jordan River"),
+            Mention("d", "MJ dunked.", "MJ", entity_id="Q4", entity="Michael Jordan"),
+            Mention("e", "No gold here.", "here")]  # unlabelled: never counted
+TRAIN = [Mention("t1", "Paris again.", "Paris", entity_id="Q1", entity="Paris"),
+         Mention("t2", "MJ again.", "MJ", entity_id="Q4", entity="Michael Jordan")]
+
+
+def cands(*ids):
+    return [{"entity_id": i, "title": str(i), "score": 0.0} for i in ids]
+
+
+ROWS = [{"id": "a", "candidates": cands("Q1", "Q2"), "gold_id": "Q1", "error": None},      # rank 1
+        {"id": "b", "candidates": cands("Q1", "Q3", "Q2"), "gold_id": "Q2", "error": None},  # rank 3
+        {"id": "c", "candidates": cands("Q4"), "gold_id": "Q3", "error": None},             # absent
+        {"id": "d", "candidates": [], "gold_id": "Q4", "error": "ValueError: boom"},        # failed
+        {"id": "e", "candidates": cands("Q1"), "gold_id": None, "error": None}]
+
+
+def test_summary_known_answers():
+    result = evaluate_files([("run", ROWS)], MENTIONS, train=TRAIN, kb=SMALL_KB, n_resamples=200)
+    e = result["files"][0]
+    assert (e["n"], e["errors"], e["rows"], e["max_candidates"]) == (4, 1, 5, 3)
+    assert (e["H@1"], e["H@3"], e["H@5"], e["H@10"]) == (25.0, 50.0, 50.0, 50.0)
+    assert e["MRR"] == pytest.approx(round(100 * (1 + 1 / 3) / 4, 2))
+    lo, hi = e["ci95"]["H@1"]
+    assert 0.0 <= lo <= 25.0 <= hi <= 100.0
+    # seen: gold of a training mention (a: Q1 hit, d: Q4 failed); unseen: b (rank 3), c (absent)
+    assert (e["seen"]["n"], e["seen"]["H@1"], e["seen"]["errors"]) == (2, 50.0, 1)
+    assert (e["unseen"]["n"], e["unseen"]["H@1"], e["unseen"]["H@3"]) == (2, 0.0, 50.0)
+    # mention = gold title, case-insensitive: only "paris"
+    assert (e["title_match"]["n"], e["title_match"]["H@1"]) == (1, 100.0)
+    assert (e["title_mismatch"]["n"], e["title_mismatch"]["MRR"]) == (3, round(100 / 9, 2))
+    assert "nil" not in e and "generation" not in e and "candidate_recall" not in e
+    assert result["paired"] == []
+    text = format_summary(result)
+    assert "seen gold" in text and "mention = title" in text
+
+
+def test_summary_without_train_has_no_seen_split_and_uses_data_titles():
+    e = evaluate_files([("run", ROWS)], MENTIONS, n_resamples=50)["files"][0]
+    assert "seen" not in e and "unseen" not in e
+    assert e["title_match"]["n"] == 1  # from the data's "entity" field
+
+
+def test_summary_nil_mode_precision_recall():
+    ms = [Mention("n1", "x", "Zorg", entity=NIL), Mention("n2", "y", "Blip", entity=NIL),
+          Mention("k1", "z", "Paris", entity_id="Q1", entity="Paris")]
+    nil = [{"entity_id": None, "title": NIL, "score": 0.0}]
+    rows = [{"id": "n1", "candidates": nil + cands("Q1"), "gold_id": None, "gold_nil": True, "error": None},
+            {"id": "n2", "candidates": cands("Q2") + nil, "gold_id": None, "gold_nil": True, "error": None},
+            {"id": "k1", "candidates": nil + cands("Q1"), "gold_id": "Q1", "error": None}]
+    e = evaluate_files([("nil", rows)], ms, n_resamples=50)["files"][0]
+    # hit = the NIL answer for a NIL gold: n1 at rank 1, n2 at rank 2; k1's gold at rank 2
+    assert e["n"] == 3 and e["H@1"] == round(100 / 3, 2) and e["H@3"] == 100.0
+    assert (e["nil"]["gold"], e["nil"]["predicted"]) == (2, 2)
+    assert e["nil"]["precision"]["value"] == 50.0 and e["nil"]["recall"]["value"] == 50.0
+    # without NIL mode (no gold_nil, never a NIL answer) the NIL mentions are left out
+    plain = [{**r, "candidates": cands("Q1")} for r in rows]
+    for r in plain:
+        r.pop("gold_nil", None)
+    e = evaluate_files([("plain", plain)], ms, n_resamples=50)["files"][0]
+    assert e["n"] == 1 and e["H@1"] == 100.0 and "nil" not in e
+
+
+def test_summary_generation_candidates_and_pairs():
+    fused = [{**r, "generated": ["Q2", "Q1"] if r["id"] == "a" else [c["entity_id"] for c in r["candidates"]],
+              "in_candidates": r["id"] != "c"} for r in ROWS]
+    result = evaluate_files([("fused", fused), ("base", ROWS)], MENTIONS, n_resamples=100)
+    e = result["files"][0]
+    assert e["generation"]["H@1"] == 0.0 and e["H@1"] == 25.0  # fusion moved a's gold up
+    assert e["candidate_recall"]["value"] == 75.0 and e["candidate_recall"]["n"] == 4
+    within, across = result["paired"]
+    assert (within["a"], within["b"], within["diff"], within["n"]) == ("fused (generation)", "fused", 25.0, 4)
+    assert (across["a"], across["b"], across["diff"], across["p"]) == ("fused", "base", 0.0, 1.0)
+
+
+def test_read_predictions_and_bad_rows(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n" + '{"id": "c", "cand')
+    assert [r["id"] for r in read_predictions(path)] == ["a", "b"]  # torn last line skipped
+    path.write_text('{"id": "a"}\n' + json.dumps(ROWS[1]) + "\n")
+    with pytest.raises(DataError, match="line 1"):
+        read_predictions(path)
+    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[0]) + "\n")
+    with pytest.raises(DataError, match="twice"):
+        read_predictions(path)
+    with pytest.raises(DataError, match="not in the mentions"):
+        evaluate_files([("x", [{"id": "zz", "candidates": []}])], MENTIONS)
+    with pytest.raises(DataError, match="gold"):
+        evaluate_files([("x", [{"id": "a", "candidates": [], "gold_id": "Q3"}])], MENTIONS)

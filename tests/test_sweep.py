@@ -105,7 +105,7 @@ def test_one_trie_per_tokenizer_not_per_cell(tmp_path, two_models, monkeypatch):
     monkeypatch.setattr(gemel.linker, "load_or_build_trie",
                         lambda *a, **k: built.append(a[1].name_or_path) or real(*a, **k))
     small, large = two_models["small"][0], two_models["large"][0]
-    config = _config(tmp_path, [small, large], extra="  num_beams: [2, 3]\n")
+    config = _config(tmp_path, [small, large], extra="  num_beams: [3, 4]\n")
     r = CliRunner().invoke(cli, ["sweep", config, "--no-progress"])
     assert r.exit_code == 0, r.output
     assert sorted(built) == sorted([small, large])  # 4 cells, 2 tokenizers: 2 tries
