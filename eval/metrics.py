@@ -30,18 +30,6 @@ def hits_at_k(rows: Iterable[dict], ks: Sequence[int] = (1, 5)) -> dict:
     return out
 
 
-def hit_flags(rows: Iterable[dict], k: int) -> list[int]:
-    """Per mention that :func:`hits_at_k` counts (same rule: gold id or NIL gold; a failed row is a
-    miss), 1 if its gold is among the first k candidates, else 0: the values to bootstrap."""
-    flags = []
-    for row in rows:
-        gold = row.get("gold_id")
-        if gold is None and not row.get("gold_nil"):
-            continue
-        flags.append(int(gold in [c["entity_id"] for c in row.get("candidates", [])][:k]))
-    return flags
-
-
 def format_hits(name: str, metrics: dict) -> str:
     cells = "  ".join(f"{k} {v:.1f}" for k, v in metrics.items() if k.startswith("H@") and v is not None)
     return f"{name:<24} {cells}  (n={metrics['n']}, errors={metrics['errors']})"

@@ -146,6 +146,7 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
              "kb": path_sha256(sweep.kb) if sweep.kb != "gold" else "gold",
              "train": (path_sha256(sweep.train) if sweep.train else
                        f"split {sweep.train_split}" if sweep.train_split else None)}
+    by_id = {m.id: m for m in mentions}  # the gold every cell is scored against
     env = environment()
     shared: dict = {"retrievers": {}, "tries": {}, "candidates": None}
     rows, cells = [], {}
@@ -155,8 +156,8 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
         if all(cell_done(out, name, mentions, dev) for name, _ in group):
             for name, config in group:  # everything measured before: no model load
                 measured = read_measure(out, name)
-                rows.append(metric_row(name, config, cell_rows(out, name, mentions), measured,
-                                       no_llm=no_llm_model(out, name, fusion)))
+                rows.append(metric_row(name, config, cell_rows(out, name, mentions), by_id,
+                                       measured, no_llm=no_llm_model(out, name, fusion)))
                 cells[name] = cell_record(config, measured, fusion, out, name)
             write_outputs(out, rows, cells, env)
             continue
@@ -177,7 +178,7 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
             if linked or "load_seconds" not in measured:  # a resumed, finished cell keeps its own
                 measured.update(model_facts, peak_rss_gib=peak_rss_gib(), environment=env)
             write_measure(out, name, measured)
-            rows.append(metric_row(name, config, cell_rows(out, name, mentions), measured,
+            rows.append(metric_row(name, config, cell_rows(out, name, mentions), by_id, measured,
                                    no_llm=no_llm_model(out, name, fusion)))
             cells[name] = cell_record(config, measured, fusion, out, name)
             write_outputs(out, rows, cells, env)
@@ -185,7 +186,7 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
         gc.collect()
     if sweep.baseline and train:
         preds = [r.to_json() for r in combo_baseline(kb, train, mentions, shared["candidates"])]
-        rows.append(metric_row("baseline: prior > exact title > MiniLM", None, preds, {}))
+        rows.append(metric_row("baseline: prior > exact title > MiniLM", None, preds, by_id, {}))
         write_outputs(out, rows, cells, env)
     return rows
 

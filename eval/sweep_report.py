@@ -12,6 +12,7 @@ MD_COLUMNS = [
     ("params", ("parameters",)), ("non-emb", ("non_embedding",)), ("dtype", ("dtype",)),
     ("n", ("n",)),
     ("H@1", ("H@1", "H@1 lo", "H@1 hi")), ("H@5", ("H@5", "H@5 lo", "H@5 hi")),
+    ("MRR", ("MRR", "MRR lo", "MRR hi")),
     ("generation H@1", ("H@1 generation", "H@1 generation lo", "H@1 generation hi")),
     ("generation H@5", ("H@5 generation", "H@5 generation lo", "H@5 generation hi")),
     ("fusion without LLM H@1", ("H@1 fusion without LLM", "H@1 fusion without LLM lo",
@@ -24,27 +25,34 @@ MD_COLUMNS = [
 ]
 
 
-def metric_row(name: str, config, preds: list[dict], measured: dict, no_llm=None) -> dict:
-    """One table row: H@1/H@5 of the cell's ranking with 95% bootstrap intervals; when the run
-    kept pure generation's ranking (a fused run), the same for it; with ``no_llm`` (the cell's
-    fusion refitted without the LLM's features), that ranking of the same pools and the paired
-    difference (fused minus without LLM); and the cell's measurements (parameters, dtype, times,
-    peak RSS)."""
-    from gemel.eval.metrics import generation_rows, hits_at_k
+def metric_row(name: str, config, preds: list[dict], mentions: dict, measured: dict,
+               no_llm=None) -> dict:
+    """One table row: H@1/H@5 and MRR of the cell's ranking with 95% bootstrap intervals
+    (gemel.eval.summary, the one evaluation summary); when the run kept pure generation's ranking
+    (a fused run), the same for it; with ``no_llm`` (the cell's fusion refitted without the LLM's
+    features), that ranking of the same pools and the paired difference (fused minus without
+    LLM); and the cell's measurements (parameters, dtype, times, peak RSS).
+    ``mentions``: id -> Mention, the gold the predictions are scored against."""
+    from gemel.eval.metrics import generation_rows
+    from gemel.eval.summary import metrics_block, paired_entry, score_rows
     from gemel.fusion import rerank
 
-    m = hits_at_k(preds, (1, 5))
+    scores = score_rows(preds, mentions, name)
+    block = metrics_block(scores)
     row = {"cell": name, "model": getattr(config, "model", None),
            "parameters": measured.get("parameters"), "non_embedding": measured.get("non_embedding"),
-           "dtype": measured.get("dtype"), "n": m["n"], "errors": m["errors"]}
-    row.update(intervals("", preds))
+           "dtype": measured.get("dtype"), "n": block["n"], "errors": block["errors"]}
+    row.update(_with_ci("", block))
     if any("generated" in p for p in preds):
-        row.update(intervals(" generation", generation_rows(preds)))
+        row.update(_with_ci(" generation", metrics_block(score_rows(generation_rows(preds),
+                                                                    mentions, name))))
     if no_llm is not None:
         k = max(getattr(config, "top_k", 5), 5)
-        plain = [rerank(p, no_llm, k=k) for p in preds]
-        row.update(intervals(" fusion without LLM", plain, ks=(1,)))
-        row.update(llm_adds(plain, preds))
+        plain = score_rows([rerank(p, no_llm, k=k) for p in preds], mentions, name)
+        row.update(_with_ci(" fusion without LLM", metrics_block(plain), metrics=("H@1",)))
+        d = paired_entry(plain, scores, "fusion without LLM", "fused")  # fused minus without LLM
+        row.update({"LLM adds H@1": d["diff"], "LLM adds lo": d["lo"], "LLM adds hi": d["hi"],
+                    "LLM adds p": d["p"]})
     linked = measured.get("linked") or 0
     row["s_per_mention"] = round(measured["seconds"] / linked, 3) if linked else None
     if no_llm is not None or any("generated" in p for p in preds):
@@ -59,30 +67,14 @@ def metric_row(name: str, config, preds: list[dict], measured: dict, no_llm=None
     return row
 
 
-def intervals(suffix: str, rows: list[dict], ks=(1, 5)) -> dict:
-    """``H@k<suffix>`` and its 95% percentile-bootstrap bounds ``... lo`` / ``... hi``."""
-    from gemel.eval.metrics import bootstrap_interval, hit_flags
-
+def _with_ci(suffix: str, block: dict, metrics=("H@1", "H@5", "MRR")) -> dict:
+    """``H@1<suffix>`` ... and their 95% bounds ``... lo`` / ``... hi`` from a metrics block."""
     out = {}
-    for k in ks:
-        flags = hit_flags(rows, k)
-        key = f"H@{k}{suffix}"
-        out[key] = round(100.0 * sum(flags) / len(flags), 2) if flags else None
-        lo, hi = bootstrap_interval(flags) if flags else (None, None)
-        out[f"{key} lo"], out[f"{key} hi"] = _round(lo), _round(hi)
+    for metric in metrics:
+        key = f"{metric}{suffix}"
+        ci = (block.get("ci95") or {}).get(metric) or (None, None)
+        out[key], out[f"{key} lo"], out[f"{key} hi"] = block.get(metric), ci[0], ci[1]
     return out
-
-
-def llm_adds(plain: list[dict], fused: list[dict]) -> dict:
-    """Fused minus the no-LLM fusion, H@1 in points, paired bootstrap over the same mentions."""
-    from gemel.eval.metrics import hit_flags, paired_bootstrap
-
-    a, b = hit_flags(plain, 1), hit_flags(fused, 1)
-    if not a:
-        return {}
-    d = paired_bootstrap(a, b)
-    return {"LLM adds H@1": _round(d["diff"]), "LLM adds lo": _round(d["lo"]),
-            "LLM adds hi": _round(d["hi"]), "LLM adds p": round(d["p"], 4)}
 
 
 def _round(x):
@@ -110,6 +102,8 @@ def _fmt(row: dict, keys: tuple) -> str:
         text = f"{value / 1e9:.2f}B" if value >= 1e9 else f"{value / 1e6:.0f}M" if value >= 1e7 \
             else f"{value / 1e6:.2f}M"
     elif keys[0].startswith(("H@", "LLM adds H@")):
+        text = f"{value:.1f}"
+    elif keys[0].startswith("MRR"):
         text = f"{value:.1f}"
     elif isinstance(value, float):
         text = f"{value:.3g}" if value < 1000 else f"{value:.0f}"
