@@ -102,7 +102,7 @@ grid:
     # demos=0 ignores the retriever: 1 + 2 cells, not 4
     assert len(lines) == 1 + 3 and lines[1].startswith('"demos=0,retriever=-"')
     configs = json.loads((out / "cells.json").read_text())
-    assert configs["demos=2,retriever=bm25"]["retriever"] == "bm25"
+    assert configs["demos=2,retriever=bm25"]["config"]["retriever"] == "bm25"
     assert (out / "results.png").stat().st_size > 1000 and (out / "results.md").exists()
     first = {row["cell"]: row for row in csv.DictReader(open(out / "results.csv"))}
     assert all(float(row["s_per_mention"]) > 0 for row in first.values())
