@@ -25,14 +25,21 @@ def data_options(f):
     f = click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False),
                      default=None, help="Folder of the release's images.")(f)
     f = click.option("--limit", type=int, default=None, help="Only the first N mentions.")(f)
+    f = click.option("--strict", is_flag=True, default=False,
+                     help="Any bad record is an error (default: bad KB and training records are "
+                     "skipped and reported, bad mentions become error rows).")(f)
     return f
 
 
-def read_data(path, fmt, split, splits_path, images_dir, limit):
-    from gemel.data import read_mentions
+def echo_err(text: str) -> None:
+    click.echo(text, err=True)
 
-    return read_mentions(path, fmt=fmt, split=split, splits_path=splits_path,
-                         images_dir=images_dir, limit=limit)
+
+def read_data(path, fmt, split, splits_path, images_dir, limit, strict=False):
+    from gemel.data.inputs import load_mentions
+
+    return load_mentions(path, fmt, split, splits_path, images_dir, limit, role="link",
+                         strict=strict, echo=echo_err)
 
 
 def prompt_options(f):
@@ -57,19 +64,48 @@ def prompt_options(f):
     return f
 
 
-def read_train(train_path, train_split, data_path, fmt, splits_path, images_dir):
-    from gemel.data import read_mentions
+def read_train(train_path, train_split, data_path, fmt, splits_path, images_dir, strict=False):
+    from gemel.data.inputs import load_mentions
 
     if train_path:
-        return read_mentions(train_path, fmt="auto", split=train_split, splits_path=splits_path,
-                             images_dir=images_dir)
+        return load_mentions(train_path, "auto", train_split, splits_path, images_dir,
+                             role="pool", strict=strict, echo=echo_err)
     if train_split:
-        return read_mentions(data_path, fmt=fmt, split=train_split, splits_path=splits_path,
-                             images_dir=images_dir)
+        return load_mentions(data_path, fmt, train_split, splits_path, images_dir, role="pool",
+                             strict=strict, echo=echo_err)
     return None
 
 
-@click.group()
+def read_kb(kb_path, strict=False):
+    from gemel.data.inputs import load_kb
+
+    return load_kb(kb_path, strict, echo=echo_err)
+
+
+class GemelGroup(click.Group):
+    """Turns a GemelError into its message and exit code 2, also under click's CliRunner."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except GemelError as err:
+            raise InputError(err) from err
+
+
+class InputError(click.ClickException):
+    """Bad input, or a model that cannot be had: "error: <what, where, fix>", exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, err: GemelError):
+        super().__init__(str(err))
+        self.error = err
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True, file=file)
+
+
+@click.group(cls=GemelGroup)
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 def cli(verbose: bool) -> None:
     """gemel: generative multimodal entity linking."""
@@ -111,17 +147,16 @@ def link(kb_path, data_path, out_path, config_path, model, num_beams, top_k, bat
          dtype, device, trie, length_penalty, progress, mapper, no_image, feature_cache, train_path,
          train_split,
          demos, retriever, candidates, fusion, max_prompt_tokens, nil, fmt, split, splits_path,
-         images_dir, limit):
+         images_dir, limit, strict):
     """Link every mention in --data to the KB; write ranked candidates to --out."""
     from gemel.eval.baselines import exact_match
     from gemel.eval.metrics import format_hits, generation_rows, hits_at_k
-    from gemel.kb import KnowledgeBase
     from gemel.linker import Linker
     from gemel.runs import run
 
-    kb = KnowledgeBase.from_jsonl(kb_path)
-    mentions = read_data(data_path, fmt, split, splits_path, images_dir, limit)
-    train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir)
+    kb = read_kb(kb_path, strict)
+    mentions = read_data(data_path, fmt, split, splits_path, images_dir, limit, strict)
+    train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir, strict)
     t0 = time.perf_counter()
     linker = Linker.from_config(config_path, kb=kb, train=train, model=model, num_beams=num_beams,
                                 top_k=top_k, batch_size=batch_size, template=template, dtype=dtype,
@@ -131,6 +166,7 @@ def link(kb_path, data_path, out_path, config_path, model, num_beams, top_k, bat
                                 mapper=mapper, no_image=no_image, feature_cache=feature_cache,
                                 nil=nil)
     t_load = time.perf_counter() - t0
+    kb_notes = report_kb(kb, linker, mentions, strict)
     t0 = time.perf_counter()
     rows = run(lambda batch: linker.link_batch(batch), mentions, out_path,
                batch_size=linker.config.batch_size, progress=progress, source=str(data_path))
@@ -140,7 +176,8 @@ def link(kb_path, data_path, out_path, config_path, model, num_beams, top_k, bat
                "dtype": str(linker.backend.dtype).replace("torch.", ""),
                "load_seconds": round(t_load, 2), "link_seconds": round(t_link, 2),
                "seconds_per_mention": round(t_link / max(len(mentions), 1), 4),
-               "trie_boundary_merged": len(getattr(linker.trie, "boundary_merged", []))}
+               "trie_boundary_merged": len(getattr(linker.trie, "boundary_merged", [])),
+               **kb_notes}
     click.echo(f"linked {len(rows)} mentions in {t_link:.1f}s "
                f"({summary['seconds_per_mention']:.3f} s/mention; model load {t_load:.1f}s)")
     if any(m.entity_id is not None for m in mentions):
@@ -174,6 +211,34 @@ def link(kb_path, data_path, out_path, config_path, model, num_beams, top_k, bat
     click.echo(f"predictions: {out_path}\nmetrics: {metrics_path}")
 
 
+def report_kb(kb, linker, mentions, strict: bool) -> dict:
+    """Tell what in the KB cannot be linked as asked (before linking), for the metrics file:
+    gold entities absent from it, titles too long to be generated, titles shared by entities."""
+    from gemel.data.inputs import gold_absent, gold_absent_message
+
+    notes = {"kb_bad_records": kb.bad.count}
+    absent = gold_absent(mentions, kb)
+    notes["gold_not_in_kb"] = absent
+    message = gold_absent_message(absent, sum(m.entity_id is not None for m in mentions))
+    if message:
+        echo_err(message)
+    long = linker.long_titles()
+    notes["titles_longer_than_max_new_tokens"] = len(long)
+    if long:
+        text = (f"{len(long)} KB title(s) take more than max_new_tokens="
+                f"{linker.config.max_new_tokens} tokens and can never be generated, e.g. "
+                f"{long[:3]} — raise max_new_tokens (--config YAML) or shorten the titles")
+        if strict:
+            raise GemelError(text)
+        echo_err(text)
+    shared, holders = kb.shared_titles()
+    notes["shared_titles"] = {"titles": shared, "entities": holders}
+    if shared:
+        echo_err(f"note: {shared} KB title(s) are shared by {holders} entities; entities sharing "
+                 "a title are all candidates of that title, with its score")
+    return notes
+
+
 @cli.command("build-trie")
 @click.option("--kb", "kb_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
@@ -188,13 +253,14 @@ def build_trie_cmd(kb_path, out_dir, model, template, terminator, nil):
     """Tokenize the KB titles once and save the entity trie (.npy + JSON) for reuse with --trie."""
     from transformers import AutoTokenizer
 
-    from gemel.kb import KnowledgeBase
     from gemel.linker import build_trie
     from gemel.prompting import PromptBuilder
-    from gemel.sources import resolve
+    from gemel.sources import loading, resolve
 
-    kb = KnowledgeBase.from_jsonl(kb_path)
-    tokenizer = AutoTokenizer.from_pretrained(resolve(model, "llm"))
+    kb = read_kb(kb_path)
+    path = resolve(model, "llm")
+    with loading(model, "llm"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     builder = PromptBuilder(template, tokenizer)
     t0 = time.perf_counter()
     trie = build_trie(kb, tokenizer, builder.answer_prefix, terminator or builder.terminator_text,
@@ -219,13 +285,14 @@ def build_trie_cmd(kb_path, out_dir, model, template, terminator, nil):
 @click.option("--qid2abs", type=click.Path(exists=True, dir_okay=False), default=None)
 @data_options
 def convert(data_path, out_mentions, out_kb, kb_from, qid2ne, qid2abs, fmt, split, splits_path,
-            images_dir, limit):
+            images_dir, limit, strict):
     """Convert a public MEL release into gemel's mentions JSONL (and a KB JSONL)."""
     from gemel.data import convert as convert_release
 
     summary = convert_release(data_path, out_mentions, out_kb, fmt=fmt, split=split,
                               splits_path=splits_path, images_dir=images_dir, kb_from=kb_from,
-                              qid2ne=qid2ne, qid2abs=qid2abs, limit=limit)
+                              qid2ne=qid2ne, qid2abs=qid2abs, limit=limit,
+                              on_bad="raise" if strict else "skip")
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -269,7 +336,7 @@ def sweep(config_path, progress):
 def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, drop, config_path, model, num_beams,
                batch_size, template, fusion_pool, progress, train_path, train_split, demos,
                retriever, candidates, fusion, max_prompt_tokens, nil, fmt, split, splits_path,
-               images_dir, limit):
+               images_dir, limit, strict):
     """Fit the fused ranking (LLM log-prob, retriever similarity, prior, exact title) on dev."""
     from gemel.fusion import fit_on_mentions, fit_report, rows_lists
     from gemel.runs import read_done
@@ -281,12 +348,12 @@ def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, drop, config_path,
     else:
         if not (kb_path and data_path):
             raise click.UsageError("give --kb and --data (dev mentions), or --rows to refit")
-        from gemel.kb import KnowledgeBase
         from gemel.linker import Linker
 
-        kb = KnowledgeBase.from_jsonl(kb_path)
-        mentions = read_data(data_path, fmt, split, splits_path, images_dir, limit)
-        train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir)
+        kb = read_kb(kb_path, strict)
+        mentions = read_data(data_path, fmt, split, splits_path, images_dir, limit, strict)
+        train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir,
+                           strict)
         linker = Linker.from_config(config_path, kb=kb, train=train, model=model,
                                     num_beams=num_beams, batch_size=batch_size, template=template,
                                     demos=demos, retriever=retriever, candidates=candidates,

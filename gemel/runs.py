@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from tqdm.auto import tqdm
 
 from gemel.errors import DataError, GemelError
-from gemel.types import LinkResult, Mention
+from gemel.types import BadMention, LinkResult, Mention
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,11 @@ def run(link: LinkFn, mentions: Sequence[Mention], out: str | Path, *, batch_siz
                                                     disable=not progress, unit="mention") as bar:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
-            for result in _link_isolating_errors(link, batch):
+            # records the reader could not read are error rows as they are, never linked
+            results = [LinkResult(m.id, (), gold_id=m.entity_id, error=f"DataError: {m.error}")
+                       for m in batch if isinstance(m, BadMention)]
+            good = [m for m in batch if not isinstance(m, BadMention)]
+            for result in results + (_link_isolating_errors(link, good) if good else []):
                 row = result.to_json()
                 done[result.mention_id] = row
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -403,11 +403,12 @@ def _load_llm(config: TrainConfig, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gemel.backends.hf import pick_dtype
-    from gemel.sources import resolve
+    from gemel.sources import loading, resolve
 
     path = resolve(config.model, "llm")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, config.dtype))
+    with loading(config.model, "llm"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, config.dtype))
     return model, tokenizer
 
 
@@ -557,7 +558,8 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     emb_dtype = llm.get_input_embeddings().weight.dtype
     meta = {"vision": vision.identity, "feature": vision.feature, "llm": base_identity,
             "vp_mode": config.vp_mode, "template": template.name,
-            "template_block": template.block, "train": dataclasses.asdict(config)}
+            "template_block": template.block, "template_chat": template.chat,
+            "train": dataclasses.asdict(config)}
     mapper = LinearMapper(vision.feature_dim, base_identity["hidden_size"], n_tokens,
                           images_per_mention=prompt.n_images, meta=meta, out_dtype=emb_dtype)
     builder = PromptBuilder(template, tokenizer, use_images=True,

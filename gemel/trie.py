@@ -317,6 +317,11 @@ class EntityTrie:
             node = par[node]
         return out[::-1]
 
+    def lengths(self) -> np.ndarray:
+        """Tokens per title, terminator included, int64 [n] (a leaf's depth in the trie): a title
+        longer than a search's ``max_new_tokens`` can never be generated."""
+        return np.searchsorted(self.level_start, self.title_leaf, side="right") - 1
+
     def subtrie(self, title_indices: Sequence[int]) -> "EntityTrie":
         """The trie restricted to some titles; values keep the original title indices.
 
