@@ -20,7 +20,7 @@ import numpy as np
 
 from gemel.beam import Hypothesis
 from gemel.data.nil import NIL, is_nil
-from gemel.errors import GemelError, MismatchError
+from gemel.errors import DataError, GemelError, MismatchError
 from gemel.eval.baselines import backoff_ranking
 from gemel.fusion import FusionModel, MentionPrior, derive, pool_json
 from gemel.retrieval import get_retriever, order_demonstrations
@@ -184,6 +184,7 @@ class Linker:
             demonstrations = self.demonstrations(mentions)
         prompts = [self.builder.build(m, d) for m, d in zip(mentions, demonstrations)]
         embeds, mask = self.model.embed(prompts)
+        self.check_context(mentions, mask)
         tries, extras = self.trie, [{} for _ in mentions]
         if self.config.candidates > 0:
             rows, _ = self.candidate_retriever.top(mentions, self.config.candidates)
@@ -198,6 +199,21 @@ class Linker:
                                    length_penalty=self.config.length_penalty,
                                    keep_prefill=self.keep_pool)
         return hyps, embeds, mask, extras
+
+    def check_context(self, mentions: Sequence[Mention], mask) -> None:
+        """DataError naming the first mention whose prompt (``mask`` [n, seq], 1 = token) plus
+        the longest answer does not fit the model's context (a batch failing here is retried
+        mention by mention, so only the long one becomes an error row)."""
+        context = self.backend.max_context
+        if context is None:
+            return
+        for m, n in zip(mentions, mask.sum(-1).tolist()):
+            if n + self.config.max_new_tokens > context:
+                raise DataError(f"the prompt takes {n} tokens and the answer up to "
+                                f"{self.config.max_new_tokens} more: over the model's context "
+                                f"of {context} tokens", record=m.id, field="text",
+                                fix="shorten the text, use fewer --demos, or set "
+                                "--max-prompt-tokens")
 
     def long_titles(self) -> list[str]:
         """KB titles whose tokens (terminator included) exceed ``max_new_tokens``: the search
@@ -335,7 +351,8 @@ def choose_template(requested: str | None, checkpoint: Path | None, model: str):
                if checkpoint is not None else None)
     if trained is None:
         return load_template(requested or default_template(model))
-    if requested is not None and load_template(requested).block != trained.block:
+    asked = load_template(requested) if requested is not None else None
+    if asked is not None and (asked.block, asked.chat) != (trained.block, trained.chat):
         raise GemelError(f"--template {requested!r} differs from template {trained.name!r} that "
                          f"the mapper checkpoint {checkpoint} was trained with — drop --template "
                          f"(the checkpoint's is used), or train a mapper with --template "

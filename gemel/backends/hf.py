@@ -171,6 +171,11 @@ class HFBackend(Backend):
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
 
+    @property
+    def max_context(self) -> int | None:
+        value = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) else None
+
     def input_embeddings(self) -> torch.nn.Module:
         return self.model.get_input_embeddings()
 

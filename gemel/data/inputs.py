@@ -52,6 +52,9 @@ def load_mentions(path: str | os.PathLike, fmt: str = "auto", split: str | None 
     policy = on_bad(role, strict)
     mentions, report = read_release(path, fmt, split, splits_path, images_dir, limit,
                                     on_bad=policy)
+    if role == "link" and not report.records and not report.bad.count:
+        raise DataError("no mentions to link" + (f" in split {split!r}" if split else ""),
+                        path=path, fix="check the file (one JSON object a line) and --split")
     out: list[Mention] = []
     for m in mentions:
         if isinstance(m, BadMention) or (m.mention and m.mention.strip()) or m.image:

@@ -62,20 +62,17 @@ def read_native(path: Path, select: set[str] | None, images: ImageFinder,
                 continue
             m = _parse(rec, path, where)
             if m.id in seen:
-                err = DataError(f"duplicate mention id {m.id!r} (first on line {seen[m.id]})",
-                                path=path, record=where, field="id",
-                                fix="mention ids must be unique: predictions are keyed by them")
-                if on_bad != "skip":
-                    raise err
-                report.bad.add(err)
-                continue
+                raise _Duplicate(f"duplicate mention id {m.id!r} (first on line {seen[m.id]})",
+                                 path=path, record=where, field="id",
+                                 fix="mention ids must be unique: predictions are keyed by them")
             seen[m.id] = lineno
             if m.image is not None:
                 found = images.find([m.image])
                 m = Mention(m.id, m.text, m.mention, found, m.bbox, m.polygon, m.entity_id,
                             m.entity)
         except DataError as err:
-            if on_bad == "raise":
+            # a repeated id cannot be an error row either: two rows would share the id
+            if on_bad == "raise" or (on_bad == "row" and isinstance(err, _Duplicate)):
                 raise
             report.bad.add(err)
             if on_bad == "row":
@@ -86,6 +83,10 @@ def read_native(path: Path, select: set[str] | None, images: ImageFinder,
             continue
         report.records += 1
         yield m
+
+
+class _Duplicate(DataError):
+    """A mention id seen on an earlier line."""
 
 
 def _raw_id(rec: dict) -> str | None:
