@@ -27,8 +27,10 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(read_text(path, "config file")) or {}
     except yaml.YAMLError as err:
-        raise DataError(f"not valid YAML ({err})".replace("\n", " "), path=path,
-                        fix="check the indentation and the key: value lines") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else None
+        raise DataError(f"not valid YAML: {getattr(err, 'problem', None) or err}", path=path,
+                        record=where, fix="check the indentation and the key: value lines") from None
     if not isinstance(data, dict):
         raise DataError("expected a mapping of keys to values at the top level", path=path)
     return data

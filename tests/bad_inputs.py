@@ -155,7 +155,7 @@ def _cases() -> list[Case]:
                                               {"id": "Q1218", "title": "ירושלים"}], base=False),
                             mentions_file(d, [{**GOOD, "text": "زرت القاهرة", "mention": "القاهرة",
                                                "entity_id": "Q85", "entity": "القاهرة"}])),
-          ("linked 1 mentions", '"gold_id": "Q85"'), 0),
+          ('"gold_id": "Q85"', "linked 1 mentions"), 0),
         # ---- the mentions to link: a bad record becomes an error row, the run goes on --------
         C("mention-bad-json", "mentions: a line that is not JSON",
           lambda d, e: link(d, e, None, mentions_file(d, [GOOD, '{"id": "m2", "text": '])),
@@ -249,8 +249,8 @@ def _cases() -> list[Case]:
         C("train-blank-mention", "training pool (--demos): a blank-mention record",
           lambda d, e: link(d, e, None, None, "--train", _train(d), "--demos", "1",
                             "--retriever", "bm25"),
-          ("train.jsonl: 1 bad demonstration records skipped",
-           "record line 3 (id 't3'), field 'mention': nothing marks the mention"), 0),
+          ("train.jsonl, record line 3 (id 't3'), field 'mention': nothing marks the mention",
+           "train.jsonl: 1 bad demonstration records skipped"), 0),
         C("train-blank-mention-strict", "training pool: a blank-mention record, with --strict",
           lambda d, e: link(d, e, None, None, "--train", _train(d), "--demos", "1",
                             "--retriever", "bm25", "--strict"),
@@ -303,7 +303,7 @@ def _cases() -> list[Case]:
           ("config.yaml, field 'beam': unknown key(s) ['beam']",), 2),
         C("config-not-yaml", "--config that is not YAML",
           lambda d, e: link(d, e, None, None, "--config", config_file(d, "a: [1\n")),
-          ("config.yaml: not valid YAML",), 2),
+          ("config.yaml, record line 2, column 1: not valid YAML: expected ',' or ']'",), 2),
         C("box-only-no-image-model", "a box-only mention (image, no mention string) without "
           "--mapper", None, ("(engineer visual: error row naming the fix)",), ROWS,
           owner="visual"),
@@ -403,10 +403,12 @@ def run_case(case: Case, env: Env, folder: Path) -> tuple[int, str]:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         text += f"\nTRACEBACK {type(result.exception).__name__}: {result.exception}"
     pred = folder / "pred.jsonl"
-    if pred.exists():  # error rows whole, other rows by id and gold
+    if pred.exists():  # error rows whole, other rows by id, gold and top candidate
         for line in pred.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
-            shown = row if row.get("error") else {"id": row["id"], "gold_id": row["gold_id"]}
+            shown = row if row.get("error") else {
+                "id": row["id"], "gold_id": row["gold_id"],
+                "top": row["candidates"][0]["title"] if row["candidates"] else None}
             text += "\n" + json.dumps(shown, ensure_ascii=False)
     return result.exit_code, text
 
@@ -416,7 +418,7 @@ def message_line(case: Case, text: str) -> str:
     for line in text.splitlines():
         if case.expect[0] in line:
             line = line.strip()
-            if line.startswith("{"):  # an error row: show its message
+            if line.startswith("{"):  # a predictions row: an error's message, else the row
                 line = json.loads(line).get("error") or line
             return line
     return text.strip().splitlines()[-1] if text.strip() else ""
