@@ -304,9 +304,11 @@ def _cases() -> list[Case]:
         C("config-not-yaml", "--config that is not YAML",
           lambda d, e: link(d, e, None, None, "--config", config_file(d, "a: [1\n")),
           ("config.yaml, record line 2, column 1: not valid YAML: expected ',' or ']'",), 2),
-        C("box-only-no-image-model", "a box-only mention (image, no mention string) without "
-          "--mapper", None, ("(engineer visual: error row naming the fix)",), ROWS,
-          owner="visual"),
+        C("box-only-no-image-model", "mentions: a box-only mention (image and bbox, no mention "
+          "string) without --mapper",
+          lambda d, e: link(d, e, None, mentions_file(d, [GOOD, with_line(
+              mention=None, image="img.png", bbox=[0, 0, 8, 8])])),
+          ("linking it needs an image model; pass --mapper CKPT",), ROWS, owner="visual"),
     ]
     return cases
 
