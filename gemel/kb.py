@@ -329,9 +329,10 @@ def _json_chunks(path: Path, on_bad: str = "raise",
     chunk: list[tuple[int, str]] = []
     for lineno, raw in iter_lines(path, "KB file"):
         if raw.strip():
-            text: list[str] = []
-            if _kept(lambda: text.append(decode_line(raw, path, lineno)), on_bad, bad):
-                chunk.append((lineno, text[0]))
+            try:
+                chunk.append((lineno, raw.decode("utf-8")))
+            except UnicodeDecodeError:  # decode_line raises the DataError that names it
+                _kept(lambda: decode_line(raw, path, lineno), on_bad, bad)
             if len(chunk) >= _CHUNK:
                 yield _decode(chunk, path, on_bad, bad)
                 chunk = []

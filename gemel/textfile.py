@@ -65,12 +65,12 @@ def iter_lines(path: str | Path, what: str = "file") -> Iterator[tuple[int, byte
     """
     path = Path(path)
     with _open(path, what) as f:
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1:
-                _check_bom(raw, path)
-                if raw.startswith(codecs.BOM_UTF8):
-                    raw = raw[len(codecs.BOM_UTF8):]
-            yield lineno, raw
+        first = f.readline()
+        if not first:
+            return
+        _check_bom(first, path)
+        yield 1, first[len(codecs.BOM_UTF8):] if first.startswith(codecs.BOM_UTF8) else first
+        yield from enumerate(f, 2)
 
 
 def read_text(path: str | Path, what: str = "file") -> str:
