@@ -104,6 +104,7 @@ class TrainConfig:
     images: str | None = None
     limit: int | None = None
     dev_limit: int | None = None
+    strict: bool = False  # a bad KB or mention record is an error (default: skipped, reported)
     model: str = "smollm2-135m-instruct"
     vision: str = "dinov2-small"
     feature: str = "pooled"  # pooled | cls | mean | layers:4,10,11,12
@@ -453,20 +454,21 @@ def _load_llm(config: TrainConfig, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gemel.backends.hf import pick_dtype
-    from gemel.sources import resolve
+    from gemel.sources import loading, resolve
 
     path = resolve(config.model, "llm")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, config.dtype))
+    with loading(config.model, "llm"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, config.dtype))
     return model, tokenizer
 
 
 def _read(path, config: TrainConfig, split, limit) -> list[Mention]:
-    from gemel.data import read_mentions
+    """Training or dev mentions: bad records skipped and reported (``config.strict``: an error)."""
+    from gemel.data.inputs import load_mentions
 
-    return read_mentions(path, fmt=config.format, split=split,
-                         splits_path=config.splits if split else None,
-                         images_dir=config.images, limit=limit)
+    return load_mentions(path, config.format, split, config.splits if split else None,
+                         config.images, limit, role="pool", strict=config.strict)
 
 
 def _feature_cache(config: TrainConfig):
@@ -552,7 +554,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     from transformers import get_linear_schedule_with_warmup
 
     from gemel.image_tokens import ImageTokens
-    from gemel.kb import KnowledgeBase
+    from gemel.data.inputs import load_kb
     from gemel.mapper import LORA, LinearMapper, llm_identity
     from gemel.linker import load_or_build_trie
     from gemel.model import GemelModel
@@ -612,7 +614,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     if kb is None:
         if not config.kb:
             raise GemelError("training needs a KB (--kb FILE)")
-        kb = KnowledgeBase.from_jsonl(config.kb)
+        kb = load_kb(config.kb, config.strict)
     if train_mentions is None:
         if not config.data:
             raise GemelError("training needs training mentions (--data FILE)")
@@ -633,7 +635,8 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     meta = {"vision": vision.identity, "feature": vision.feature, "layout": vision.layout,
             "llm": base_identity,
             "vp_mode": config.vp_mode, "template": template.name,
-            "template_block": template.block, "train": dataclasses.asdict(config)}
+            "template_block": template.block, "template_chat": template.chat,
+            "train": dataclasses.asdict(config)}
     mapper = LinearMapper(vision.feature_dim, base_identity["hidden_size"], n_tokens,
                           images_per_mention=prompt.n_images, meta=meta, out_dtype=emb_dtype)
     builder = PromptBuilder(template, tokenizer, use_images=True,
@@ -931,6 +934,7 @@ def _log_eval(metrics: dict, step: int, jlog: _JsonlLog, accelerator, trackers) 
 @click.option("--cpu", is_flag=True, default=False, help="Train on CPU even with a GPU.")
 @click.option("--log-with", type=click.Choice(["tensorboard"]), default=None)
 @options.format_option
+@options.strict_option
 @options.split_option
 @click.option("--dev-split", default=None, help="Dev split, with --splits.")
 @options.splits_option

@@ -57,10 +57,16 @@ def test_build_trie_then_reuse(tmp_path, tiny_model_dir):
 def test_bad_kb_line_is_named(tmp_path, tiny_model_dir):
     kb = tmp_path / "kb.jsonl"
     kb.write_text('{"id": "Q1", "title": "Paris"}\n{"id": "Q2"}\n')
-    r = CliRunner().invoke(cli, ["link", "--kb", str(kb), "--data", str(REPO / "examples/mentions.jsonl"),
-                                 "--out", str(tmp_path / "p.jsonl"), "--model", str(tiny_model_dir)])
-    assert r.exit_code != 0
-    assert "kb.jsonl" in str(r.exception) and "title" in str(r.exception)
+    args = ["link", "--kb", str(kb), "--data", str(REPO / "examples/mentions.jsonl"),
+            "--out", str(tmp_path / "p.jsonl"), "--model", str(tiny_model_dir), "--limit", "2",
+            "--no-progress"]
+    # by default the bad record is skipped and reported; --strict makes it an error (exit 2)
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert "1 bad KB records skipped" in r.output and "line 2, field 'title'" in r.output
+    r = CliRunner().invoke(cli, args + ["--strict"])
+    assert r.exit_code == 2
+    assert "kb.jsonl, record line 2, field 'title'" in r.output
 
 
 def test_link_release_shape_with_split(tmp_path, tiny_model_dir):
@@ -206,7 +212,7 @@ def test_fit_fusion_refits_from_kept_rows_of_several_shards(tmp_path):
     assert weights["llm_logprob"] == 0 and weights["similarity"] == 0 and weights["prior"] > 0
     unknown = CliRunner().invoke(cli, ["fit-fusion", "--rows", shards[0], "--out", str(out),
                                        "--drop", "llm_magic"])
-    assert unknown.exit_code != 0 and "llm_magic" in str(unknown.exception or unknown.output)
+    assert unknown.exit_code == 2 and "llm_magic" in unknown.output
     # neither rows nor dev mentions: a usage error, not a traceback
     bad = CliRunner().invoke(cli, ["fit-fusion", "--out", str(out)])
     assert bad.exit_code != 0 and "--rows" in bad.output
