@@ -100,7 +100,8 @@ def test_exhaustive_beam_over_every_path(family, qwen_tokenizer, gemma_tokenizer
         embeds, mask = linker.model.embed([linker.builder.build(m)])
         fused = score_titles(linker.backend, embeds, mask, trie, [range(len(MERGE_TITLES))])[0]
         assert fused == pytest.approx(scores, abs=1e-4)  # fusion scores a title the same way
-        single = linker.backend.score(embeds, mask, [[trie.sequence(i) for i in range(len(scores))]])[0]
+        single = linker.backend.score(embeds, mask,
+                                      [[trie.sequence(i) for i in range(len(scores))]])[0]
         merged_best += sum(s > single[i] + 1e-6 for i, s in enumerate(scores))  # a 2nd path won
         chosen = [0, 2, 4, 7]
         sub = linker.backend.search(embeds, mask, [trie.subtrie(chosen)], num_beams=len(chosen),
