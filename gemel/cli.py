@@ -138,6 +138,8 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
                "load_seconds": round(t_load, 2), "link_seconds": round(t_link, 2),
                "seconds_per_mention": round(t_link / max(len(mentions), 1), 4),
                "trie_boundary_merged": len(getattr(linker.trie, "boundary_merged", [])),
+               # titles that end either in a token merged with the terminator or in the terminator
+               "trie_terminator_merged": len(getattr(linker.trie, "terminator_merged", [])),
                "box_only_from_text": linker.box_only_from_text, **kb_notes}
     if any(m.entity_id is not None for m in mentions):
         # the one summary of `gemel eval`, beside the exact-match baseline on the same mentions
@@ -283,6 +285,10 @@ def build_trie_cmd(kb_path, out_dir, model, template, terminator, nil):
     if merged:
         click.echo(f"{len(merged)} title(s) merge with the answer prefix when tokenized "
                    f"(tokenized alone instead), e.g. {merged[:3]}")
+    ends = trie.terminator_merged
+    click.echo(f"{len(ends)} title(s) merge their last characters with the terminator text "
+               f"{trie.meta.get('terminator_text')!r}; they end either way (merged token, or "
+               f"their own tokens + the terminator)" + (f", e.g. {ends[:3]}" if ends else ""))
 
 
 @cli.command()

@@ -20,7 +20,7 @@ from gemel.backends.base import Backend, get_backend
 from gemel.config import check_values, from_dict, load_yaml
 import numpy as np
 
-from gemel.beam import Hypothesis
+from gemel.beam import Hypothesis, score_titles
 from gemel.data.nil import NIL, is_nil
 from gemel.errors import DataError, GemelError, MismatchError
 from gemel.eval.baselines import backoff_ranking
@@ -329,8 +329,7 @@ class Linker:
                           beam))
         # one teacher-forced pass scores every retrieved title that the beams did not reach
         missing = [[t for t in titles if t not in beam] for titles, beam in pools]
-        forced = self.backend.score(embeds, mask, [[self.trie.sequence(t) for t in ts]
-                                                   for ts in missing])
+        forced = score_titles(self.backend, embeds, mask, self.trie, missing)  # best of paths
         # the NIL answer has no text to compare: similarity 0, never an exact match
         in_kb = [[t for t in titles if t != self.nil_index] for titles, _ in pools]
         sims, context = ([dict(zip(ts, sim)) for ts, sim in

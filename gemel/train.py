@@ -3,8 +3,9 @@
 
 One training item is a mention with an image and a gold entity in the KB. Its prompt is the
 template's query block (``{image}`` -> the mapper's soft tokens), followed by the gold title's
-trie sequence (``trie.sequence(title_index)``: the title tokens exactly as constrained decoding
-emits them after the answer prefix, then the terminator). The loss is the token-mean cross-entropy
+trie sequence (``trie.sequence(title_index)``: the natural tokenization of ``answer_prefix + title +
+terminator text`` after the prefix, up to the token that starts the terminator text, which may hold
+the title's last characters too, e.g. Qwen's ``")\n"``). The loss is the token-mean cross-entropy
 on those target tokens only (labels -100 elsewhere), over a right-padded batch.
 
 Evaluation on the dev split runs the real linker — trie-constrained beam search through
@@ -241,7 +242,7 @@ class Batch:
     """One right-padded training batch.
 
     inputs_embeds [n, seq, hidden]; attention_mask [n, seq]; labels [n, seq] (-100 except the
-    target title tokens + terminator)."""
+    target title's natural path: its tokens and the terminator, or a token merged with it)."""
 
     inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
