@@ -96,6 +96,8 @@ def cli(verbose: bool) -> None:
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: auto].")
 @click.option("--trie", default=None, type=click.Path(exists=True, file_okay=False),
               help="A trie saved by `gemel build-trie` (default: built once and cached).")
+@click.option("--backend", default=None, type=click.Choice(["hf", "vllm"]),
+              help="Model runtime: hf (transformers) or vllm (optional extra) [default: hf].")
 @click.option("--length-penalty", type=float, default=None,
               help="Rank by logprob / len**p (default 0: raw sequence log-probability).")
 @click.option("--progress/--no-progress", default=True)
@@ -108,7 +110,7 @@ def cli(verbose: bool) -> None:
 @prompt_options
 @data_options
 def link(kb_path, data_path, out_path, config_path, model, num_beams, top_k, batch_size, template,
-         dtype, device, trie, length_penalty, progress, mapper, no_image, feature_cache, train_path,
+         dtype, device, trie, backend, length_penalty, progress, mapper, no_image, feature_cache, train_path,
          train_split,
          demos, retriever, candidates, fusion, max_prompt_tokens, nil, fmt, split, splits_path,
          images_dir, limit):
@@ -125,7 +127,8 @@ def link(kb_path, data_path, out_path, config_path, model, num_beams, top_k, bat
     t0 = time.perf_counter()
     linker = Linker.from_config(config_path, kb=kb, train=train, model=model, num_beams=num_beams,
                                 top_k=top_k, batch_size=batch_size, template=template, dtype=dtype,
-                                device=device, trie=trie, length_penalty=length_penalty,
+                                device=device, trie=trie, backend=backend,
+                                length_penalty=length_penalty,
                                 demos=demos, retriever=retriever, candidates=candidates,
                                 fusion=fusion, max_prompt_tokens=max_prompt_tokens,
                                 mapper=mapper, no_image=no_image, feature_cache=feature_cache,
