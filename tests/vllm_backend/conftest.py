@@ -57,7 +57,9 @@ def model_path(vllm_ready) -> str:
 def vllm_backend(model_path):
     from gemel.backends.vllm import VLLMBackend
 
-    backend = VLLMBackend.from_name(model_path, dtype="fp32")
+    # eager: torch.compile of the model takes ~6 minutes on a busy 2-core CPU, and these tests
+    # check answers, not speed
+    backend = VLLMBackend.from_name(model_path, dtype="fp32", enforce_eager=True)
     yield backend
     backend.llm = None  # the engine process stops when its LLM is collected
     gc.collect()

@@ -1,6 +1,6 @@
 """The vLLM backend gives the HF backend's answers: exact search on a tiny KB, the same top-1 on real
 WikiDiverse mentions, the same teacher-forced scores, image soft tokens through prompt_embeds,
-candidate sub-tries and NIL. One engine for all (tests/vllm/conftest.py)."""
+candidate sub-tries and NIL. One engine for all (tests/vllm_backend/conftest.py)."""
 from __future__ import annotations
 
 import importlib.util
