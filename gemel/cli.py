@@ -14,7 +14,7 @@ from gemel.files import write_atomic
 from gemel.eval.baselines import KINDS as BASELINE_KINDS
 
 # the flags live in gemel.options (one definition each); imported here under their old names
-from gemel.options import (DATA_FORMATS, data_options, echo_err, fusion_option,  # noqa: F401
+from gemel.options import (DATA_FORMATS, backend_option, data_options, echo_err, fusion_option,  # noqa: F401
                            linker_options, progress_option, prompt_options, read_data, read_kb,
                            read_train, shard_option, strict_option)
 
@@ -69,11 +69,12 @@ def cli(verbose: bool) -> None:
 @shard_option
 @data_options
 @strict_option
+@backend_option
 @click.pass_context
 def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k, batch_size,
          template, dtype, device, trie, length_penalty, progress, mapper, no_image, feature_cache,
          train_path, train_split, demos, retriever, candidates, fusion, max_prompt_tokens, nil,
-         shard, fmt, split, splits_path, images_dir, limit, strict):
+         shard, fmt, split, splits_path, images_dir, limit, strict, backend):
     """Link every mention in --data to the KB; write ranked candidates to --out.
 
     Under `torchrun --nproc_per_node N -m gemel.cli link ...` each process links its shard of
@@ -91,7 +92,7 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
                            trie=trie, length_penalty=length_penalty, demos=demos,
                            retriever=retriever, candidates=candidates, fusion=fusion,
                            max_prompt_tokens=max_prompt_tokens, mapper=mapper, no_image=no_image,
-                           feature_cache=feature_cache, nil=nil)
+                           feature_cache=feature_cache, nil=nil, backend=backend)
     ranks = distributed_ranks()
     if ranks is not None:
         if shard is not None:
