@@ -73,6 +73,9 @@ def test_top_k_above_beams_is_refused_and_the_default_follows_beams(tmp_path, mo
     assert code == 2 and "top_k=5 is more than num_beams=2" in text and not out.exists()
     code, text = gemel(monkeypatch, capsys, *link_args(out, tiny_model_dir, "--beams", "2"))
     assert code == 0, text
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    # the summary states how many candidates the run listed, next to its H@k
+    assert metrics["gemel"]["max_candidates"] <= 2 and metrics["gemel"]["H@1"] is not None
     assert json.loads(out.with_name(out.name + ".run.json").read_text())["identity"][
         "settings"]["top_k"] == 2
     assert all(len(r["candidates"]) <= 2 for r in rows_of(out))
