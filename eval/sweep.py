@@ -68,8 +68,8 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
     from gemel.backends.base import get_backend
     from gemel.data import read_mentions
     from gemel.eval.baselines import combo_baseline
-    from gemel.linker import Linker, LinkerConfig, fit_retriever
-    from gemel.runs import read_done, run
+    from gemel.linker import Linker, fit_retriever, linker_config
+    from gemel.runs import input_identity, path_sha256, read_done, run, settings_identity
 
     sweep = from_dict(SweepConfig, load_yaml(path), source=str(path))
     out = Path(sweep.out)
@@ -79,13 +79,18 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
     train = (read_mentions(sweep.train, fmt="auto") if sweep.train else
              read_mentions(sweep.data, split=sweep.train_split, **read) if sweep.train_split else [])
     kb = kb_for(sweep, read)
-    base = from_dict(LinkerConfig, dict(sweep.linker), source=f"{path}: linker")
+    base = linker_config(dict(sweep.linker), source=f"{path}: linker")
+    # what every cell's predictions file records, so that a rerun resumes only its own rows
+    fixed = {"input": input_identity(sweep.data, sweep.format, sweep.split, sweep.splits),
+             "kb": path_sha256(sweep.kb) if sweep.kb != "gold" else "gold",
+             "train": (path_sha256(sweep.train) if sweep.train else
+                       f"split {sweep.train_split}" if sweep.train_split else None)}
     backend = get_backend(base.backend, base.model, device=base.device, dtype=base.dtype)
     retrievers, shared = {}, {}
     rows, configs = [], {}
     for cell in expand(sweep):
         values = {k: v for k, v in {**sweep.linker, **cell}.items() if not (k == "retriever" and v == "-")}
-        config = from_dict(LinkerConfig, values, source=f"{path}: cell {cell_name(cell)}")
+        config = linker_config(values, source=f"{path}: cell {cell_name(cell)}")
         pool = (config.retriever, config.nil)  # NIL mode changes the demonstration pool
         if config.demos > 0 and pool not in retrievers:
             retrievers[pool] = fit_retriever(config, train)
@@ -102,7 +107,9 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
         before = len(wanted & set(read_done(path)))
         t0 = time.perf_counter()
         preds = run(linker.link_batch, mentions, path, batch_size=config.batch_size,
-                    progress=progress, source=sweep.data)
+                    progress=progress, source=sweep.data,
+                    identity={"input": fixed["input"], "settings": settings_identity(
+                        config, kb=fixed["kb"], train=fixed["train"])})
         timing = add_timing(path, time.perf_counter() - t0, len(mentions) - before)
         rows.append(result_row(name, cell, preds, timing))
         configs[name] = dataclasses.asdict(config)

@@ -23,6 +23,7 @@ class DataError(GemelError, ValueError):
             text += f" — {fix}"
         super().__init__(text)
         self.path, self.record, self.field = path, record, field
+        self.message, self.fix = message, fix
 
 
 class MissingDependency(GemelError, ImportError):

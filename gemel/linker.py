@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,19 +16,19 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from gemel.backends.base import Backend, get_backend
-from gemel.config import from_dict, load_yaml, merge
+from gemel.config import check_values, from_dict, load_yaml
 import numpy as np
 
 from gemel.beam import Hypothesis
 from gemel.data.nil import NIL, is_nil
-from gemel.errors import GemelError, MismatchError
+from gemel.errors import DataError, GemelError, MismatchError
 from gemel.eval.baselines import backoff_ranking
 from gemel.fusion import FusionModel, MentionPrior, derive, pool_json
 from gemel.retrieval import get_retriever, order_demonstrations
 from gemel.kb import KnowledgeBase
 from gemel.model import GemelModel
 from gemel.prompting import PromptBuilder, load_template
-from gemel.sources import cache_dir
+from gemel.sources import cache_dir, default_template
 from gemel.trie import EntityTrie, tokenizer_identity
 from gemel.types import Candidate, LinkResult, Mention
 
@@ -40,7 +41,7 @@ class LinkerConfig:
     backend: str = "hf"
     device: str = "auto"
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16
-    template: str = "gemel"
+    template: str | None = None  # None: the model's default (gemel/offline_models.yaml), else gemel
     num_beams: int = 5
     top_k: int = 5
     max_new_tokens: int = 32
@@ -69,11 +70,58 @@ class LinkerConfig:
     # NIL training mentions then serve as demonstrations (otherwise they are left out)
     nil: bool = False
 
+    def __post_init__(self) -> None:
+        check_values(self, minimum={"num_beams": 1, "top_k": 1, "batch_size": 1,
+                                    "max_new_tokens": 1, "max_prompt_tokens": 1, "demos": 0,
+                                    "candidates": 0, "fusion_pool": 1, "length_penalty": 0.0},
+                     choices={"dtype": DTYPES})
+        check_top_k(self.top_k, self.num_beams, self.fusion)
+
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def check_top_k(top_k: int, num_beams: int, fusion: str | None) -> None:
+    """H@k is only honest when k candidates can exist: beam search finishes at most about
+    ``num_beams`` titles (a few more that ended early), so ``top_k > num_beams`` is refused unless
+    a fusion model ranks a wider pool."""
+    if fusion is None and top_k > num_beams:
+        raise DataError(f"top_k={top_k} is more than num_beams={num_beams}: beam search returns "
+                        f"about {num_beams} candidates, so H@{top_k} would be mislabelled",
+                        field="top_k", fix=f"give --top-k {num_beams} or less, or --beams "
+                        f"{top_k} or more")
+
+
+def linker_config(config: "LinkerConfig | dict | str | Path | None" = None, *,
+                  source: str = "<config>", **overrides) -> "LinkerConfig":
+    """A checked LinkerConfig from a LinkerConfig, a dict or a YAML file, with ``overrides`` (the
+    non-None ones) winning. Where no top_k is given at all, top_k is min(5, num_beams): a
+    ``--beams 3`` run reports H@3, never an H@5 over 3 candidates."""
+    if config is None:
+        values: dict = {}
+    elif isinstance(config, LinkerConfig):
+        values = dataclasses.asdict(config)
+    elif isinstance(config, (str, Path)):
+        values, source = load_yaml(config), str(config)
+    elif isinstance(config, dict):
+        values = dict(config)
+    else:
+        raise GemelError(f"a Linker config is a LinkerConfig, a dict or a YAML path, not "
+                         f"{type(config).__name__}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    beams = values.get("num_beams", LinkerConfig.num_beams)
+    if ("top_k" not in values and values.get("fusion") is None and isinstance(beams, int)
+            and not isinstance(beams, bool) and beams >= 1):
+        values["top_k"] = min(LinkerConfig.top_k, beams)
+    return from_dict(LinkerConfig, values, source=source)
+
 
 class Linker:
     def __init__(self, config: LinkerConfig, kb: KnowledgeBase, backend: Backend,
                  trie: EntityTrie | None = None, model: GemelModel | None = None,
                  train: Sequence[Mention] | None = None, retriever=None, candidate_retriever=None):
+        if config.template is None:  # recorded, so that a run's config names the template it used
+            config = dataclasses.replace(config, template=default_template(config.model))
         self.config, self.kb, self.backend = config, kb, backend
         # title index -> title; in NIL mode one more index, past the KB's, is the NIL answer
         self.titles = list(kb.titles) + ([NIL] if config.nil else [])
@@ -121,13 +169,7 @@ class Linker:
                     kb: KnowledgeBase | str | Path, train: Sequence[Mention] | None = None,
                     **overrides) -> "Linker":
         """``config``: a LinkerConfig, a dict, or a YAML file; ``overrides`` win over it."""
-        if config is None:
-            config = LinkerConfig()
-        elif isinstance(config, (str, Path)):
-            config = from_dict(LinkerConfig, load_yaml(config), source=str(config))
-        elif isinstance(config, dict):
-            config = from_dict(LinkerConfig, config)
-        config = merge(config, **overrides)
+        config = linker_config(config, **overrides)
         if not isinstance(kb, KnowledgeBase):
             kb = KnowledgeBase.from_jsonl(kb)
         backend = get_backend(config.backend, config.model, device=config.device, dtype=config.dtype)
@@ -146,6 +188,7 @@ class Linker:
                    demonstrations: Sequence[Sequence[Mention]] | None = None) -> list[LinkResult]:
         """Link one batch (one prefill). ``demonstrations[i]`` are mention i's, least similar first."""
         k = top_k or self.config.top_k
+        check_top_k(k, self.config.num_beams, self.config.fusion)
         hyps, embeds, mask, extras = self.generate(mentions, k, demonstrations)
         if self.config.nil:
             for m, x in zip(mentions, extras):
@@ -353,4 +396,4 @@ def build_trie(kb: KnowledgeBase, tokenizer, answer_prefix: str, terminator: str
     return trie
 
 
-__all__ = ["Linker", "LinkerConfig", "load_or_build_trie", "build_trie"]
+__all__ = ["Linker", "LinkerConfig", "linker_config", "load_or_build_trie", "build_trie"]

@@ -63,7 +63,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import click
 
+from gemel import options
+from gemel.config import check_values
 from gemel.errors import DataError, GemelError, MismatchError
+from gemel.files import append_lines, write_atomic
 from gemel.types import Mention
 
 if TYPE_CHECKING:
@@ -128,6 +131,19 @@ class TrainConfig:
     feature_cache: str | None = "auto"  # auto: <gemel cache>/features; none: in memory only
     log_with: str | None = None  # tensorboard (optional); the JSONL log is always written
     log_every: int = 10
+
+    def __post_init__(self) -> None:
+        check_values(self, minimum={"epochs": 1, "lr": 0.0, "weight_decay": 0.0, "batch_size": 1,
+                                    "grad_accum": 1, "warmup": 0.0, "max_grad_norm": 0.0,
+                                    "max_steps": 1, "eval_every": 0, "eval_batch_size": 1,
+                                    "num_beams": 1, "max_new_tokens": 1, "n_visual_tokens": 1,
+                                    "lora_r": 0, "log_every": 1, "limit": 1, "dev_limit": 1},
+                     choices={"vp_mode": VP_MODES, "mixed_precision": MIXED_PRECISIONS,
+                              "dtype": tuple(options.DTYPES)})
+
+
+VP_MODES = ("none", "overlay", "crop", "overlay+crop")
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
 DemosFor = Callable[[Mention], Sequence[Mention]]
@@ -361,6 +377,28 @@ def save_checkpoint(folder: Path, mapper: LinearMapper, lora_model: nn.Module | 
     _replace_folder(tmp, folder)
 
 
+def recover_folder(final: Path) -> None:
+    """Undo a checkpoint swap that a kill interrupted (``final`` renamed to ``.old``, the new one
+    not yet in place): the previous, complete checkpoint comes back."""
+    old = final.with_name(final.name + ".old")
+    if not final.exists() and old.is_dir():
+        log.warning("%s was being replaced when a run stopped: restoring the previous one", final)
+        old.rename(final)
+
+
+OUR_FILES = ("last", "best", LOG_FILE, "summary.json")
+
+
+def check_train_out(out: Path, resume: bool) -> None:
+    """``--out`` holding a training run is continued with ``--resume``, never overwritten."""
+    if out.exists() and not out.is_dir():
+        raise GemelError(f"--out {out} is a file; training writes a folder (best/, last/ ...)")
+    ours = [n for n in OUR_FILES if (out / n).exists() or (out / f"{n}.old").exists()]
+    if ours and not resume:
+        raise GemelError(f"--out {out} already holds a training run ({', '.join(ours)}): add "
+                         "--resume to continue it, or choose another --out (or move it away)")
+
+
 def read_trainer_state(folder: Path) -> dict:
     path = folder / STATE_FILE
     if not path.is_file() or not (folder / OPTIMIZER_FILE).is_file():
@@ -461,7 +499,22 @@ class _JsonlLog:
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                append_lines(f, [json.dumps(record)])
+
+    def forget_after(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (and a torn last line): a resumed run logs
+        them again, and each step should be in the log once."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        write_atomic(self.path, "".join(x + "\n" for x in kept))
 
 
 def _scalars(d: dict) -> dict:
@@ -496,6 +549,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
 
     demonstrations_for = demonstrations_for or no_demonstrations
     out = Path(config.out)
+    check_train_out(out, bool(config.resume))
     want_cuda = torch.cuda.is_available() and not config.cpu
     mp = _mixed_precision(config.mixed_precision, "cuda" if want_cuda else "cpu")
     trackers = None
@@ -513,6 +567,9 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     set_seed(config.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for name in ("last", "best"):
+            recover_folder(out / name)
+    _wait_for_everyone(accelerator)
 
     # -- models (frozen) -----------------------------------------------------------------------
     llm_name = config.model
@@ -645,6 +702,8 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
                      epoch, done_in_epoch)
 
     jlog = _JsonlLog(out / LOG_FILE, accelerator.is_main_process)
+    if config.resume and accelerator.is_main_process:
+        jlog.forget_after(resumed_from or 0)  # steps a killed run logged past its checkpoint
     if trackers:
         accelerator.init_trackers("gemel-train", config=_scalars(dataclasses.asdict(config)))
 
@@ -785,7 +844,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
                "process_index": accelerator.process_index, "mixed_precision": mp,
                "mapper_sha256": weights_sha256(raw_mapper.state_dict()), "out": str(out)}
     if accelerator.is_main_process:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -807,43 +866,52 @@ def _log_eval(metrics: dict, step: int, jlog: _JsonlLog, accelerator, trackers) 
 @click.option("--dev", "dev", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Dev mentions (default: --data with --dev-split).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
-              help="Checkpoint folder (best/, last/, train_log.jsonl).")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="A YAML TrainConfig; flags win over it.")
-@click.option("--model", default=None, help="LLM (offline name, folder, hub id) [smollm2-135m-instruct].")
+              help="Checkpoint folder (best/, last/, train_log.jsonl); an existing run in it is "
+              "continued with --resume, never overwritten.")
+@options.config_option("TrainConfig")
+@options.model_option
 @click.option("--vision", default=None, help="Vision encoder [dinov2-small].")
 @click.option("--feature", default=None, help="pooled | cls | mean | layers:4,10,11,12 [pooled].")
-@click.option("--n-visual-tokens", type=int, default=None, help="Soft tokens per image [4].")
-@click.option("--vp-mode", type=click.Choice(["none", "overlay", "crop", "overlay+crop"]),
-              default=None, help="Visual prompt [none].")
-@click.option("--template", default=None, help="Prompt template with {image} [gemel].")
-@click.option("--epochs", type=int, default=None)
-@click.option("--lr", type=float, default=None, help="Peak learning rate [1e-3].")
-@click.option("--batch-size", type=int, default=None, help="Per process [8].")
-@click.option("--grad-accum", type=int, default=None)
-@click.option("--warmup", type=float, default=None, help="Fraction (<1) or number of steps.")
-@click.option("--eval-every", type=int, default=None, help="Optimizer steps; 0: every epoch.")
-@click.option("--max-steps", type=int, default=None)
+@click.option("--n-visual-tokens", type=options.AT_LEAST_1, default=None,
+              help="Soft tokens per image [4].")
+@click.option("--vp-mode", type=click.Choice(VP_MODES), default=None, help="Visual prompt [none].")
+@options.template_option
+@click.option("--epochs", type=options.AT_LEAST_1, default=None)
+@click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="Peak learning rate [1e-3].")
+@options.batch_size_option
+@click.option("--grad-accum", type=options.AT_LEAST_1, default=None)
+@click.option("--warmup", type=click.FloatRange(min=0.0), default=None,
+              help="Fraction (<1) or number of steps.")
+@click.option("--eval-every", type=options.AT_LEAST_0, default=None,
+              help="Optimizer steps; 0: every epoch.")
+@click.option("--max-steps", type=options.AT_LEAST_1, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--resume", is_flag=True, default=False, help="Continue from OUT/last.")
-@click.option("--lora-r", type=int, default=None, help="Also train LoRA adapters of this rank.")
-@click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default=None)
+@click.option("--lora-r", type=options.AT_LEAST_0, default=None,
+              help="Also train LoRA adapters of this rank.")
+@click.option("--mixed-precision", type=click.Choice(MIXED_PRECISIONS), default=None)
+@options.dtype_option
+@options.beams_option
+@options.feature_cache_option
 @click.option("--cpu", is_flag=True, default=False, help="Train on CPU even with a GPU.")
 @click.option("--log-with", type=click.Choice(["tensorboard"]), default=None)
-@click.option("--format", "fmt", default=None, help="Shape of --data/--dev (as gemel link).")
-@click.option("--split", default=None, help="Training split, with --splits.")
+@options.format_option
+@options.split_option
 @click.option("--dev-split", default=None, help="Dev split, with --splits.")
-@click.option("--splits", "splits", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--images", "images", type=click.Path(exists=True, file_okay=False), default=None)
-@click.option("--limit", type=int, default=None)
-@click.option("--dev-limit", type=int, default=None)
-def train_command(config_path, resume, cpu, fmt, **flags):
+@options.splits_option
+@options.images_option
+@options.limit_option
+@click.option("--dev-limit", type=options.AT_LEAST_1, default=None)
+def train_command(config_path, resume, cpu, fmt, splits_path, images_dir, **flags):
     """Train the linear mapper (frozen LLM and vision encoder) and keep the best by dev H@1."""
-    from gemel.config import from_dict, load_yaml, merge
+    from gemel.config import from_dict, load_yaml
 
-    config = (from_dict(TrainConfig, load_yaml(config_path), source=config_path)
-              if config_path else TrainConfig())
-    config = merge(config, format=fmt, resume=resume or None, cpu=cpu or None, **flags)
+    values = load_yaml(config_path) if config_path else {}
+    values.update({k: v for k, v in dict(flags, format=fmt, splits=splits_path, images=images_dir,
+                                         resume=resume or None, cpu=cpu or None).items()
+                   if v is not None})
+    config = from_dict(TrainConfig, values, source=config_path or "<flags>")
     summary = train(config)
     if summary["process_index"] == 0:
         click.echo(json.dumps(summary, indent=2))
