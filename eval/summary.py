@@ -251,6 +251,12 @@ _LABELS = {"seen": "seen gold", "unseen": "unseen gold", "title_match": "mention
 _CI = {"H@1": True, "H@3": False, "H@5": True, "H@10": False, "MRR": True}
 
 
+def format_p(p: float, n_resamples: int) -> str:
+    """"=0.0312", or "<0.002" at the smallest p that ``n_resamples`` resamples can give."""
+    floor = 2.0 / (n_resamples + 1)
+    return f"<{floor:.3g}" if p <= floor * (1 + 1e-6) else f"={p:.4f}"
+
+
 def format_summary(result: dict) -> str:
     """The plain-text summary of :func:`evaluate_files` (what `gemel eval` / `gemel link` print)."""
     widths = {m: 20 if _CI[m] else 6 for m in METRICS}
@@ -282,7 +288,7 @@ def format_summary(result: dict) -> str:
                 lines.append(f"  {p['b']} vs {p['a']}: no mention in common")
                 continue
             lines.append(f"  {p['b']} vs {p['a']}: {p['diff']:+.2f} [{p['lo']:+.2f}, "
-                         f"{p['hi']:+.2f}], p={p['p']:.4f} (n={p['n']})")
+                         f"{p['hi']:+.2f}], p{format_p(p['p'], result['n_resamples'])} (n={p['n']})")
     return "\n".join(lines)
 
 

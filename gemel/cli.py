@@ -76,16 +76,18 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
     identity = link_identity(config, kb_path, data_path, fmt, split, splits_path, train_path,
                              train_split)
     part = shard_part_path(out_path, shard) if ranks is not None else out_path
-    if ranks is None or ranks[0] == 0:
-        check_output(out_path, dict(identity, shard=None if ranks else shard))
-    with open_output(part, dict(identity, shard=shard)) as held:
-        kb = KnowledgeBase.from_jsonl(kb_path)
-        everything = read_data(data_path, fmt, split, splits_path, images_dir, limit)
-        mentions = select_shard(everything, shard)
-        train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir)
-        t0 = time.perf_counter()
-        linker = Linker.from_config(config, kb=kb, train=train)
-        t_load = time.perf_counter() - t0
+    if ranks is not None and ranks[0] == 0:
+        check_output(out_path, dict(identity, shard=None))  # the merged file, written at the end
+    check_output(part, dict(identity, shard=shard))
+    # then the inputs and the model: bad input fails here, with nothing written
+    kb = KnowledgeBase.from_jsonl(kb_path)
+    everything = read_data(data_path, fmt, split, splits_path, images_dir, limit)
+    mentions = select_shard(everything, shard)
+    train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir)
+    t0 = time.perf_counter()
+    linker = Linker.from_config(config, kb=kb, train=train)
+    t_load = time.perf_counter() - t0
+    with open_output(part, dict(identity, shard=shard)) as held:  # checked again, locked
         t0 = time.perf_counter()
         rows = run(lambda batch: linker.link_batch(batch), mentions, held,
                    batch_size=linker.config.batch_size, progress=progress, source=str(data_path))
@@ -102,11 +104,15 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
         click.echo(f"merged {len(parts)} parts into {out_path}")
         mentions = everything
     k = linker.config.top_k
+    if linker.box_only_from_text:
+        click.echo(f"{linker.box_only_from_text} box-only mention(s) (no mention string) linked "
+                   f"from their text alone: --no-image ablation")
     summary = {"mentions": len(rows), "kb_entities": len(kb), "model": linker.config.model,
                "dtype": str(linker.backend.dtype).replace("torch.", ""),
                "load_seconds": round(t_load, 2), "link_seconds": round(t_link, 2),
                "seconds_per_mention": round(t_link / max(len(mentions), 1), 4),
-               "trie_boundary_merged": len(getattr(linker.trie, "boundary_merged", []))}
+               "trie_boundary_merged": len(getattr(linker.trie, "boundary_merged", [])),
+               "box_only_from_text": linker.box_only_from_text}
     if any(m.entity_id is not None for m in mentions):
         # the one summary of `gemel eval`, beside the exact-match baseline on the same mentions
         result = evaluate_files([(str(out_path), rows), ("exact-match baseline", [
@@ -354,7 +360,7 @@ def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, drop, fusion_pool,
             raise click.UsageError("give --kb and --data (dev mentions), or --rows to refit")
         from gemel.kb import KnowledgeBase
         from gemel.linker import Linker, linker_config
-        from gemel.runs import open_output
+        from gemel.runs import check_output, open_output
 
         config = linker_config(config_path, model=model, num_beams=num_beams, top_k=top_k,
                                batch_size=batch_size, template=template, dtype=dtype,
@@ -369,11 +375,13 @@ def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, drop, fusion_pool,
         rows_note = str(Path(out_path).with_suffix(".dev.jsonl"))
         identity = link_identity(config, kb_path, data_path, fmt, split, splits_path,
                                  train_path, train_split)
-        with open_output(rows_note, dict(identity, shard=None, purpose="fit-fusion")) as held:
-            kb = KnowledgeBase.from_jsonl(kb_path)
-            mentions = read_data(data_path, fmt, split, splits_path, images_dir, limit)
-            train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir)
-            linker = Linker.from_config(config, kb=kb, train=train)
+        identity = dict(identity, shard=None, purpose="fit-fusion")
+        check_output(rows_note, identity)
+        kb = KnowledgeBase.from_jsonl(kb_path)
+        mentions = read_data(data_path, fmt, split, splits_path, images_dir, limit)
+        train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir)
+        linker = Linker.from_config(config, kb=kb, train=train)
+        with open_output(rows_note, identity) as held:
             model_, report = fit_on_mentions(linker, mentions, held, progress=progress, l2s=l2s,
                                              source=str(data_path), drop=drop)
     model_.save(out_path)

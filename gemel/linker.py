@@ -160,6 +160,8 @@ class Linker:
                                      image_tokens=tokens_per_slot,
                                      max_tokens=config.max_prompt_tokens)
         self.model = model or GemelModel(tokenizer, backend.input_embeddings(), image_embedder)
+        # box-only mentions (no mention string) linked from their text alone under --no-image
+        self.box_only_from_text = 0
         self.trie = trie or load_or_build_trie(kb, tokenizer, self.builder.answer_prefix,
                                                config.terminator or self.builder.terminator_text,
                                                path=config.trie, nil=config.nil)
@@ -184,9 +186,39 @@ class Linker:
             out.extend(self.link_batch(mentions[i:i + bs], top_k=top_k))
         return out
 
+    def unlinkable(self, m: Mention) -> str | None:
+        """Why this linker cannot link ``m`` (None: it can). A mention without a mention string is
+        marked by its box or polygon only: it needs the image model, never a text-only guess —
+        unless the run is the deliberate ``--no-image`` ablation of a mapper."""
+        if m.mention and m.mention.strip():
+            return None
+        if self.model.image_embedder is not None:
+            if not m.image:
+                return ("the mention has no mention string and no image: nothing marks it; give "
+                        "it its image (with a bbox or polygon) or its mention string")
+            return None
+        if self.config.mapper and self.config.no_image:
+            return None
+        return ("the mention has no mention string (only a box or polygon marks it): linking it "
+                "needs an image model; pass --mapper CKPT (a mapper from `gemel train --vp-mode "
+                "overlay`), or --mapper CKPT --no-image to link it from its text on purpose")
+
     def link_batch(self, mentions: Sequence[Mention], top_k: int | None = None,
                    demonstrations: Sequence[Sequence[Mention]] | None = None) -> list[LinkResult]:
-        """Link one batch (one prefill). ``demonstrations[i]`` are mention i's, least similar first."""
+        """Link one batch (one prefill). ``demonstrations[i]`` are mention i's, least similar first.
+
+        A mention this linker cannot link (:meth:`unlinkable`) gets a result with ``error`` set."""
+        why = [self.unlinkable(m) for m in mentions]
+        if any(why):
+            keep = [i for i, w in enumerate(why) if w is None]
+            done = iter(self.link_batch([mentions[i] for i in keep], top_k,
+                                        [demonstrations[i] for i in keep]
+                                        if demonstrations is not None else None) if keep else [])
+            return [next(done) if w is None else
+                    LinkResult(m.id, (), gold_id=m.entity_id, error=f"DataError: {w}")
+                    for m, w in zip(mentions, why)]
+        if self.model.image_embedder is None:
+            self.box_only_from_text += sum(not (m.mention and m.mention.strip()) for m in mentions)
         k = top_k or self.config.top_k
         check_top_k(k, self.config.num_beams, self.config.fusion)
         hyps, embeds, mask, extras = self.generate(mentions, k, demonstrations)
@@ -326,7 +358,8 @@ def load_image_embedder(mapper_dir: str | Path, backend: Backend, feature_cache:
 
     saved = LinearMapper.read_config(mapper_dir)
     vision = VisionEncoder.from_name(saved["vision"]["model"], feature=saved["feature"],
-                                     device=backend.device)
+                                     device=backend.device,
+                                     layout=saved.get("layout", "global"))
     # the LLM under the name the user gave (an offline name resolves to a cache folder, which
     # is no reason to warn about a renamed model)
     mapper = LinearMapper.load(mapper_dir, expect_llm=llm_identity(backend.model, name=model_name),

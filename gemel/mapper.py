@@ -8,7 +8,8 @@ image slot holds ``k * n_tokens`` soft tokens (overlay tokens first, then crop t
 A saved mapper is a folder::
 
     mapper.safetensors   proj.weight [n_tokens * hidden, feature_dim], proj.bias [n_tokens * hidden]
-    config.json          sizes, the vision encoder's and the LLM's identity, visual-prompt mode,
+    config.json          sizes, the vision encoder's and the LLM's identity, feature and feature
+                         layout (global | grid:N | region, see gemel.vision), visual-prompt mode,
                          template and the training config it was trained with
     lora/                (optional) peft LoRA adapters of the LLM, adapters only
 
@@ -37,7 +38,7 @@ LORA = "lora"
 _PROBE = 16  # embedding values kept in the config to tell two LLMs of the same shape apart
 
 # vision-identity fields that change the features (hard) and those that may differ harmlessly
-_VISION_HARD = ("model_type", "config_sha256", "feature", "feature_dim")
+_VISION_HARD = ("model_type", "config_sha256", "feature", "layout", "feature_dim")
 _VISION_SOFT = ("weights_sha256", "processor_sha256")
 
 
@@ -91,13 +92,16 @@ def check_vision(saved: dict, mine: dict, source: object = None) -> None:
     """Raise MismatchError when the features of encoder ``mine`` are not those the mapper was
     trained on (``saved``: :attr:`gemel.vision.VisionEncoder.identity`)."""
     where = f"{source}: " if source is not None else ""
+    # identities written before feature layouts existed are the global layout
+    saved, mine = {"layout": "global", **saved}, {"layout": "global", **mine}
     hard = [k for k in _VISION_HARD if k in saved and k in mine and saved[k] != mine[k]]
     if hard:
         diff = ", ".join(f"{k} {saved[k]!r} vs {mine[k]!r}" for k in hard)
         raise MismatchError(f"{where}this mapper was trained on vision encoder "
                             f"{saved.get('model')!r} but is being loaded with vision encoder "
                             f"{mine.get('model')!r} ({diff}) — load {saved.get('model')!r} with "
-                            f"feature {saved.get('feature')!r}, or retrain the mapper")
+                            f"feature {saved.get('feature')!r} and layout "
+                            f"{saved.get('layout')!r}, or retrain the mapper")
     soft = [k for k in _VISION_SOFT if k in saved and k in mine and saved[k] != mine[k]]
     if soft:
         warnings.warn(f"{where}vision encoder {mine.get('model')!r} has other {', '.join(soft)} "

@@ -84,7 +84,8 @@ LOG_FILE = "train_log.jsonl"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 # settings that must not change when a run is resumed (they change the model, data order or schedule)
-RESUME_FIXED = ("model", "vision", "feature", "n_visual_tokens", "vp_mode", "template", "epochs",
+RESUME_FIXED = ("model", "vision", "feature", "layout", "n_visual_tokens", "vp_mode", "template",
+                "epochs",
                 "batch_size", "grad_accum", "warmup", "seed", "lora_r")
 
 
@@ -106,6 +107,7 @@ class TrainConfig:
     model: str = "smollm2-135m-instruct"
     vision: str = "dinov2-small"
     feature: str = "pooled"  # pooled | cls | mean | layers:4,10,11,12
+    layout: str = "auto"  # global | grid:N | region; auto: DEFAULT_LAYOUT of the vp_mode
     n_visual_tokens: int = 4
     vp_mode: str = "none"  # none | overlay | crop | overlay+crop
     template: str = "gemel"
@@ -118,7 +120,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_steps: int | None = None  # stop after this many optimizer steps (the schedule is unchanged)
     eval_every: int = 0  # optimizer steps between dev evaluations; 0: after every epoch
-    eval_batch_size: int = 8
+    eval_batch_size: int = 4  # gemel link's default batch size: the link run pads the same batches
     num_beams: int = 5
     max_new_tokens: int = 32
     seed: int = 0
@@ -147,6 +149,16 @@ MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
 DemosFor = Callable[[Mention], Sequence[Mention]]
+
+# the feature layout `--layout auto` takes per visual-prompt mode: a drawn box is lost in one pooled
+# vector of the whole image (two-emblem task: H@1 65 with the pooled feature), the patch tokens
+# under it are not (benchmarks/visual_prompts.py); a crop is the region already
+DEFAULT_LAYOUT = {"none": "global", "crop": "global", "overlay": "region", "overlay+crop": "region"}
+
+
+def resolve_layout(config: TrainConfig) -> str:
+    """The feature layout a run uses: the config's, or the default for its vp_mode."""
+    return DEFAULT_LAYOUT[config.vp_mode] if config.layout == "auto" else config.layout
 
 
 def no_demonstrations(mention: Mention) -> list[Mention]:
@@ -583,9 +595,15 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     if vision is None:
         from gemel.vision import VisionEncoder
 
-        vision = VisionEncoder.from_name(config.vision, feature=config.feature, device=device)
+        vision = VisionEncoder.from_name(config.vision, feature=config.feature, device=device,
+                                         layout=resolve_layout(config))
     else:
         vision.model.to(device)
+        if config.layout != "auto" and config.layout != vision.layout:
+            raise GemelError(f"layout {config.layout!r} asked for, but the vision encoder given "
+                             f"has layout {vision.layout!r}; build it with layout="
+                             f"{config.layout!r}")
+    config = dataclasses.replace(config, layout=vision.layout)  # recorded as used
     base_identity = llm_identity(llm, name=llm_name)
     prompt = VisualPrompt(config.vp_mode)
     template = load_template(config.template)
@@ -612,7 +630,8 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     # -- trainable parts -----------------------------------------------------------------------
     n_tokens = config.n_visual_tokens
     emb_dtype = llm.get_input_embeddings().weight.dtype
-    meta = {"vision": vision.identity, "feature": vision.feature, "llm": base_identity,
+    meta = {"vision": vision.identity, "feature": vision.feature, "layout": vision.layout,
+            "llm": base_identity,
             "vp_mode": config.vp_mode, "template": template.name,
             "template_block": template.block, "train": dataclasses.asdict(config)}
     mapper = LinearMapper(vision.feature_dim, base_identity["hidden_size"], n_tokens,
@@ -733,7 +752,9 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
         linker.builder = builder  # the Linker's own builder leaves image slots out
         mine = dev_mentions[accelerator.process_index::accelerator.num_processes]
         rows = []
-        with torch.no_grad(), accelerator.autocast():
+        # no autocast: the link run (`gemel link --mapper`) computes in the LLM's own dtype, and
+        # autocast against it changed close calls (train dev H@1 75 vs link 65 on one checkpoint)
+        with torch.no_grad():
             for i in range(0, len(mine), config.eval_batch_size):
                 chunk = mine[i:i + config.eval_batch_size]
                 demos = [[d for d in demonstrations_for(m) if d.id != m.id] for m in chunk]
@@ -752,8 +773,15 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
         total = accelerator.reduce(torch.tensor(counts, dtype=torch.float64, device=device),
                                    reduction="sum").tolist()
         n = int(total[0])
+        # each mention's top-1 entity, so that a link run can be compared answer by answer
+        top1 = {r["id"]: (r["candidates"][0]["entity_id"] if r["candidates"] else None)
+                for r in rows}
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            top1 = {k: v for part in gather_object([top1]) for k, v in part.items()}
         return {"n": n, **{f"H@{k}": round(100.0 * total[j + 1] / n, 2) if n else None
-                           for j, k in enumerate(ks)}}
+                           for j, k in enumerate(ks)}, "top1": top1}
 
     def checkpoint(evaluated: dict | None) -> None:
         nonlocal best
@@ -872,6 +900,9 @@ def _log_eval(metrics: dict, step: int, jlog: _JsonlLog, accelerator, trackers) 
 @options.model_option
 @click.option("--vision", default=None, help="Vision encoder [dinov2-small].")
 @click.option("--feature", default=None, help="pooled | cls | mean | layers:4,10,11,12 [pooled].")
+@click.option("--layout", default=None,
+              help="Feature layout: global | grid:N | region [auto: region for overlay modes, "
+                   "else global].")
 @click.option("--n-visual-tokens", type=options.AT_LEAST_1, default=None,
               help="Soft tokens per image [4].")
 @click.option("--vp-mode", type=click.Choice(VP_MODES), default=None, help="Visual prompt [none].")
