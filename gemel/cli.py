@@ -466,6 +466,26 @@ def baseline(kind, kb_path, data_path, out_path, top_k, sentence_model, progress
                                                  kb=kb)))
 
 
+@cli.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the demo's data, mapper, predictions and report.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Mapper training epochs [the demo's default].")
+@click.option("--demos", type=click.IntRange(min=0), default=None,
+              help="Demonstrations per prompt [the demo's default].")
+def demo(out, epochs, demos):
+    """The main job on the data that ships with gemel: train a mapper, link with and without
+    images, beside the combo baseline; a table here and a report folder in --out."""
+    from gemel.demo.run import DemoSettings, run_demo
+
+    settings = DemoSettings(out=out)
+    if epochs is not None:
+        settings.epochs = epochs
+    if demos is not None:
+        settings.demos = demos
+    run_demo(settings, echo=click.echo)
+
+
 def _register_train() -> None:
     from gemel.train import train_command  # the training options live beside the training code
 

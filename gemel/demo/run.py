@@ -29,7 +29,7 @@ class DemoSettings:
     model: str = "smollm2-135m-instruct"
     vision: str = "dinov2-small"
     vp_mode: str = "overlay"
-    template: str = "gemel_mixed"
+    template: str = "gemel"
     epochs: int = 6
     lr: float = 2e-3
     batch_size: int = 8
