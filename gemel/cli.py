@@ -14,7 +14,7 @@ from gemel.files import write_atomic
 from gemel.eval.baselines import KINDS as BASELINE_KINDS
 
 # the flags live in gemel.options (one definition each); imported here under their old names
-from gemel.options import (DATA_FORMATS, data_options, echo_err, fusion_option,  # noqa: F401
+from gemel.options import (DATA_FORMATS, backend_option, data_options, echo_err, fusion_option,  # noqa: F401
                            linker_options, progress_option, prompt_options, read_data, read_kb,
                            read_train, shard_option, strict_option)
 
@@ -69,11 +69,12 @@ def cli(verbose: bool) -> None:
 @shard_option
 @data_options
 @strict_option
+@backend_option
 @click.pass_context
 def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k, batch_size,
          template, dtype, device, trie, length_penalty, progress, mapper, no_image, feature_cache,
          train_path, train_split, demos, retriever, candidates, fusion, max_prompt_tokens, nil,
-         shard, fmt, split, splits_path, images_dir, limit, strict):
+         shard, fmt, split, splits_path, images_dir, limit, strict, backend):
     """Link every mention in --data to the KB; write ranked candidates to --out.
 
     Under `torchrun --nproc_per_node N -m gemel.cli link ...` each process links its shard of
@@ -91,7 +92,7 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
                            trie=trie, length_penalty=length_penalty, demos=demos,
                            retriever=retriever, candidates=candidates, fusion=fusion,
                            max_prompt_tokens=max_prompt_tokens, mapper=mapper, no_image=no_image,
-                           feature_cache=feature_cache, nil=nil)
+                           feature_cache=feature_cache, nil=nil, backend=backend)
     ranks = distributed_ranks()
     if ranks is not None:
         if shard is not None:
@@ -138,6 +139,8 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
                "load_seconds": round(t_load, 2), "link_seconds": round(t_link, 2),
                "seconds_per_mention": round(t_link / max(len(mentions), 1), 4),
                "trie_boundary_merged": len(getattr(linker.trie, "boundary_merged", [])),
+               # titles that end either in a token merged with the terminator or in the terminator
+               "trie_terminator_merged": len(getattr(linker.trie, "terminator_merged", [])),
                "box_only_from_text": linker.box_only_from_text, **kb_notes}
     if any(m.entity_id is not None for m in mentions):
         # the one summary of `gemel eval`, beside the exact-match baseline on the same mentions
@@ -283,6 +286,10 @@ def build_trie_cmd(kb_path, out_dir, model, template, terminator, nil):
     if merged:
         click.echo(f"{len(merged)} title(s) merge with the answer prefix when tokenized "
                    f"(tokenized alone instead), e.g. {merged[:3]}")
+    ends = trie.terminator_merged
+    click.echo(f"{len(ends)} title(s) merge their last characters with the terminator text "
+               f"{trie.meta.get('terminator_text')!r}; they end either way (merged token, or "
+               f"their own tokens + the terminator)" + (f", e.g. {ends[:3]}" if ends else ""))
 
 
 @cli.command()
@@ -495,7 +502,8 @@ def eval_cmd(pred_paths, data_path, kb_path, json_path, resamples, seed, train_p
 @click.option("--kb", "kb_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
-              help="Predictions JSONL (overwritten).")
+              help="Predictions JSONL: written only when absent, empty, or this same baseline's "
+              "predictions (then resumed).")
 @click.option("--top-k", type=int, default=10, show_default=True, help="Candidates per mention.")
 @click.option("--sentence-model", default="minilm-l6-v2", show_default=True,
               help="Sentence encoder of the dense kinds.")
@@ -514,11 +522,19 @@ def baseline(kind, kb_path, data_path, out_path, top_k, sentence_model, progress
     mentions = read_data(data_path, fmt, split, splits_path, images_dir, limit)
     train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir)
     check_baseline(kind, train, top_k)
+    from gemel.runs import input_identity, path_sha256
+
     retrievers: dict = {}
     t0 = time.perf_counter()
-    Path(out_path).unlink(missing_ok=True)  # deterministic and quick: never resume another kind
+    # --out follows `gemel link`'s rule: written only when absent, empty or this same baseline
+    identity = {"input": input_identity(data_path, fmt or "auto", split, splits_path),
+                "settings": {"baseline": kind, "kb": path_sha256(kb_path), "top_k": top_k,
+                             "sentence_model": sentence_model,
+                             "train": (path_sha256(train_path) if train_path else
+                                       f"split {train_split} of --data" if train_split else None)}}
     rows = run(lambda batch: run_baseline(kind, kb, batch, train, top_k, sentence_model, retrievers),
-               mentions, out_path, batch_size=512, progress=progress, source=str(data_path))
+               mentions, out_path, batch_size=512, progress=progress, source=str(data_path),
+               identity=identity)
     click.echo(f"baseline {kind}: {len(rows)} mentions in {time.perf_counter() - t0:.1f}s "
                f"-> {out_path}")
     if any(m.entity_id is not None for m in mentions):

@@ -48,6 +48,9 @@ dtype_option = click.option(
     "--dtype", type=click.Choice(DTYPES), default=None,
     help="Weights of the frozen LLM [auto: bf16 where fast, else fp32].")
 device_option = click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [auto].")
+backend_option = click.option(
+    "--backend", default=None, type=click.Choice(["hf", "vllm"]),
+    help="Model runtime: hf (transformers) or vllm (optional extra, see README) [hf].")
 trie_option = click.option(
     "--trie", default=None, type=click.Path(exists=True, file_okay=False),
     help="A trie saved by `gemel build-trie` (default: built once and cached).")
@@ -176,4 +179,4 @@ def read_kb(kb_path, strict=False):
 
 
 __all__ = ["data_options", "prompt_options", "linker_options", "shard_option", "strict_option",
-           "read_data", "read_kb", "read_train", "echo_err", "compose", "DATA_FORMATS", "DTYPES"]
+           "read_data", "read_kb", "read_train", "echo_err", "compose", "backend_option", "DATA_FORMATS", "DTYPES"]

@@ -67,9 +67,13 @@ def input_identity(path: str | Path, fmt: str = "auto", split: str | None = None
 
 
 def settings_identity(config, **extra) -> dict:
-    """The settings of a :class:`~gemel.linker.LinkerConfig` that change predictions; files they
-    name (fusion model, mapper) by content, so moving a file does not block a resume."""
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESULT_NEUTRAL}
+    """The settings of a :class:`~gemel.linker.LinkerConfig` that change predictions and differ
+    from their defaults (so that a field added to the config in a later gemel, at a default that
+    keeps the old behaviour, does not block resuming older runs); files they name (fusion model,
+    mapper) by content, so moving a file does not block a resume either."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    settings = {k: v for k, v in dataclasses.asdict(config).items()
+                if k not in RESULT_NEUTRAL and v != defaults[k]}
     for key in ("fusion", "mapper"):
         if settings.get(key):
             settings[key] = {"sha256": path_sha256(settings[key])}

@@ -3,8 +3,9 @@
 
 One training item is a mention with an image and a gold entity in the KB. Its prompt is the
 template's query block (``{image}`` -> the mapper's soft tokens), followed by the gold title's
-trie sequence (``trie.sequence(title_index)``: the title tokens exactly as constrained decoding
-emits them after the answer prefix, then the terminator). The loss is the token-mean cross-entropy
+trie sequence (``trie.sequence(title_index)``: the natural tokenization of ``answer_prefix + title +
+terminator text`` after the prefix, up to the token that starts the terminator text, which may hold
+the title's last characters too, e.g. Qwen's ``")\n"``). The loss is the token-mean cross-entropy
 on those target tokens only (labels -100 elsewhere), over a right-padded batch.
 
 Evaluation on the dev split runs the real linker — trie-constrained beam search through
@@ -241,7 +242,7 @@ class Batch:
     """One right-padded training batch.
 
     inputs_embeds [n, seq, hidden]; attention_mask [n, seq]; labels [n, seq] (-100 except the
-    target title tokens + terminator)."""
+    target title's natural path: its tokens and the terminator, or a token merged with it)."""
 
     inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
@@ -666,7 +667,9 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     else:
         mapper_p, optimizer, loader = accelerator.prepare(mapper, optimizer, loader)
         lm_p = llm
-    raw_mapper: LinearMapper = accelerator.unwrap_model(mapper_p)
+    # without accelerate's autocast wrapper around forward (it stays on by default): evaluation
+    # must map features as `gemel link` does, in fp32; training steps run under autocast anyway
+    raw_mapper: LinearMapper = accelerator.unwrap_model(mapper_p, keep_fp32_wrapper=False)
     cache = _feature_cache(config)
     embedder = ImageTokens(vision, raw_mapper, prompt, cache=cache)
     # the training path goes through the prepared (DDP) mapper so that gradients are all-reduced
@@ -776,9 +779,10 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
         total = accelerator.reduce(torch.tensor(counts, dtype=torch.float64, device=device),
                                    reduction="sum").tolist()
         n = int(total[0])
-        # each mention's top-1 entity, so that a link run can be compared answer by answer
-        top1 = {r["id"]: (r["candidates"][0]["entity_id"] if r["candidates"] else None)
-                for r in rows}
+        # each mention's top-1 [entity id, score], so that a link run with the saved checkpoint
+        # can be compared answer by answer, score by score
+        top1 = {r["id"]: ([r["candidates"][0]["entity_id"], r["candidates"][0]["score"]]
+                          if r["candidates"] else [None, None]) for r in rows}
         if accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
