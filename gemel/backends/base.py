@@ -36,6 +36,11 @@ class Backend(ABC):
     @abstractmethod
     def dtype(self) -> torch.dtype: ...
 
+    @property
+    def max_context(self) -> int | None:
+        """The most tokens (prompt + answer) the model takes, where it says; None: unknown."""
+        return None
+
     @abstractmethod
     def input_embeddings(self) -> torch.nn.Module:
         """The LLM's token embedding table (``get_input_embeddings()``)."""
