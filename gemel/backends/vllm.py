@@ -154,6 +154,15 @@ class VLLMBackend(Backend):
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
 
+    @property
+    def max_context(self) -> int | None:
+        """The engine's ``max_model_len`` (prompt + answer tokens)."""
+        try:
+            return int(self.llm.llm_engine.model_config.max_model_len)
+        except AttributeError:  # an engine without that attribute path: the model's own limit
+            value = getattr(self.model.config, "max_position_embeddings", None)
+            return int(value) if isinstance(value, int) else None
+
     def input_embeddings(self) -> torch.nn.Module:
         return self.model.get_input_embeddings()
 
