@@ -329,7 +329,6 @@ def _train(d: Path) -> str:
 
 
 CASES = _cases()
-RUNNABLE = [c for c in CASES if c.make is not None]
 
 
 # -- the shared environment -------------------------------------------------------------------------
@@ -426,4 +425,4 @@ def message_line(case: Case, text: str) -> str:
     return text.strip().splitlines()[-1] if text.strip() else ""
 
 
-__all__ = ["CASES", "RUNNABLE", "ROWS", "Case", "Env", "build_env", "message_line", "run_case"]
+__all__ = ["CASES", "ROWS", "Case", "Env", "build_env", "message_line", "run_case"]

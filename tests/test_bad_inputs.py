@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.bad_inputs import RUNNABLE, build_env, run_case
+from tests.bad_inputs import CASES, build_env, run_case
 
 
 @pytest.fixture(scope="module")
@@ -16,11 +16,11 @@ def env(tmp_path_factory):
 
 
 def test_the_table_is_long_enough():
-    assert len(RUNNABLE) >= 30
-    assert len({c.id for c in RUNNABLE}) == len(RUNNABLE)
+    assert len(CASES) >= 30
+    assert len({c.id for c in CASES}) == len(CASES)
 
 
-@pytest.mark.parametrize("case", RUNNABLE, ids=[c.id for c in RUNNABLE])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case, env, tmp_path):
     code, text = run_case(case, env, tmp_path / case.id)
     assert "Traceback" not in text and "TRACEBACK" not in text, text

@@ -19,9 +19,11 @@ How it maps onto vLLM (0.32), and why:
 * Prefix caching is on: the demonstrations and the prompt are computed once per prompt, and every
   beam request after that recomputes only the tail past the last full KV block (``block_size`` 32
   on CPU instead of vLLM's 128, so that tail stays short).
-* Prompts go as ``prompt_embeds`` (text and image soft tokens alike, as gemel builds them), so
-  images and visual prompts need nothing more; the embedding table lives in this process (a
-  meta-device shell of the HF model with only its input embeddings loaded).
+* gemel builds prompts as embeddings (text and image soft tokens alike). A prompt whose every
+  position is a row of the embedding table goes to vLLM as token ids (no tensor to ship, and vLLM
+  embeds it to the same vectors); one with image soft tokens goes as ``prompt_embeds``, so images
+  and visual prompts need nothing more. The embedding table lives in this process (a meta-device
+  shell of the HF model with only its input embeddings loaded).
 * Fused ranking's teacher-forced scores use the same requests: every distinct prefix of the titles
   to score is one request for the log-probs of the tokens that follow it (cache hits on the
   prompt). ``prompt_logprobs`` would also give them, but vLLM skips the prefix cache for requests
@@ -152,22 +154,62 @@ class VLLMBackend(Backend):
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
 
+    @property
+    def max_context(self) -> int | None:
+        """The engine's ``max_model_len`` (prompt + answer tokens)."""
+        try:
+            return int(self.llm.llm_engine.model_config.max_model_len)
+        except AttributeError:  # an engine without that attribute path: the model's own limit
+            value = getattr(self.model.config, "max_position_embeddings", None)
+            return int(value) if isinstance(value, int) else None
+
     def input_embeddings(self) -> torch.nn.Module:
         return self.model.get_input_embeddings()
 
     # -- the engine primitive ----------------------------------------------------------------------
-    def prompts(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
-        """Left-padded [n, seq, hidden] + mask [n, seq] -> n unpadded [len_i, hidden] CPU tensors."""
+    def prompts(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> list:
+        """Left-padded [n, seq, hidden] + mask [n, seq] -> n prompts: the token ids (list[int])
+        where every position is a row of the embedding table (a text-only prompt: vLLM then
+        embeds it itself, to the same vectors, and requests carry ids instead of a tensor), else
+        the unpadded embeddings [len_i, hidden] on the CPU (image soft tokens)."""
         keep = attention_mask.bool().cpu()
         embeds = inputs_embeds.detach().to("cpu", self.dtype)
-        return [embeds[i][keep[i]] for i in range(embeds.shape[0])]
+        out = []
+        for i in range(embeds.shape[0]):
+            e = embeds[i][keep[i]]
+            ids = self.token_ids_of(e)
+            out.append(ids if ids is not None else e)
+        return out
+
+    def token_ids_of(self, embeds: torch.Tensor) -> list[int] | None:
+        """The token ids whose embeddings are exactly ``embeds`` [len, hidden], or None.
+
+        Rows are matched by an integer hash of their bits (exact, unlike a float product whose
+        rounding depends on the batch shape), then checked element by element."""
+        weight = self.input_embeddings().weight.detach().to("cpu")
+        if getattr(self, "_row_index", None) is None:
+            coef = torch.randint(1, 2 ** 61, (weight.shape[1],), dtype=torch.int64,
+                                 generator=torch.Generator().manual_seed(0))
+            keys = _row_keys(weight, coef)
+            order = np.argsort(keys, kind="stable")
+            self._row_index = (coef, keys[order], order)
+        coef, sorted_keys, order = self._row_index
+        if embeds.shape[0] == 0 or embeds.dtype != weight.dtype:
+            return None
+        keys = _row_keys(embeds, coef)
+        pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+        if not np.array_equal(sorted_keys[pos], keys):
+            return None
+        ids = order[pos]
+        return ids.tolist() if torch.equal(weight[torch.from_numpy(ids)], embeds) else None
 
     @torch.inference_mode()
-    def next_logprobs(self, prompts: Sequence[torch.Tensor],
-                      rows: Sequence[tuple[int, Sequence[int], np.ndarray]]) -> list[np.ndarray]:
+    def next_logprobs(self, prompts: Sequence, rows: Sequence[tuple[int, Sequence[int], np.ndarray]]
+                      ) -> list[np.ndarray]:
         """Raw next-token log-probabilities (natural log, the full-vocabulary softmax) of chosen
-        tokens. ``rows[i] = (prompt index, continuation token ids, wanted token ids [k_i])``;
-        returns one float64 array [k_i] per row, in the order of its wanted ids.
+        tokens. ``prompts``: from :meth:`prompts`; ``rows[i] = (prompt index, continuation token
+        ids, wanted token ids [k_i])``; returns one float64 array [k_i] per row, in the order of
+        its wanted ids.
 
         Rows that want more ids than a request may carry are split; their first chunk goes in a
         first call so that the other chunks find the prompt in the prefix cache.
@@ -175,11 +217,14 @@ class VLLMBackend(Backend):
         table = self.input_embeddings()
         first, rest = [], []
         for r, (p, cont, wanted) in enumerate(rows):
-            if len(cont):
+            base = prompts[p]
+            if isinstance(base, list):
+                prompt = {"prompt_token_ids": base + [int(t) for t in cont]}
+            elif len(cont):
                 tail = table(torch.as_tensor(list(cont), device=table.weight.device))
-                prompt = torch.cat([prompts[p], tail.to("cpu", self.dtype)])
+                prompt = {"prompt_embeds": torch.cat([base, tail.to("cpu", self.dtype)])}
             else:
-                prompt = prompts[p]
+                prompt = {"prompt_embeds": base}
             for lo in range(0, len(wanted), self.max_ids):
                 (first if lo == 0 else rest).append((r, prompt, wanted[lo:lo + self.max_ids]))
         out = [np.empty(len(w)) for _, _, w in rows]
@@ -189,8 +234,8 @@ class VLLMBackend(Backend):
                 continue
             params = [self._params(max_tokens=1, temperature=0.0, detokenize=False,
                                    logprob_token_ids=[int(t) for t in ids]) for _, _, ids in batch]
-            results = self.llm.generate([{"prompt_embeds": prompt} for _, prompt, _ in batch],
-                                        params, use_tqdm=False)
+            results = self.llm.generate([prompt for _, prompt, _ in batch], params,
+                                        use_tqdm=False)
             self.requests += len(batch)
             for (r, _, ids), res in zip(batch, results):
                 found = res.outputs[0].logprobs[0]  # {token id: Logprob}, plus the sampled token
@@ -227,6 +272,12 @@ class VLLMBackend(Backend):
                  for seq in seqs] for p, seqs in enumerate(sequences)]
 
 
+def _row_keys(x: torch.Tensor, coef: torch.Tensor) -> np.ndarray:
+    """[n, hidden] float rows -> [n] int64 hashes of their bit patterns (wrapping arithmetic)."""
+    bits = x.contiguous().view(torch.int16 if x.element_size() == 2 else torch.int32)
+    return (bits.to(torch.int64) * coef).sum(-1).numpy()
+
+
 class VLLMStepper:
     """The :class:`gemel.beam.Stepper` over vLLM: a row is (prompt index, title tokens so far).
 
@@ -235,7 +286,7 @@ class VLLMStepper:
     continuations of every row), which is when vLLM is asked, for exactly those tokens.
     """
 
-    def __init__(self, backend: VLLMBackend, prompts: Sequence[torch.Tensor]):
+    def __init__(self, backend: VLLMBackend, prompts: Sequence):
         self.backend, self.prompts = backend, list(prompts)
         self.rows: list[tuple[int, tuple[int, ...]]] = []
 
