@@ -404,6 +404,11 @@ class EntityTrie:
             node = par[node]
         return out[::-1]
 
+    def lengths(self) -> np.ndarray:
+        """Tokens per title, terminator included, int64 [n] (a leaf's depth in the trie): a title
+        longer than a search's ``max_new_tokens`` can never be generated."""
+        return np.searchsorted(self.level_start, self.title_leaf, side="right") - 1
+
     def subtrie(self, title_indices: Sequence[int]) -> "EntityTrie":
         """The trie restricted to some titles; values keep the original title indices.
 
@@ -513,7 +518,7 @@ class EntityTrie:
         meta = info.get("meta") or {}
         for key, want in (expect or {}).items():
             have = meta.get(key)
-            if _normal(have) != _normal(want):
+            if _normal(_same_ids(key, have)) != _normal(_same_ids(key, want)):
                 raise MismatchError(f"entity trie {folder} was built for {key}={have!r}, but this "
                                     f"run needs {key}={want!r}; rebuild it (`gemel build-trie`) "
                                     "or point to the trie built for this setting")
@@ -740,6 +745,14 @@ def _as_ints(prefix) -> list:
     if prefix and type(prefix[-1]) is not int:  # numpy / torch scalars would overflow the hash
         prefix = [int(t) for t in prefix]
     return prefix
+
+
+def _same_ids(key: str, value):
+    """What must match: a tokenizer's vocabulary, not the path it was loaded from (the same
+    tokenizer copied elsewhere makes the same token ids)."""
+    if key == "tokenizer" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "name_or_path"}
+    return value
 
 
 def _normal(value):

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# tests never download: no hub, even where one is reachable (set before transformers is imported)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("GEMEL_DATA", REPO.parent / "shared" / "data"))
 
@@ -49,6 +52,10 @@ def _wrap(tok_obj):
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
+    return make_bpe_tokenizer()
+
+
+def make_bpe_tokenizer():
     """Byte-level BPE (GPT-2 / OPT / SmolLM style): leading spaces are part of tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -63,6 +70,10 @@ def bpe_tokenizer():
 
 @pytest.fixture(scope="session")
 def sp_tokenizer():
+    return make_sp_tokenizer()
+
+
+def make_sp_tokenizer():
     """SentencePiece-style (LLaMA style): Metaspace '▁' marks word starts, BOS added in front."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
