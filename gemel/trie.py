@@ -168,22 +168,35 @@ class EntityTrie:
         terminator = int(terminator)
         _check_sequences(tokens, offsets, terminator)
         n = len(offsets) - 1
-        # the paths `title + [terminator]`, concatenated: row i starts at offsets[i] + i
-        flat = np.insert(tokens, offsets[1:], terminator)
-        start, end = offsets[:-1] + np.arange(n), offsets[1:] + np.arange(1, n + 1)
-        row_title = np.arange(n, dtype=np.int64)
-        if natural is not None and len(natural[0]):
+        extra = natural is not None and len(natural[0])
+        if extra:
             index, ntok, noff = (np.asarray(a, dtype=np.int64) for a in natural)
             _check_paths(index, ntok, noff, n, terminator)
+        # the paths `title + [terminator]`, concatenated: row i starts at offsets[i] + i and
+        # ends (its terminator) at offsets[i + 1] + i; positions in the narrowest dtype (memory)
+        flat = np.insert(tokens, offsets[1:], terminator)
+        size = len(flat) + (len(ntok) if extra else 0)
+        idx = np.int32 if size + 1 < 2 ** 31 else np.int64
+        step = np.arange(n, dtype=idx)
+        start, last = offsets[:-1].astype(idx), offsets[1:].astype(idx)
+        start += step
+        last += step
+        del step
+        row_title = None  # row r is title r
+        if extra:
             base = len(flat)
             flat = np.concatenate([flat, ntok])
             # the natural path is each title's first row; `title + [terminator]` moves behind
-            start, end = (np.concatenate([a, a[index]]) for a in (start, end))
-            start[index], end[index] = base + noff[:-1], base + noff[1:]
-            row_title = np.concatenate([row_title, index])
+            start, last = (np.concatenate([a, a[index]]) for a in (start, last))
+            start[index], last[index] = base + noff[:-1], base + noff[1:] - 1
+            row_title = np.concatenate([np.arange(n, dtype=np.int64), index])
         if len(flat) and int(flat.max()) < 2 ** 31:
             flat = flat.astype(np.int32, copy=False)
-        arrays = _build_levels(flat, start, end, row_title, n)
+        # handed over in a dict that _build_levels empties: no reference stays here, so the
+        # rows are freed before the prefix index is built (peak memory)
+        rows = {"flat": flat, "start": start, "last": last, "title": row_title}
+        del flat, start, last, row_title
+        arrays = _build_levels(rows, n)
         if len(arrays["duplicates"]):
             log.warning("entity trie: %d title(s) have a token path of an earlier title; that "
                         "leaf keeps the first title index (see trie.duplicates)",
@@ -786,12 +799,11 @@ def _check_paths(index: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, n: 
                         fix="a title ends at the terminator: choose another terminator")
 
 
-def _build_levels(flat: np.ndarray, row_start: np.ndarray, row_end: np.ndarray,
-                  row_title: np.ndarray, n_titles: int) -> dict:
-    """Level-ordered node arrays of the trie of the paths ``flat[row_start[r]:row_end[r]]``,
-    each complete (with its end token) and non-empty; row ``r`` ends title ``row_title[r]``.
-    Rows ``0..n_titles - 1`` are the titles' natural paths (``row_title[r] == r``), the others
-    their alternatives.
+def _build_levels(paths: dict, n_titles: int) -> dict:
+    """Level-ordered node arrays of the trie of the paths ``flat[start[r]:last[r] + 1]``, each
+    complete (with its end token) and non-empty; row ``r`` ends title ``title[r]`` (None: title
+    ``r``). Rows ``0..n_titles - 1`` are the titles' natural paths (``title[r] == r``), the others
+    their alternatives. ``paths`` holds flat, start, last and title, and is emptied (consumed).
 
     One pass per depth d over the rows still active (longer than d): sort them by (node at
     depth d, token d) with ONE ``np.sort`` of packed uint64 keys (numpy's vectorised sort is
@@ -799,12 +811,15 @@ def _build_levels(flat: np.ndarray, row_start: np.ndarray, row_end: np.ndarray,
     wherever (parent, token) changes. Rows end at their last token, at a leaf; a node where one
     row ends and another goes on is an error (a title would hold the terminator text).
     """
+    flat, row_start, row_last = paths.pop("flat"), paths.pop("start"), paths.pop("last")
+    row_title = paths.pop("title")
     n = len(row_start)
     tbits = max(int(flat.max()) + 1 if len(flat) else 1, 1).bit_length()
     tmask = np.uint64((1 << tbits) - 1)
     idx_dtype = np.int32 if len(flat) + 1 < 2 ** 31 else np.int64
-    at = row_start.astype(idx_dtype)  # each active row's position in flat at depth d
-    last = (row_end - 1).astype(idx_dtype)  # ... and of its last token
+    at = row_start.astype(idx_dtype, copy=False)  # each active row's position in flat at depth d
+    last = row_last.astype(idx_dtype, copy=False)  # ... and of its last token
+    del row_start, row_last
     positions = np.arange(n, dtype=np.uint64)
     # Outputs at their upper bound (a node per token, plus the root), filled level by level:
     # pages never written stay virtual, and no per-level pieces pin the heap between the
@@ -875,19 +890,20 @@ def _build_levels(flat: np.ndarray, row_start: np.ndarray, row_end: np.ndarray,
         edge[start:start + n_new] = new_tok
         del cs, counts, first, new_tok
         if any_end:
-            group = rank.astype(np.int64)
-            n_end = np.bincount(group, weights=ends, minlength=n_new)
-            mixed = np.flatnonzero((n_end > 0) & (n_end < np.bincount(group, minlength=n_new)))
+            # rows of one node are adjacent: a node where one path ends and another goes on
+            # shows as two neighbours of one group that disagree
+            mixed = np.flatnonzero((ends[1:] != ends[:-1]) & ~new[1:])
             if len(mixed):
-                r = rows[np.flatnonzero((group == mixed[0]) & ends)[0]]
-                raise DataError(f"a token path of title {int(row_title[r])} ends where another "
-                                "title's path goes on", record=int(row_title[r]), field="tokens",
+                i = int(mixed[0]) + (0 if ends[mixed[0]] else 1)
+                r = int(rows[i]) if row_title is None else int(row_title[rows[i]])
+                raise DataError(f"a token path of title {r} ends where another "
+                                "title's path goes on", record=r, field="tokens",
                                 fix="a title may not contain the terminator text: choose "
                                 "another terminator")
-            del group, n_end, mixed
+            del mixed
             e = np.flatnonzero(ends)
             erows, egroup = rows[e], rank[e].astype(np.int64) + start
-            etitle = row_title[erows]
+            etitle = row_title[erows] if row_title is not None else erows.astype(np.int64)
             heads = np.flatnonzero(new[e])  # each leaf's first row (a leaf's rows are adjacent)
             values = np.minimum.reduceat(etitle, heads)
             leaf_node[n_leaves:n_leaves + len(heads)] = egroup[heads]
@@ -911,7 +927,7 @@ def _build_levels(flat: np.ndarray, row_start: np.ndarray, row_end: np.ndarray,
         at += 1
         level_start.append(start + n_new)
         count = n_new
-    del at, last, positions, prank, rows
+    del flat, at, last, positions, prank, rows
     n_nodes = level_start[-1]
     child_start[level_start[-2]:n_nodes + 1] = n_nodes  # the deepest level has no children
     dups = np.concatenate(dup_pairs) if dup_pairs else np.zeros((0, 2), np.int64)
