@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import yaml
 
 from gemel.errors import DataError
+from gemel.textfile import read_text
 
 T = TypeVar("T")
 
@@ -19,12 +20,22 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "<config>") ->
     if unknown:
         raise DataError(f"unknown key(s) {unknown}; known keys: {sorted(known)}", path=source,
                         field=unknown[0])
-    return cls(**values)
+    try:
+        return cls(**values)
+    except DataError as err:
+        if err.path is not None:
+            raise
+        raise DataError(err.message, path=source, field=err.field, fix=err.fix) from None
 
 
 def load_yaml(path: str | Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        data = yaml.safe_load(read_text(path, "config file")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else None
+        raise DataError(f"not valid YAML: {getattr(err, 'problem', None) or err}", path=path,
+                        record=where, fix="check the indentation and the key: value lines") from None
     if not isinstance(data, dict):
         raise DataError("expected a mapping of keys to values at the top level", path=path)
     return data
@@ -33,3 +44,26 @@ def load_yaml(path: str | Path) -> dict:
 def merge(config: T, **overrides) -> T:
     """A copy of ``config`` with the non-None overrides applied (CLI flags left unset stay out)."""
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def check_values(config: object, minimum: dict[str, float] | None = None,
+                 choices: dict[str, tuple] | None = None) -> None:
+    """Range and choice checks of a config dataclass (call from ``__post_init__``): a value out of
+    range is a :class:`DataError` naming the field, the value and what it may be."""
+    for name, low in (minimum or {}).items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        kind = int if isinstance(low, int) else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise DataError(f"{name}={value!r} must be a number" + (" (an integer)" if kind is int
+                                                                    else ""), field=name,
+                            fix=f"give a value >= {low}")
+        if value < low:
+            raise DataError(f"{name}={value!r} is out of range", field=name,
+                            fix=f"give a value >= {low}")
+    for name, allowed in (choices or {}).items():
+        value = getattr(config, name)
+        if value not in allowed:
+            raise DataError(f"{name}={value!r} is not one of {list(allowed)}", field=name,
+                            fix=f"use one of {list(allowed)}")

@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from gemel.errors import DataError, MismatchError
+from gemel.errors import DataError, GemelError, MismatchError
 from gemel.types import Mention
 
 # what Linker.fusion_lists computes and prediction rows keep under "pool"
@@ -115,8 +115,10 @@ class FusionModel:
         return features @ np.array([self.weights[f] for f in FEATURES])
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({"features": list(FEATURES), "weights": self.weights,
-                                          "meta": self.meta}, indent=2) + "\n", encoding="utf-8")
+        from gemel.files import write_atomic
+
+        write_atomic(path, json.dumps({"features": list(FEATURES), "weights": self.weights,
+                                       "meta": self.meta}, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "FusionModel":
@@ -274,6 +276,23 @@ def fit_report(lists: Sequence[tuple[np.ndarray, int]], l2s: Sequence[float] = (
     return model, report
 
 
+def check_fusion_out(path: str | Path) -> None:
+    """``fit-fusion --out`` is written only when absent, empty, or a fusion model already (a
+    refit replaces it); anything else is refused before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise GemelError(f"--out {path} is a folder; give a file name such as {path / 'fusion.json'}")
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not (isinstance(data, dict) and "weights" in data and "features" in data):
+        raise GemelError(f"--out {path} exists and is not a fusion model: not touching it; "
+                         "choose another --out, or move the file away")
+
+
 def fit_on_mentions(linker, mentions: Sequence[Mention], rows_path: str | Path,
                     progress: bool = True, l2s: Sequence[float] = (1e-3,),
                     source: str = "<mentions>", drop: Sequence[str] = ()) -> tuple[FusionModel, dict]:
@@ -286,7 +305,8 @@ def fit_on_mentions(linker, mentions: Sequence[Mention], rows_path: str | Path,
     linker.keep_pool = True  # the beam search keeps its prefill for the scoring pass
     rows = run(linker.link_batch, mentions, rows_path, batch_size=linker.config.batch_size,
                progress=progress, source=source)
-    model, report = fit_report(rows_lists(rows, str(rows_path)), l2s, drop=drop)
+    model, report = fit_report(rows_lists(rows, str(getattr(rows_path, "path", rows_path))), l2s,
+                               drop=drop)
     report["dev_H@1_generation"] = hits_at_k(rows, (1,))["H@1"]
     model.meta["dev_H@1_generation"] = report["dev_H@1_generation"]
     return model, report

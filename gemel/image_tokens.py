@@ -47,6 +47,12 @@ class ImageTokens:
                                 f"image(s) per mention, but the mapper was built for "
                                 f"{mapper.images_per_mention} (trained with vp_mode "
                                 f"{mapper.meta.get('vp_mode')!r}); use that mode")
+        trained = mapper.meta.get("layout", "global")
+        if trained != vision_encoder.layout:
+            raise MismatchError(f"the mapper was trained on feature layout {trained!r}, the vision "
+                                f"encoder gives layout {vision_encoder.layout!r}; load the encoder "
+                                f"with layout={trained!r} (or retrain with --layout "
+                                f"{vision_encoder.layout})")
         if mapper.feature_dim != vision_encoder.feature_dim:
             raise MismatchError(f"vision encoder {vision_encoder.name!r} gives "
                                 f"{vision_encoder.feature_dim}-d features, the mapper takes "

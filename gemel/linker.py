@@ -7,27 +7,29 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from gemel.backends.base import Backend, get_backend
-from gemel.config import from_dict, load_yaml, merge
+from gemel.config import check_values, from_dict, load_yaml
 import numpy as np
 
-from gemel.beam import Hypothesis
+from gemel.beam import Hypothesis, score_titles
 from gemel.data.nil import NIL, is_nil
-from gemel.errors import GemelError, MismatchError
+from gemel.errors import DataError, GemelError, MismatchError
 from gemel.eval.baselines import backoff_ranking
 from gemel.fusion import FusionModel, MentionPrior, derive, pool_json
 from gemel.retrieval import get_retriever, order_demonstrations
 from gemel.kb import KnowledgeBase
 from gemel.model import GemelModel
 from gemel.prompting import PromptBuilder, load_template
-from gemel.sources import cache_dir
+from gemel.sources import cache_dir, default_template
 from gemel.trie import EntityTrie, tokenizer_identity
 from gemel.types import Candidate, LinkResult, Mention
 
@@ -40,7 +42,8 @@ class LinkerConfig:
     backend: str = "hf"
     device: str = "auto"
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16
-    template: str = "gemel"
+    template: str | None = None  # None: the mapper checkpoint's, else the model's default
+    #                                (gemel/offline_models.yaml), else gemel
     num_beams: int = 5
     top_k: int = 5
     max_new_tokens: int = 32
@@ -69,12 +72,60 @@ class LinkerConfig:
     # NIL training mentions then serve as demonstrations (otherwise they are left out)
     nil: bool = False
 
+    def __post_init__(self) -> None:
+        check_values(self, minimum={"num_beams": 1, "top_k": 1, "batch_size": 1,
+                                    "max_new_tokens": 1, "max_prompt_tokens": 1, "demos": 0,
+                                    "candidates": 0, "fusion_pool": 1, "length_penalty": 0.0},
+                     choices={"dtype": DTYPES})
+        check_top_k(self.top_k, self.num_beams, self.fusion)
+
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def check_top_k(top_k: int, num_beams: int, fusion: str | None) -> None:
+    """H@k is only honest when k candidates can exist: beam search finishes at most about
+    ``num_beams`` titles (a few more that ended early), so ``top_k > num_beams`` is refused unless
+    a fusion model ranks a wider pool."""
+    if fusion is None and top_k > num_beams:
+        raise DataError(f"top_k={top_k} is more than num_beams={num_beams}: beam search returns "
+                        f"about {num_beams} candidates, so H@{top_k} would be mislabelled",
+                        field="top_k", fix=f"give --top-k {num_beams} or less, or --beams "
+                        f"{top_k} or more")
+
+
+def linker_config(config: "LinkerConfig | dict | str | Path | None" = None, *,
+                  source: str = "<config>", **overrides) -> "LinkerConfig":
+    """A checked LinkerConfig from a LinkerConfig, a dict or a YAML file, with ``overrides`` (the
+    non-None ones) winning. Where no top_k is given at all, top_k is min(5, num_beams): a
+    ``--beams 3`` run reports H@3, never an H@5 over 3 candidates."""
+    if config is None:
+        values: dict = {}
+    elif isinstance(config, LinkerConfig):
+        values = dataclasses.asdict(config)
+    elif isinstance(config, (str, Path)):
+        values, source = load_yaml(config), str(config)
+    elif isinstance(config, dict):
+        values = dict(config)
+    else:
+        raise GemelError(f"a Linker config is a LinkerConfig, a dict or a YAML path, not "
+                         f"{type(config).__name__}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    beams = values.get("num_beams", LinkerConfig.num_beams)
+    if ("top_k" not in values and values.get("fusion") is None and isinstance(beams, int)
+            and not isinstance(beams, bool) and beams >= 1):
+        values["top_k"] = min(LinkerConfig.top_k, beams)
+    return from_dict(LinkerConfig, values, source=source)
+
 
 class Linker:
     def __init__(self, config: LinkerConfig, kb: KnowledgeBase, backend: Backend,
                  trie: EntityTrie | None = None, model: GemelModel | None = None,
                  train: Sequence[Mention] | None = None, retriever=None, candidate_retriever=None):
         self.config, self.kb, self.backend = config, kb, backend
+        # seconds spent building prompts and in the beam search (the rest of a fused link_batch
+        # is fusion scoring): benchmarks report pure generation's share of a fused run
+        self.seconds = {"generate": 0.0}
         # title index -> title; in NIL mode one more index, past the KB's, is the NIL answer
         self.titles = list(kb.titles) + ([NIL] if config.nil else [])
         self.nil_index = len(kb.titles) if config.nil else None
@@ -101,17 +152,28 @@ class Linker:
             self.kb_retriever()
         tokenizer = backend.tokenizer
         image_embedder = None
-        if model is None and config.mapper and not config.no_image:
-            image_embedder = load_image_embedder(config.mapper, backend, config.feature_cache,
-                                                 model_name=config.model)
+        checkpoint = None
+        if model is None and config.mapper:
+            # the checkpoint is the one source of truth: its LoRA adapters, template, vision
+            # encoder and visual-prompt mode are the ones it was trained with
+            checkpoint = apply_checkpoint(config.mapper, backend, config.model)
+            if not config.no_image:
+                image_embedder = load_image_embedder(checkpoint, backend, config.feature_cache,
+                                                     model_name=config.model)
         elif model is not None:
             image_embedder = model.image_embedder
         tokens_per_slot = getattr(image_embedder, "tokens_per_slot", 0)
-        self.builder = PromptBuilder(load_template(config.template), tokenizer,
+        self.checkpoint = checkpoint
+        template = choose_template(config.template, checkpoint, config.model)
+        if config.template is None:  # recorded, so that a run's config names the template it used
+            self.config = config = dataclasses.replace(config, template=template.name)
+        self.builder = PromptBuilder(template, tokenizer,
                                      use_images=image_embedder is not None,
                                      image_tokens=tokens_per_slot,
                                      max_tokens=config.max_prompt_tokens)
         self.model = model or GemelModel(tokenizer, backend.input_embeddings(), image_embedder)
+        # box-only mentions (no mention string) linked from their text alone under --no-image
+        self.box_only_from_text = 0
         self.trie = trie or load_or_build_trie(kb, tokenizer, self.builder.answer_prefix,
                                                config.terminator or self.builder.terminator_text,
                                                path=config.trie, nil=config.nil)
@@ -121,13 +183,7 @@ class Linker:
                     kb: KnowledgeBase | str | Path, train: Sequence[Mention] | None = None,
                     **overrides) -> "Linker":
         """``config``: a LinkerConfig, a dict, or a YAML file; ``overrides`` win over it."""
-        if config is None:
-            config = LinkerConfig()
-        elif isinstance(config, (str, Path)):
-            config = from_dict(LinkerConfig, load_yaml(config), source=str(config))
-        elif isinstance(config, dict):
-            config = from_dict(LinkerConfig, config)
-        config = merge(config, **overrides)
+        config = linker_config(config, **overrides)
         if not isinstance(kb, KnowledgeBase):
             kb = KnowledgeBase.from_jsonl(kb)
         backend = get_backend(config.backend, config.model, device=config.device, dtype=config.dtype)
@@ -154,11 +210,44 @@ class Linker:
                 out[j] = r
         return out
 
+    def unlinkable(self, m: Mention) -> str | None:
+        """Why this linker cannot link ``m`` (None: it can). A mention without a mention string is
+        marked by its box or polygon only: it needs the image model, never a text-only guess —
+        unless the run is the deliberate ``--no-image`` ablation of a mapper."""
+        if m.mention and m.mention.strip():
+            return None
+        if self.model.image_embedder is not None:
+            if not m.image:
+                return ("the mention has no mention string and no image: nothing marks it; give "
+                        "it its image (with a bbox or polygon) or its mention string")
+            return None
+        if self.config.mapper and self.config.no_image:
+            return None
+        return ("the mention has no mention string (only a box or polygon marks it): linking it "
+                "needs an image model; pass --mapper CKPT (a mapper from `gemel train --vp-mode "
+                "overlay`), or --mapper CKPT --no-image to link it from its text on purpose")
+
     def link_batch(self, mentions: Sequence[Mention], top_k: int | None = None,
                    demonstrations: Sequence[Sequence[Mention]] | None = None) -> list[LinkResult]:
-        """Link one batch (one prefill). ``demonstrations[i]`` are mention i's, least similar first."""
+        """Link one batch (one prefill). ``demonstrations[i]`` are mention i's, least similar first.
+
+        A mention this linker cannot link (:meth:`unlinkable`) gets a result with ``error`` set."""
+        why = [self.unlinkable(m) for m in mentions]
+        if any(why):
+            keep = [i for i, w in enumerate(why) if w is None]
+            done = iter(self.link_batch([mentions[i] for i in keep], top_k,
+                                        [demonstrations[i] for i in keep]
+                                        if demonstrations is not None else None) if keep else [])
+            return [next(done) if w is None else
+                    LinkResult(m.id, (), gold_id=m.entity_id, error=f"DataError: {w}")
+                    for m, w in zip(mentions, why)]
+        if self.model.image_embedder is None:
+            self.box_only_from_text += sum(not (m.mention and m.mention.strip()) for m in mentions)
         k = top_k or self.config.top_k
+        check_top_k(k, self.config.num_beams, self.config.fusion)
+        t0 = time.perf_counter()
         hyps, embeds, mask, extras = self.generate(mentions, k, demonstrations)
+        self.seconds["generate"] += time.perf_counter() - t0
         if self.config.nil:
             for m, x in zip(mentions, extras):
                 if is_nil(m):
@@ -189,6 +278,7 @@ class Linker:
             demonstrations = self.demonstrations(mentions)
         prompts = [self.builder.build(m, d) for m, d in zip(mentions, demonstrations)]
         embeds, mask = self.model.embed(prompts)
+        self.check_context(mentions, mask)
         tries, extras = self.trie, [{} for _ in mentions]
         if self.config.candidates > 0:
             rows, _ = self.candidate_retriever.top(mentions, self.config.candidates)
@@ -203,6 +293,27 @@ class Linker:
                                    length_penalty=self.config.length_penalty,
                                    keep_prefill=self.keep_pool)
         return hyps, embeds, mask, extras
+
+    def check_context(self, mentions: Sequence[Mention], mask) -> None:
+        """DataError naming the first mention whose prompt (``mask`` [n, seq], 1 = token) plus
+        the longest answer does not fit the model's context (a batch failing here is retried
+        mention by mention, so only the long one becomes an error row)."""
+        context = self.backend.max_context
+        if context is None:
+            return
+        for m, n in zip(mentions, mask.sum(-1).tolist()):
+            if n + self.config.max_new_tokens > context:
+                raise DataError(f"the prompt takes {n} tokens and the answer up to "
+                                f"{self.config.max_new_tokens} more: over the model's context "
+                                f"of {context} tokens", record=m.id, field="text",
+                                fix="shorten the text, use fewer --demos, or set "
+                                "--max-prompt-tokens")
+
+    def long_titles(self) -> list[str]:
+        """KB titles whose tokens (terminator included) exceed ``max_new_tokens``: the search
+        stops before they end, so they can never be generated."""
+        too_long = np.flatnonzero(self.trie.lengths() > self.config.max_new_tokens)
+        return [self.titles[i] for i in too_long.tolist()]
 
     def kb_retriever(self):
         """The KB-title retriever of candidate-aware decoding and fusion (built when first needed)."""
@@ -230,8 +341,7 @@ class Linker:
                           beam))
         # one teacher-forced pass scores every retrieved title that the beams did not reach
         missing = [[t for t in titles if t not in beam] for titles, beam in pools]
-        forced = self.backend.score(embeds, mask, [[self.trie.sequence(t) for t in ts]
-                                                   for ts in missing])
+        forced = score_titles(self.backend, embeds, mask, self.trie, missing)  # best of paths
         # the NIL answer has no text to compare: similarity 0, never an exact match
         in_kb = [[t for t in titles if t != self.nil_index] for titles, _ in pools]
         sims, context = ([dict(zip(ts, sim)) for ts, sim in
@@ -295,7 +405,8 @@ def load_image_embedder(mapper_dir: str | Path, backend: Backend, feature_cache:
 
     saved = LinearMapper.read_config(mapper_dir)
     vision = VisionEncoder.from_name(saved["vision"]["model"], feature=saved["feature"],
-                                     device=backend.device)
+                                     device=backend.device,
+                                     layout=saved.get("layout", "global"))
     # the LLM under the name the user gave (an offline name resolves to a cache folder, which
     # is no reason to warn about a renamed model)
     mapper = LinearMapper.load(mapper_dir, expect_llm=llm_identity(backend.model, name=model_name),
@@ -305,6 +416,42 @@ def load_image_embedder(mapper_dir: str | Path, backend: Backend, feature_cache:
               None if feature_cache in (None, "none") else Path(feature_cache))
     return ImageTokens(vision, mapper, saved.get("vp_mode", "none"),
                        cache=FeatureCache(folder) if folder is not None else None)
+
+
+def apply_checkpoint(mapper: str | Path, backend: Backend, model_name: str | None = None) -> Path:
+    """Resolve a ``--mapper`` folder to its checkpoint, check it was trained for this LLM, and
+    merge its LoRA adapters (if any) into the backend's LLM. Returns the checkpoint folder."""
+    from gemel.mapper import (LinearMapper, attach_lora, check_llm, has_lora, llm_identity,
+                              resolve_checkpoint)
+
+    checkpoint = resolve_checkpoint(mapper)
+    saved = LinearMapper.read_config(checkpoint)
+    check_llm(saved.get("llm") or {}, llm_identity(backend.model, name=model_name),
+              source=checkpoint)
+    if has_lora(checkpoint):
+        # merged once, so linking runs at the plain model's speed (adapters touch no embedding)
+        backend.model = attach_lora(backend.model, checkpoint).merge_and_unload().eval()
+        log.info("applied the LoRA adapters of %s", checkpoint)
+    return checkpoint
+
+
+def choose_template(requested: str | None, checkpoint: Path | None, model: str):
+    """The prompt template, by precedence: a mapper checkpoint's (a different ``requested`` one
+    is an error naming both), else ``requested``, else the model's default, else ``gemel``."""
+    from gemel.mapper import LinearMapper, checkpoint_template
+    from gemel.sources import default_template
+
+    trained = (checkpoint_template(checkpoint, LinearMapper.read_config(checkpoint))
+               if checkpoint is not None else None)
+    if trained is None:
+        return load_template(requested or default_template(model))
+    asked = load_template(requested) if requested is not None else None
+    if asked is not None and (asked.block, asked.chat) != (trained.block, trained.chat):
+        raise GemelError(f"--template {requested!r} differs from template {trained.name!r} that "
+                         f"the mapper checkpoint {checkpoint} was trained with — drop --template "
+                         f"(the checkpoint's is used), or train a mapper with --template "
+                         f"{requested}")
+    return trained
 
 
 def demonstration_pool(train: Sequence[Mention] | None, nil: bool) -> list[Mention] | None:
@@ -365,4 +512,4 @@ def build_trie(kb: KnowledgeBase, tokenizer, answer_prefix: str, terminator: str
     return trie
 
 
-__all__ = ["Linker", "LinkerConfig", "load_or_build_trie", "build_trie"]
+__all__ = ["Linker", "LinkerConfig", "linker_config", "load_or_build_trie", "build_trie"]

@@ -8,7 +8,8 @@ image slot holds ``k * n_tokens`` soft tokens (overlay tokens first, then crop t
 A saved mapper is a folder::
 
     mapper.safetensors   proj.weight [n_tokens * hidden, feature_dim], proj.bias [n_tokens * hidden]
-    config.json          sizes, the vision encoder's and the LLM's identity, visual-prompt mode,
+    config.json          sizes, the vision encoder's and the LLM's identity, feature and feature
+                         layout (global | grid:N | region, see gemel.vision), visual-prompt mode,
                          template and the training config it was trained with
     lora/                (optional) peft LoRA adapters of the LLM, adapters only
 
@@ -37,7 +38,7 @@ LORA = "lora"
 _PROBE = 16  # embedding values kept in the config to tell two LLMs of the same shape apart
 
 # vision-identity fields that change the features (hard) and those that may differ harmlessly
-_VISION_HARD = ("model_type", "config_sha256", "feature", "feature_dim")
+_VISION_HARD = ("model_type", "config_sha256", "feature", "layout", "feature_dim")
 _VISION_SOFT = ("weights_sha256", "processor_sha256")
 
 
@@ -91,13 +92,16 @@ def check_vision(saved: dict, mine: dict, source: object = None) -> None:
     """Raise MismatchError when the features of encoder ``mine`` are not those the mapper was
     trained on (``saved``: :attr:`gemel.vision.VisionEncoder.identity`)."""
     where = f"{source}: " if source is not None else ""
+    # identities written before feature layouts existed are the global layout
+    saved, mine = {"layout": "global", **saved}, {"layout": "global", **mine}
     hard = [k for k in _VISION_HARD if k in saved and k in mine and saved[k] != mine[k]]
     if hard:
         diff = ", ".join(f"{k} {saved[k]!r} vs {mine[k]!r}" for k in hard)
         raise MismatchError(f"{where}this mapper was trained on vision encoder "
                             f"{saved.get('model')!r} but is being loaded with vision encoder "
                             f"{mine.get('model')!r} ({diff}) — load {saved.get('model')!r} with "
-                            f"feature {saved.get('feature')!r}, or retrain the mapper")
+                            f"feature {saved.get('feature')!r} and layout "
+                            f"{saved.get('layout')!r}, or retrain the mapper")
     soft = [k for k in _VISION_SOFT if k in saved and k in mine and saved[k] != mine[k]]
     if soft:
         warnings.warn(f"{where}vision encoder {mine.get('model')!r} has other {', '.join(soft)} "
@@ -234,6 +238,46 @@ class LinearMapper(nn.Module):
         return mapper.to(device)
 
 
+def resolve_checkpoint(folder: str | os.PathLike) -> Path:
+    """The mapper checkpoint a ``--mapper`` folder means: the folder itself when it holds a
+    mapper, else the ``best/`` checkpoint of a `gemel train --out` folder (``last/`` when
+    training had no dev set, with a warning)."""
+    folder = Path(folder)
+    if (folder / WEIGHTS).is_file():
+        return folder
+    for sub in ("best", "last"):
+        if (folder / sub / WEIGHTS).is_file():
+            if sub == "last":
+                warnings.warn(f"{folder} has no best/ checkpoint (training without dev "
+                              "mentions): using last/", stacklevel=2)
+            return folder / sub
+    raise DataError(f"not a mapper checkpoint: no {WEIGHTS} in it, nor in best/ or last/",
+                    path=folder, field="mapper",
+                    fix="give the folder `gemel train --out` wrote, or one of its checkpoints")
+
+
+def checkpoint_template(folder: str | os.PathLike, config: dict):
+    """The prompt template a checkpoint was trained with (:class:`gemel.prompting.Template`): the
+    text saved in its config (so an edited template file cannot change it), else by name."""
+    from gemel.errors import GemelError
+    from gemel.prompting import Template, load_template
+
+    name, block = config.get("template"), config.get("template_block")
+    if not name:
+        return None
+    try:
+        shipped = load_template(name)
+    except GemelError:
+        shipped = None
+    if block is None or (shipped is not None and shipped.block == block):
+        if shipped is None:
+            raise DataError(f"the checkpoint's template {name!r} is neither saved in it nor "
+                            "shipped", path=Path(folder) / CONFIG, field="template")
+        return shipped
+    chat = config.get("template_chat", shipped.chat if shipped is not None else False)
+    return Template(name=name, block=block, chat=bool(chat), source=str(Path(folder) / CONFIG))
+
+
 def has_lora(folder: str | os.PathLike) -> bool:
     return (Path(folder) / LORA / "adapter_config.json").is_file()
 
@@ -248,4 +292,5 @@ def attach_lora(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     return PeftModel.from_pretrained(model, str(Path(folder) / LORA))
 
 
-__all__ = ["LinearMapper", "attach_lora", "check_llm", "check_vision", "has_lora", "llm_identity"]
+__all__ = ["LinearMapper", "attach_lora", "check_llm", "check_vision", "checkpoint_template",
+           "has_lora", "llm_identity", "resolve_checkpoint"]

@@ -3,8 +3,9 @@
 
 One training item is a mention with an image and a gold entity in the KB. Its prompt is the
 template's query block (``{image}`` -> the mapper's soft tokens), followed by the gold title's
-trie sequence (``trie.sequence(title_index)``: the title tokens exactly as constrained decoding
-emits them after the answer prefix, then the terminator). The loss is the token-mean cross-entropy
+trie sequence (``trie.sequence(title_index)``: the natural tokenization of ``answer_prefix + title +
+terminator text`` after the prefix, up to the token that starts the terminator text, which may hold
+the title's last characters too, e.g. Qwen's ``")\n"``). The loss is the token-mean cross-entropy
 on those target tokens only (labels -100 elsewhere), over a right-padded batch.
 
 Evaluation on the dev split runs the real linker — trie-constrained beam search through
@@ -63,7 +64,10 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import click
 
+from gemel import options
+from gemel.config import check_values
 from gemel.errors import DataError, GemelError, MismatchError
+from gemel.files import append_lines, write_atomic
 from gemel.types import Mention
 
 if TYPE_CHECKING:
@@ -81,7 +85,8 @@ LOG_FILE = "train_log.jsonl"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 # settings that must not change when a run is resumed (they change the model, data order or schedule)
-RESUME_FIXED = ("model", "vision", "feature", "n_visual_tokens", "vp_mode", "template", "epochs",
+RESUME_FIXED = ("model", "vision", "feature", "layout", "n_visual_tokens", "vp_mode", "template",
+                "epochs",
                 "batch_size", "grad_accum", "warmup", "seed", "lora_r")
 
 
@@ -100,9 +105,11 @@ class TrainConfig:
     images: str | None = None
     limit: int | None = None
     dev_limit: int | None = None
+    strict: bool = False  # a bad KB or mention record is an error (default: skipped, reported)
     model: str = "smollm2-135m-instruct"
     vision: str = "dinov2-small"
     feature: str = "pooled"  # pooled | cls | mean | layers:4,10,11,12
+    layout: str = "auto"  # global | grid:N | region; auto: DEFAULT_LAYOUT of the vp_mode
     n_visual_tokens: int = 4
     vp_mode: str = "none"  # none | overlay | crop | overlay+crop
     template: str = "gemel"
@@ -115,7 +122,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_steps: int | None = None  # stop after this many optimizer steps (the schedule is unchanged)
     eval_every: int = 0  # optimizer steps between dev evaluations; 0: after every epoch
-    eval_batch_size: int = 8
+    eval_batch_size: int = 4  # gemel link's default batch size: the link run pads the same batches
     num_beams: int = 5
     max_new_tokens: int = 32
     seed: int = 0
@@ -129,8 +136,31 @@ class TrainConfig:
     log_with: str | None = None  # tensorboard (optional); the JSONL log is always written
     log_every: int = 10
 
+    def __post_init__(self) -> None:
+        check_values(self, minimum={"epochs": 1, "lr": 0.0, "weight_decay": 0.0, "batch_size": 1,
+                                    "grad_accum": 1, "warmup": 0.0, "max_grad_norm": 0.0,
+                                    "max_steps": 1, "eval_every": 0, "eval_batch_size": 1,
+                                    "num_beams": 1, "max_new_tokens": 1, "n_visual_tokens": 1,
+                                    "lora_r": 0, "log_every": 1, "limit": 1, "dev_limit": 1},
+                     choices={"vp_mode": VP_MODES, "mixed_precision": MIXED_PRECISIONS,
+                              "dtype": tuple(options.DTYPES)})
+
+
+VP_MODES = ("none", "overlay", "crop", "overlay+crop")
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+
 
 DemosFor = Callable[[Mention], Sequence[Mention]]
+
+# the feature layout `--layout auto` takes per visual-prompt mode: a drawn box is lost in one pooled
+# vector of the whole image (two-emblem task: H@1 65 with the pooled feature), the patch tokens
+# under it are not (benchmarks/visual_prompts.py); a crop is the region already
+DEFAULT_LAYOUT = {"none": "global", "crop": "global", "overlay": "region", "overlay+crop": "region"}
+
+
+def resolve_layout(config: TrainConfig) -> str:
+    """The feature layout a run uses: the config's, or the default for its vp_mode."""
+    return DEFAULT_LAYOUT[config.vp_mode] if config.layout == "auto" else config.layout
 
 
 def no_demonstrations(mention: Mention) -> list[Mention]:
@@ -212,7 +242,7 @@ class Batch:
     """One right-padded training batch.
 
     inputs_embeds [n, seq, hidden]; attention_mask [n, seq]; labels [n, seq] (-100 except the
-    target title tokens + terminator)."""
+    target title's natural path: its tokens and the terminator, or a token merged with it)."""
 
     inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
@@ -361,6 +391,28 @@ def save_checkpoint(folder: Path, mapper: LinearMapper, lora_model: nn.Module | 
     _replace_folder(tmp, folder)
 
 
+def recover_folder(final: Path) -> None:
+    """Undo a checkpoint swap that a kill interrupted (``final`` renamed to ``.old``, the new one
+    not yet in place): the previous, complete checkpoint comes back."""
+    old = final.with_name(final.name + ".old")
+    if not final.exists() and old.is_dir():
+        log.warning("%s was being replaced when a run stopped: restoring the previous one", final)
+        old.rename(final)
+
+
+OUR_FILES = ("last", "best", LOG_FILE, "summary.json")
+
+
+def check_train_out(out: Path, resume: bool) -> None:
+    """``--out`` holding a training run is continued with ``--resume``, never overwritten."""
+    if out.exists() and not out.is_dir():
+        raise GemelError(f"--out {out} is a file; training writes a folder (best/, last/ ...)")
+    ours = [n for n in OUR_FILES if (out / n).exists() or (out / f"{n}.old").exists()]
+    if ours and not resume:
+        raise GemelError(f"--out {out} already holds a training run ({', '.join(ours)}): add "
+                         "--resume to continue it, or choose another --out (or move it away)")
+
+
 def read_trainer_state(folder: Path) -> dict:
     path = folder / STATE_FILE
     if not path.is_file() or not (folder / OPTIMIZER_FILE).is_file():
@@ -403,20 +455,21 @@ def _load_llm(config: TrainConfig, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gemel.backends.hf import pick_dtype
-    from gemel.sources import resolve
+    from gemel.sources import loading, resolve
 
     path = resolve(config.model, "llm")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, config.dtype))
+    with loading(config.model, "llm"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, config.dtype))
     return model, tokenizer
 
 
 def _read(path, config: TrainConfig, split, limit) -> list[Mention]:
-    from gemel.data import read_mentions
+    """Training or dev mentions: bad records skipped and reported (``config.strict``: an error)."""
+    from gemel.data.inputs import load_mentions
 
-    return read_mentions(path, fmt=config.format, split=split,
-                         splits_path=config.splits if split else None,
-                         images_dir=config.images, limit=limit)
+    return load_mentions(path, config.format, split, config.splits if split else None,
+                         config.images, limit, role="pool", strict=config.strict)
 
 
 def _feature_cache(config: TrainConfig):
@@ -461,7 +514,22 @@ class _JsonlLog:
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                append_lines(f, [json.dumps(record)])
+
+    def forget_after(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (and a torn last line): a resumed run logs
+        them again, and each step should be in the log once."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        write_atomic(self.path, "".join(x + "\n" for x in kept))
 
 
 def _scalars(d: dict) -> dict:
@@ -487,7 +555,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     from transformers import get_linear_schedule_with_warmup
 
     from gemel.image_tokens import ImageTokens
-    from gemel.kb import KnowledgeBase
+    from gemel.data.inputs import load_kb
     from gemel.mapper import LORA, LinearMapper, llm_identity
     from gemel.linker import load_or_build_trie
     from gemel.model import GemelModel
@@ -496,6 +564,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
 
     demonstrations_for = demonstrations_for or no_demonstrations
     out = Path(config.out)
+    check_train_out(out, bool(config.resume))
     want_cuda = torch.cuda.is_available() and not config.cpu
     mp = _mixed_precision(config.mixed_precision, "cuda" if want_cuda else "cpu")
     trackers = None
@@ -513,6 +582,9 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     set_seed(config.seed)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for name in ("last", "best"):
+            recover_folder(out / name)
+    _wait_for_everyone(accelerator)
 
     # -- models (frozen) -----------------------------------------------------------------------
     llm_name = config.model
@@ -526,9 +598,15 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     if vision is None:
         from gemel.vision import VisionEncoder
 
-        vision = VisionEncoder.from_name(config.vision, feature=config.feature, device=device)
+        vision = VisionEncoder.from_name(config.vision, feature=config.feature, device=device,
+                                         layout=resolve_layout(config))
     else:
         vision.model.to(device)
+        if config.layout != "auto" and config.layout != vision.layout:
+            raise GemelError(f"layout {config.layout!r} asked for, but the vision encoder given "
+                             f"has layout {vision.layout!r}; build it with layout="
+                             f"{config.layout!r}")
+    config = dataclasses.replace(config, layout=vision.layout)  # recorded as used
     base_identity = llm_identity(llm, name=llm_name)
     prompt = VisualPrompt(config.vp_mode)
     template = load_template(config.template)
@@ -537,7 +615,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     if kb is None:
         if not config.kb:
             raise GemelError("training needs a KB (--kb FILE)")
-        kb = KnowledgeBase.from_jsonl(config.kb)
+        kb = load_kb(config.kb, config.strict)
     if train_mentions is None:
         if not config.data:
             raise GemelError("training needs training mentions (--data FILE)")
@@ -555,9 +633,11 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     # -- trainable parts -----------------------------------------------------------------------
     n_tokens = config.n_visual_tokens
     emb_dtype = llm.get_input_embeddings().weight.dtype
-    meta = {"vision": vision.identity, "feature": vision.feature, "llm": base_identity,
+    meta = {"vision": vision.identity, "feature": vision.feature, "layout": vision.layout,
+            "llm": base_identity,
             "vp_mode": config.vp_mode, "template": template.name,
-            "template_block": template.block, "train": dataclasses.asdict(config)}
+            "template_block": template.block, "template_chat": template.chat,
+            "train": dataclasses.asdict(config)}
     mapper = LinearMapper(vision.feature_dim, base_identity["hidden_size"], n_tokens,
                           images_per_mention=prompt.n_images, meta=meta, out_dtype=emb_dtype)
     builder = PromptBuilder(template, tokenizer, use_images=True,
@@ -587,7 +667,9 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     else:
         mapper_p, optimizer, loader = accelerator.prepare(mapper, optimizer, loader)
         lm_p = llm
-    raw_mapper: LinearMapper = accelerator.unwrap_model(mapper_p)
+    # without accelerate's autocast wrapper around forward (it stays on by default): evaluation
+    # must map features as `gemel link` does, in fp32; training steps run under autocast anyway
+    raw_mapper: LinearMapper = accelerator.unwrap_model(mapper_p, keep_fp32_wrapper=False)
     cache = _feature_cache(config)
     embedder = ImageTokens(vision, raw_mapper, prompt, cache=cache)
     # the training path goes through the prepared (DDP) mapper so that gradients are all-reduced
@@ -645,6 +727,8 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
                      epoch, done_in_epoch)
 
     jlog = _JsonlLog(out / LOG_FILE, accelerator.is_main_process)
+    if config.resume and accelerator.is_main_process:
+        jlog.forget_after(resumed_from or 0)  # steps a killed run logged past its checkpoint
     if trackers:
         accelerator.init_trackers("gemel-train", config=_scalars(dataclasses.asdict(config)))
 
@@ -674,7 +758,9 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
         linker.builder = builder  # the Linker's own builder leaves image slots out
         mine = dev_mentions[accelerator.process_index::accelerator.num_processes]
         rows = []
-        with torch.no_grad(), accelerator.autocast():
+        # no autocast: the link run (`gemel link --mapper`) computes in the LLM's own dtype, and
+        # autocast against it changed close calls (train dev H@1 75 vs link 65 on one checkpoint)
+        with torch.no_grad():
             for i in range(0, len(mine), config.eval_batch_size):
                 chunk = mine[i:i + config.eval_batch_size]
                 demos = [[d for d in demonstrations_for(m) if d.id != m.id] for m in chunk]
@@ -693,8 +779,16 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
         total = accelerator.reduce(torch.tensor(counts, dtype=torch.float64, device=device),
                                    reduction="sum").tolist()
         n = int(total[0])
+        # each mention's top-1 [entity id, score], so that a link run with the saved checkpoint
+        # can be compared answer by answer, score by score
+        top1 = {r["id"]: ([r["candidates"][0]["entity_id"], r["candidates"][0]["score"]]
+                          if r["candidates"] else [None, None]) for r in rows}
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            top1 = {k: v for part in gather_object([top1]) for k, v in part.items()}
         return {"n": n, **{f"H@{k}": round(100.0 * total[j + 1] / n, 2) if n else None
-                           for j, k in enumerate(ks)}}
+                           for j, k in enumerate(ks)}, "top1": top1}
 
     def checkpoint(evaluated: dict | None) -> None:
         nonlocal best
@@ -785,7 +879,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
                "process_index": accelerator.process_index, "mixed_precision": mp,
                "mapper_sha256": weights_sha256(raw_mapper.state_dict()), "out": str(out)}
     if accelerator.is_main_process:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -807,43 +901,56 @@ def _log_eval(metrics: dict, step: int, jlog: _JsonlLog, accelerator, trackers) 
 @click.option("--dev", "dev", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Dev mentions (default: --data with --dev-split).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
-              help="Checkpoint folder (best/, last/, train_log.jsonl).")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="A YAML TrainConfig; flags win over it.")
-@click.option("--model", default=None, help="LLM (offline name, folder, hub id) [smollm2-135m-instruct].")
+              help="Checkpoint folder (best/, last/, train_log.jsonl); an existing run in it is "
+              "continued with --resume, never overwritten.")
+@options.config_option("TrainConfig")
+@options.model_option
 @click.option("--vision", default=None, help="Vision encoder [dinov2-small].")
 @click.option("--feature", default=None, help="pooled | cls | mean | layers:4,10,11,12 [pooled].")
-@click.option("--n-visual-tokens", type=int, default=None, help="Soft tokens per image [4].")
-@click.option("--vp-mode", type=click.Choice(["none", "overlay", "crop", "overlay+crop"]),
-              default=None, help="Visual prompt [none].")
-@click.option("--template", default=None, help="Prompt template with {image} [gemel].")
-@click.option("--epochs", type=int, default=None)
-@click.option("--lr", type=float, default=None, help="Peak learning rate [1e-3].")
-@click.option("--batch-size", type=int, default=None, help="Per process [8].")
-@click.option("--grad-accum", type=int, default=None)
-@click.option("--warmup", type=float, default=None, help="Fraction (<1) or number of steps.")
-@click.option("--eval-every", type=int, default=None, help="Optimizer steps; 0: every epoch.")
-@click.option("--max-steps", type=int, default=None)
+@click.option("--layout", default=None,
+              help="Feature layout: global | grid:N | region [auto: region for overlay modes, "
+                   "else global].")
+@click.option("--n-visual-tokens", type=options.AT_LEAST_1, default=None,
+              help="Soft tokens per image [4].")
+@click.option("--vp-mode", type=click.Choice(VP_MODES), default=None, help="Visual prompt [none].")
+@options.template_option
+@click.option("--epochs", type=options.AT_LEAST_1, default=None)
+@click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="Peak learning rate [1e-3].")
+@options.batch_size_option
+@click.option("--grad-accum", type=options.AT_LEAST_1, default=None)
+@click.option("--warmup", type=click.FloatRange(min=0.0), default=None,
+              help="Fraction (<1) or number of steps.")
+@click.option("--eval-every", type=options.AT_LEAST_0, default=None,
+              help="Optimizer steps; 0: every epoch.")
+@click.option("--max-steps", type=options.AT_LEAST_1, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--resume", is_flag=True, default=False, help="Continue from OUT/last.")
-@click.option("--lora-r", type=int, default=None, help="Also train LoRA adapters of this rank.")
-@click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default=None)
+@click.option("--lora-r", type=options.AT_LEAST_0, default=None,
+              help="Also train LoRA adapters of this rank.")
+@click.option("--mixed-precision", type=click.Choice(MIXED_PRECISIONS), default=None)
+@options.dtype_option
+@options.beams_option
+@options.feature_cache_option
 @click.option("--cpu", is_flag=True, default=False, help="Train on CPU even with a GPU.")
 @click.option("--log-with", type=click.Choice(["tensorboard"]), default=None)
-@click.option("--format", "fmt", default=None, help="Shape of --data/--dev (as gemel link).")
-@click.option("--split", default=None, help="Training split, with --splits.")
+@options.format_option
+@options.strict_option
+@options.split_option
 @click.option("--dev-split", default=None, help="Dev split, with --splits.")
-@click.option("--splits", "splits", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--images", "images", type=click.Path(exists=True, file_okay=False), default=None)
-@click.option("--limit", type=int, default=None)
-@click.option("--dev-limit", type=int, default=None)
-def train_command(config_path, resume, cpu, fmt, **flags):
+@options.splits_option
+@options.images_option
+@options.limit_option
+@click.option("--dev-limit", type=options.AT_LEAST_1, default=None)
+def train_command(config_path, resume, cpu, fmt, splits_path, images_dir, **flags):
     """Train the linear mapper (frozen LLM and vision encoder) and keep the best by dev H@1."""
-    from gemel.config import from_dict, load_yaml, merge
+    from gemel.config import from_dict, load_yaml
 
-    config = (from_dict(TrainConfig, load_yaml(config_path), source=config_path)
-              if config_path else TrainConfig())
-    config = merge(config, format=fmt, resume=resume or None, cpu=cpu or None, **flags)
+    values = load_yaml(config_path) if config_path else {}
+    values.update({k: v for k, v in dict(flags, format=fmt, splits=splits_path, images=images_dir,
+                                         resume=resume or None, cpu=cpu or None).items()
+                   if v is not None})
+    config = from_dict(TrainConfig, values, source=config_path or "<flags>")
     summary = train(config)
     if summary["process_index"] == 0:
         click.echo(json.dumps(summary, indent=2))

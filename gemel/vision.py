@@ -11,6 +11,18 @@ into one feature vector each. Which vector is a name (see :data:`FEATURES`):
 * ``layers:4,10,11,12`` — the CLS token of those ``hidden_states`` (0 = embeddings, i = after block
   i) concatenated, as VP-MEL does.
 
+A *layout* says what one image's feature vector is made of (see :data:`LAYOUTS`); the parts are
+concatenated, so the mapper stays one ``nn.Linear``:
+
+* ``global`` — the feature above alone (GEMEL);
+* ``grid:N`` — the global feature, then the patch tokens mean-pooled over an N x N grid of cells
+  (row by row), so where something is in the image survives: ``(1 + N*N) * hidden``;
+* ``region`` — the global feature, then the patch tokens under the mention's region (bbox or
+  polygon), each patch weighted by how much of it the region covers: ``2 * hidden``. The region is
+  drawn as a mask and sent through the image processor with the image, so resizing and cropping
+  move it exactly as they move the pixels. An image without a region (a crop, or a mention with
+  no box) pools all patches.
+
 ``FeatureCache`` stores features as ``.npy`` shards plus a JSON index, keyed by (encoder identity,
 sha256 of the image file's bytes, visual-prompt settings string), so a second run over the same
 images encodes nothing. ``encoder.encode_paths`` / ``encoder.encode_mentions`` use it and return
@@ -41,6 +53,7 @@ from gemel.visual_prompt import VisualPrompt
 log = logging.getLogger(__name__)
 
 FEATURES = ("pooled", "cls", "mean", "layers:<i>,<j>,...")
+LAYOUTS = ("global", "grid:<n>", "region")
 # config fields that do not change what the model computes (or change with the library version)
 _VOLATILE = {"transformers_version", "dtype", "torch_dtype", "architectures", "output_hidden_states",
              "output_attentions", "return_dict", "id2label", "label2id", "use_cache",
@@ -68,6 +81,27 @@ def parse_feature(feature: str) -> tuple[str, tuple[int, ...]]:
             return "layers", layers
     raise GemelError(f"unknown vision feature {feature!r}; choose one of {', '.join(FEATURES)} "
                      f"(e.g. layers:4,10,11,12)")
+
+
+def parse_layout(layout: str) -> tuple[str, int]:
+    """``"grid:2"`` -> ("grid", 2); ``"global"`` -> ("global", 0); ``"region"`` -> ("region", 0)."""
+    if layout in ("global", "region"):
+        return layout, 0
+    if layout.startswith("grid:"):
+        try:
+            n = int(layout[len("grid:"):])
+        except ValueError:
+            n = 0
+        if 1 <= n <= 16:
+            return "grid", n
+    raise GemelError(f"unknown feature layout {layout!r}; choose one of {', '.join(LAYOUTS)} "
+                     f"(e.g. grid:2, grid:4; n from 1 to 16)")
+
+
+def layout_parts(layout: str) -> int:
+    """How many hidden-size vectors the layout adds after the global feature."""
+    kind, n = parse_layout(layout)
+    return {"global": 0, "region": 1, "grid": n * n}[kind]
 
 
 def _load_processor(path: str):
@@ -105,7 +139,7 @@ class VisionEncoder:
 
     def __init__(self, model: torch.nn.Module, processor, feature: str = "pooled",
                  name: str | None = None, batch_size: int = 16,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, layout: str = "global"):
         config = getattr(model, "config", None)
         # a full CLIP / SigLIP model: keep its vision tower
         if getattr(config, "vision_config", None) is not None and hasattr(model, "vision_model"):
@@ -115,6 +149,8 @@ class VisionEncoder:
             raise GemelError(f"{type(model).__name__} has no .config: pass a transformers model")
         self.kind, self.layers = parse_feature(feature)
         self.feature = feature
+        self.layout_kind, self.grid = parse_layout(layout)
+        self.layout = layout
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
@@ -132,6 +168,9 @@ class VisionEncoder:
         if self.kind in ("cls", "layers") and str(config.model_type).startswith("siglip"):
             raise GemelError(f"feature {feature!r} takes the class token, but {config.model_type} "
                              f"has none; use 'pooled' or 'mean'")
+        if self.layout_kind != "global" and getattr(config, "hidden_size", None) is None:
+            raise GemelError(f"layout {layout!r} pools patch tokens of hidden_size; "
+                             f"{type(model).__name__} has no hidden_size: use layout 'global'")
         self._feature_dim: int | None = None
         self._identity: dict | None = None
         # images encoded (cache misses) and the seconds spent on them: read, render, forward
@@ -141,7 +180,7 @@ class VisionEncoder:
     @classmethod
     def from_name(cls, name: str, feature: str = "pooled", batch_size: int = 16,
                   device: str | torch.device | None = None,
-                  dtype: torch.dtype | None = None) -> VisionEncoder:
+                  dtype: torch.dtype | None = None, layout: str = "global") -> VisionEncoder:
         """Load through :func:`gemel.sources.resolve` (offline name, local folder or hub id).
 
         A checkpoint holding a vision-language model (CLIP, SigLIP) loads only its vision tower
@@ -150,15 +189,17 @@ class VisionEncoder:
         from transformers import AutoConfig, AutoModel
         from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-        from gemel.sources import resolve
+        from gemel.sources import loading, resolve
 
         path = resolve(name, "vision")
-        config = AutoConfig.from_pretrained(path)
-        vision_config = getattr(config, "vision_config", None)
-        model_class = MODEL_MAPPING[type(vision_config)] if vision_config is not None else AutoModel
-        with _quiet_transformers():
-            model, info = model_class.from_pretrained(path, dtype=dtype or torch.float32,
-                                                      output_loading_info=True)
+        with loading(name, "vision"):
+            config = AutoConfig.from_pretrained(path)
+            vision_config = getattr(config, "vision_config", None)
+            model_class = (MODEL_MAPPING[type(vision_config)] if vision_config is not None
+                           else AutoModel)
+            with _quiet_transformers():
+                model, info = model_class.from_pretrained(path, dtype=dtype or torch.float32,
+                                                          output_loading_info=True)
         missing = sorted(info.get("missing_keys", ()))
         kind, _ = parse_feature(feature)
         if kind != "pooled":  # an absent pooler does not matter when we do not read it
@@ -168,8 +209,10 @@ class VisionEncoder:
                              f"{type(model).__name__}: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
                              f" — these would be random; check the model name or choose another "
                              f"feature than {feature!r}")
-        return cls(model, _load_processor(path), feature=feature, name=name,
-                   batch_size=batch_size, device=device)
+        with loading(name, "vision"):
+            processor = _load_processor(path)
+        return cls(model, processor, feature=feature, name=name,
+                   batch_size=batch_size, device=device, layout=layout)
 
     # ---- what it is ---------------------------------------------------------------------------
     @property
@@ -182,11 +225,12 @@ class VisionEncoder:
 
     @property
     def feature_dim(self) -> int:
-        """Length of one feature vector."""
+        """Length of one feature vector (the global feature plus the layout's parts)."""
         if self._feature_dim is None:
             hidden = getattr(self.config, "hidden_size", None)
             if hidden is not None:
-                self._feature_dim = hidden * (len(self.layers) if self.kind == "layers" else 1)
+                self._feature_dim = hidden * ((len(self.layers) if self.kind == "layers" else 1)
+                                              + layout_parts(self.layout))
             else:  # e.g. convolutional backbones: ask the model once
                 self._feature_dim = int(self.encode([Image.new("RGB", (64, 64))]).shape[1])
         return self._feature_dim
@@ -206,6 +250,7 @@ class VisionEncoder:
                 "processor_sha256": _sha256_json(_stable_dict(proc))[:16],
                 "weights_sha256": self._weights_fingerprint(),
                 "feature": self.feature,
+                "layout": self.layout,
                 "feature_dim": self.feature_dim,
                 "dtype": str(self.dtype).removeprefix("torch."),
             }
@@ -234,14 +279,16 @@ class VisionEncoder:
         with a mapper) are not what this encoder produces. The name, weights and dtype may differ
         (a copy of the model in another folder, bf16 at inference) with a warning only."""
         mine = self.identity
-        hard = [k for k in ("model_type", "config_sha256", "feature", "feature_dim")
+        saved = {"layout": "global", **saved}  # saved before layouts existed: the global one
+        hard = [k for k in ("model_type", "config_sha256", "feature", "layout", "feature_dim")
                 if k in saved and saved[k] != mine[k]]
         where = f"{source}: " if source is not None else ""
         if hard:
             diff = ", ".join(f"{k}: saved {saved[k]!r}, now {mine[k]!r}" for k in hard)
             raise MismatchError(f"{where}the vision encoder differs from the one this was built "
                                 f"with ({diff}); load vision encoder {saved.get('model')!r} with "
-                                f"feature {saved.get('feature')!r}, or retrain")
+                                f"feature {saved.get('feature')!r} and layout "
+                                f"{saved.get('layout')!r}, or retrain")
         soft = [k for k in ("model", "weights_sha256", "processor_sha256", "dtype")
                 if k in saved and saved[k] != mine[k]]
         if soft:
@@ -251,21 +298,89 @@ class VisionEncoder:
 
     # ---- encoding -----------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Images -> float32 features [n, feature_dim] on the CPU, ``batch_size`` at a time."""
+    def encode(self, images: Sequence[Image.Image],
+               masks: Sequence[Image.Image | None] | None = None) -> torch.Tensor:
+        """Images -> float32 features [n, feature_dim] on the CPU, ``batch_size`` at a time.
+
+        ``masks[i]``: image i's region as an ``L`` image of its size (255 inside), or None for
+        the whole image; read by the ``region`` layout only."""
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = [im if im.mode == "RGB" else im.convert("RGB")
                      for im in images[start:start + self.batch_size]]
             pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"]
-            out.append(self._features(pixels.to(self.device, self.dtype)).float().cpu())
+            weights = None
+            if self.layout_kind == "region":
+                weights = self._mask_weights(chunk, (masks or [None] * len(images))
+                                             [start:start + self.batch_size], pixels.shape[-2:])
+            out.append(self._features(pixels.to(self.device, self.dtype), weights).float().cpu())
         if not out:
             return torch.zeros(0, self.feature_dim)
         return torch.cat(out)
 
-    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixel_values [b, 3, H, W] -> [b, feature_dim]."""
+    def _mask_weights(self, images: Sequence[Image.Image], masks: Sequence[Image.Image | None],
+                      size: torch.Size) -> torch.Tensor:
+        """Region masks -> per-pixel weights in [0, 1], [b, H, W] like ``pixel_values``.
+
+        Each mask goes through the image processor (as a grey RGB image) beside a black and a white
+        image of the same size, so the processor's resizing and cropping move the region exactly
+        as they move the pixels, and its rescaling and normalisation cancel out."""
+        out = torch.ones(len(images), *size)
+        todo = [i for i, m in enumerate(masks) if m is not None]
+        if not todo:
+            return out
+        batch = []
+        for i in todo:
+            mask = masks[i]
+            if mask.size != images[i].size:
+                raise GemelError(f"region mask {mask.size} differs from its image {images[i].size}")
+            batch += [mask.convert("RGB"), Image.new("RGB", mask.size, (0, 0, 0)),
+                      Image.new("RGB", mask.size, (255, 255, 255))]
+        px = self.processor(images=batch, return_tensors="pt")["pixel_values"][:, 0].float()
+        m, black, white = px[0::3], px[1::3], px[2::3]
+        out[todo] = ((m - black) / (white - black).clamp_min(1e-6)).clamp(0.0, 1.0)
+        return out
+
+    def _patch_map(self, pixels: torch.Tensor, out) -> torch.Tensor:
+        """The patch tokens of the last layer as a map [b, hidden, h, w]."""
+        hidden = out.last_hidden_state
+        if hidden.ndim == 4:  # convolutional: already [b, C, h, w]
+            return hidden
+        patch = getattr(self.config, "patch_size", None)
+        if patch is None or hidden.ndim != 3:
+            raise GemelError(f"layout {self.layout!r} needs patch tokens; {self.name} gives none: "
+                             f"use layout 'global'")
+        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        h, w = pixels.shape[-2] // ph, pixels.shape[-1] // pw
+        tokens = hidden[:, hidden.shape[1] - h * w:]  # class and register tokens come first
+        return tokens.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[2], h, w)
+
+    def _layout_parts(self, pixels: torch.Tensor, out, weights: torch.Tensor | None) -> torch.Tensor:
+        """The layout's extra vectors, concatenated: [b, parts * hidden]."""
+        fmap = self._patch_map(pixels, out)  # [b, d, h, w]
+        b, d, h, w = fmap.shape
+        if self.layout_kind == "grid":
+            cells = torch.nn.functional.adaptive_avg_pool2d(fmap.float(), self.grid)  # [b, d, n, n]
+            return cells.flatten(2).transpose(1, 2).reshape(b, -1)  # cell by cell, row by row
+        # region: each patch weighted by the share of it the region covers
+        wts = torch.nn.functional.adaptive_avg_pool2d(weights[:, None].to(fmap.device), (h, w))
+        wts = wts.reshape(b, 1, h * w)
+        total = wts.sum(-1, keepdim=True)
+        # a region too thin to cover any patch noticeably: pool every patch instead
+        wts = torch.where(total > 1e-3, wts, torch.ones_like(wts))
+        flat = fmap.float().reshape(b, d, h * w)
+        return (flat * wts).sum(-1) / wts.sum(-1)
+
+    def _features(self, pixels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values [b, 3, H, W] -> [b, feature_dim] (``weights`` [b, H, W]: region layout)."""
         out = self.model(pixel_values=pixels, output_hidden_states=self.kind == "layers")
+        main = self._global(pixels, out)
+        if self.layout_kind == "global":
+            return main
+        return torch.cat([main.float(), self._layout_parts(pixels, out, weights)], dim=-1)
+
+    def _global(self, pixels: torch.Tensor, out) -> torch.Tensor:
+        """The ``feature`` vector of each image: [b, hidden (x layers)]."""
         if self.kind == "pooled":
             pooled = getattr(out, "pooler_output", None)
             if pooled is None:
@@ -295,7 +410,9 @@ class VisionEncoder:
     def encode_paths(self, paths: Sequence[str | Path], vp_settings: Sequence[str] | str | None = None,
                      cache: FeatureCache | None = None,
                      render: Callable[[int, Image.Image], list[Image.Image]] | None = None,
-                     ids: Sequence[object] | None = None) -> torch.Tensor:
+                     ids: Sequence[object] | None = None,
+                     regions: Callable[[int, Image.Image], list[Image.Image | None]] | None = None
+                     ) -> torch.Tensor:
         """Encode image files, each through an optional visual prompt; [n, k, feature_dim] float32.
 
         ``render(i, image)`` returns the k images to encode for item i (k the same for every item;
@@ -303,7 +420,9 @@ class VisionEncoder:
         string for all) must spell out everything ``render`` does to item i
         (:func:`gemel.visual_prompt.settings_key`): it is part of the cache key. Items whose key is
         in ``cache`` are not opened; identical (image, settings) pairs are encoded once.
-        ``ids`` name the items in errors (mention ids).
+        ``ids`` name the items in errors (mention ids). ``regions(i, image)`` gives the region
+        mask of each of the k rendered images (None: the whole image), for the ``region`` layout;
+        ``vp_settings`` must then spell out the region too (``settings_key`` does).
         """
         n = len(paths)
         if isinstance(vp_settings, str) or vp_settings is None:
@@ -348,17 +467,20 @@ class VisionEncoder:
                 start += len(chunk)
                 t0 = time.perf_counter()
                 images: list[Image.Image] = []
+                masks: list[Image.Image | None] = []
                 counts = set()
                 for _key, i in chunk:
                     image = _open_image(paths[i], ids[i])
                     rendered = render(i, image) if render is not None else [image]
                     counts.add(len(rendered))
                     images.extend(rendered)
+                    masks.extend(regions(i, image) if regions is not None and
+                                 self.layout_kind == "region" else [None] * len(rendered))
                 if len(counts | ({k} if k else set())) != 1 or 0 in counts:
                     raise GemelError(f"render returned {sorted(counts)} images per item; it must "
                                      f"return the same number (>= 1) for every item")
                 k = counts.pop()
-                feats = self.encode(images).numpy().reshape(len(chunk), k, -1)
+                feats = self.encode(images, masks).numpy().reshape(len(chunk), k, -1)
                 self.stats["images"] += len(chunk)
                 self.stats["seconds"] += time.perf_counter() - t0
                 for (key, _i), f in zip(chunk, feats):
@@ -394,7 +516,9 @@ class VisionEncoder:
             [m.image for m in mentions], [prompt.key(m.bbox, m.polygon) for m in mentions],
             cache=cache, ids=[m.id for m in mentions],
             render=lambda i, im: prompt.render(im, mentions[i].bbox, mentions[i].polygon,
-                                               mentions[i].id))
+                                               mentions[i].id),
+            regions=lambda i, im: prompt.regions(im, mentions[i].bbox, mentions[i].polygon,
+                                                 mentions[i].id))
 
 
 def _open_image(path: str | Path, record: object) -> Image.Image:

@@ -208,6 +208,35 @@ def render(image: Image.Image, bbox: Sequence[float] | None = None,
     return out
 
 
+def region_masks(image: Image.Image, bbox: Sequence[float] | None = None,
+                 polygon: Sequence[Sequence[float]] | None = None, mode: str = "overlay",
+                 mention_id: object = None) -> list[Image.Image | None]:
+    """Where the region lies in each image :func:`render` returns: an ``L`` mask of the image's
+    size (255 inside the region) for the overlay image of a mention with a region, None (the whole
+    image) for a crop, for mode ``none`` and for a mention without a region. The feature layout
+    ``region`` pools the encoder's patch tokens under it."""
+    _check_mode(mode)
+    if mode == "none":
+        return [None]
+    region = _region(image.size, bbox, polygon, mention_id)
+    out: list[Image.Image | None] = []
+    if mode in ("overlay", "overlay+crop"):
+        mask = None
+        if region is not None:
+            mask = Image.new("L", image.size, 0)
+            draw = ImageDraw.Draw(mask)
+            if region.polygon is not None:
+                draw.polygon(region.polygon, fill=255)
+            else:
+                x0, y0, x1, y1 = region.box
+                draw.rectangle([math.floor(x0), math.floor(y0), max(math.floor(x0), math.ceil(x1) - 1),
+                                max(math.floor(y0), math.ceil(y1) - 1)], fill=255)
+        out.append(mask)
+    if mode in ("crop", "overlay+crop"):
+        out.append(None)
+    return out
+
+
 def _fmt(values: Sequence[float]) -> str:
     return ",".join(f"{float(v):.2f}" for v in values)
 
@@ -262,6 +291,10 @@ class VisualPrompt:
                mention_id: object = None) -> list[Image.Image]:
         return render(image, bbox, polygon, self.mode, self.color, self.width_frac, self.margin,
                       mention_id)
+
+    def regions(self, image: Image.Image, bbox=None, polygon=None,
+                mention_id: object = None) -> list[Image.Image | None]:
+        return region_masks(image, bbox, polygon, self.mode, mention_id)
 
     def key(self, bbox=None, polygon=None) -> str:
         return settings_key(self.mode, bbox, polygon, self.color, self.width_frac, self.margin)

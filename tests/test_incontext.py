@@ -185,7 +185,8 @@ def test_fit_fusion_on_dev_then_link_with_it(llama_pair, tmp_path):
 
     model, tok = llama_pair
     backend = HFBackend(model, tok)
-    cfg = LinkerConfig(model="tiny", num_beams=2, top_k=3, fusion_pool=4, batch_size=3)
+    # fitting ranks pools, not beams: top_k <= beams keeps this linker a valid plain linker too
+    cfg = LinkerConfig(model="tiny", num_beams=2, top_k=2, fusion_pool=4, batch_size=3)
     linker = Linker(cfg, KB, backend, train=TRAIN)
     dev = TRAIN[:7]
     dev_rows = tmp_path / "dev.jsonl"

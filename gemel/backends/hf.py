@@ -240,18 +240,24 @@ class HFBackend(Backend):
     def from_name(cls, name: str, device: str = "auto", dtype: str = "auto") -> "HFBackend":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from gemel.sources import resolve
+        from gemel.sources import loading, resolve
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         path = resolve(name, "llm")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, dtype))
+        with loading(name, "llm"):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, dtype))
         return cls(model.to(device), tokenizer, device)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def max_context(self) -> int | None:
+        value = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) else None
 
     def input_embeddings(self) -> torch.nn.Module:
         return self.model.get_input_embeddings()

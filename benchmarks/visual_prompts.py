@@ -1,0 +1,326 @@
+"""Visual prompts end to end: does the model see the box? The two-emblem task, and real photos.
+
+    python benchmarks/visual_prompts.py --out runs/visual_prompts            # everything
+    python benchmarks/visual_prompts.py --out runs/vp --cells box:overlay:region,box:crop:global
+    python benchmarks/visual_prompts.py --out runs/vp --only mixed           # mixed-kinds check
+
+The two-emblem task (generated here, deterministic per seed): each 320x200 image shows two of ten
+coloured emblems side by side; every item has the same text and no mention string; a bbox (or a
+polygon) marks one emblem, and the gold entity is that emblem's title. 60 training items, 20 test
+items, a KB of 18 titles (the 10 emblems + 8 look-alike names). Without the box a model can do no
+better than 50 (it may know both emblems, but not which is meant). Variants:
+
+* ``box``       — emblems centred in the left and right halves, a box around one;
+* ``polygon``   — the same pictures, an irregular 8-point polygon around the emblem;
+* ``offcentre`` — emblems of varying size anywhere in their half, boxes shifted off the emblem.
+
+Per cell (variant, vp-mode, feature layout): train a mapper (`gemel.train.train`, the code of
+`gemel train`) on the 60 items with the 20 test items as dev, then link the 20 with the saved
+best checkpoint through `Linker.from_config(mapper=...)` (the code of `gemel link --mapper`),
+with the image and with ``no_image``; report H@1 of each, the dev H@1 training reported for that
+checkpoint, and how many top-1 answers training's evaluation and the link run share.
+
+``--only mixed``: one linker run over a file mixing WikiDiverse test mentions (text, no image) with
+the emblem test items (box only), against a run over the text mentions alone: both kinds are
+linked, and the text mentions' top-1 answers must be the same.
+
+``--only photos``: box-only mentions on the real WikiMEL photos (../shared/data/wikimel/images),
+boxes written by hand below around the pictured person; the caption is kept, the mention string
+dropped. A mapper is trained on the photos of the train split and linked on all of them.
+
+Models: the real ``dinov2-small`` encoder and SmolLM2-135M-Instruct, fp32 (``--dtype``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+# (title, shape, colour): the ten emblems that appear in pictures
+EMBLEMS = [("Blue Circle", "circle", (30, 70, 220)), ("Green Triangle", "triangle", (20, 160, 40)),
+           ("Yellow Star", "star", (235, 200, 0)), ("Purple Square", "square", (130, 40, 170)),
+           ("Orange Diamond", "diamond", (245, 130, 0)), ("Cyan Cross", "cross", (0, 190, 200)),
+           ("Pink Hexagon", "hexagon", (240, 110, 180)), ("Brown Ring", "ring", (120, 70, 30)),
+           ("Black Bar", "bar", (20, 20, 20)), ("Lime Pentagon", "pentagon", (150, 220, 30))]
+# look-alike titles in the KB that no picture shows
+DISTRACTORS = ["Blue Triangle", "Green Circle", "Yellow Square", "Purple Star", "Orange Cross",
+               "Cyan Diamond", "Pink Ring", "Brown Hexagon"]
+TEXT = "A picture of two emblems side by side."
+SIZE = (320, 200)
+
+# real photos: WikiMEL id -> a box around the pictured person (x0, y0, x1, y1), written by hand
+PHOTO_BOXES: dict[str, list[float]] = {}
+
+
+def regular(cx: float, cy: float, r: float, n: int, start: float = -90.0,
+            radii: list[float] | None = None) -> list[tuple[float, float]]:
+    """n points on a circle (or on the given radii, one per point), starting at ``start`` degrees."""
+    out = []
+    for i in range(n):
+        a = math.radians(start + 360.0 * i / n)
+        rr = radii[i] if radii else r
+        out.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+    return out
+
+
+def draw_emblem(d: ImageDraw.ImageDraw, shape: str, colour, cx: float, cy: float, r: float) -> None:
+    """One emblem of radius ``r`` pixels centred at (cx, cy)."""
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        d.ellipse(box, fill=colour)
+    elif shape == "ring":
+        d.ellipse(box, outline=colour, width=max(3, int(r / 3)))
+    elif shape == "square":
+        d.rectangle([cx - 0.8 * r, cy - 0.8 * r, cx + 0.8 * r, cy + 0.8 * r], fill=colour)
+    elif shape == "triangle":
+        d.polygon(regular(cx, cy + 0.15 * r, r, 3), fill=colour)
+    elif shape == "diamond":
+        d.polygon(regular(cx, cy, r, 4), fill=colour)
+    elif shape == "pentagon":
+        d.polygon(regular(cx, cy, r, 5), fill=colour)
+    elif shape == "hexagon":
+        d.polygon(regular(cx, cy, r, 6, start=0), fill=colour)
+    elif shape == "star":
+        d.polygon(regular(cx, cy, r, 10, radii=[r, 0.45 * r] * 5), fill=colour)
+    elif shape == "cross":
+        t = 0.3 * r
+        d.rectangle([cx - t, cy - r, cx + t, cy + r], fill=colour)
+        d.rectangle([cx - r, cy - t, cx + r, cy + t], fill=colour)
+    elif shape == "bar":
+        d.rectangle([cx - r, cy - 0.35 * r, cx + r, cy + 0.35 * r], fill=colour)
+    else:
+        raise ValueError(shape)
+
+
+def make_emblem_task(folder: Path, variant: str = "box", seed: int = 0, n_train: int = 60,
+                     n_test: int = 20) -> dict[str, Path]:
+    """Write images, ``kb.jsonl``, ``train.jsonl`` and ``test.jsonl`` under ``folder``."""
+    from gemel.data import write_mentions
+    from gemel.types import Mention
+
+    if variant not in ("box", "polygon", "offcentre"):
+        raise ValueError(f"variant {variant!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(exist_ok=True)
+    titles = [t for t, _, _ in EMBLEMS] + DISTRACTORS
+    with open(folder / "kb.jsonl", "w", encoding="utf-8") as f:
+        for i, t in enumerate(titles):
+            f.write(json.dumps({"id": f"E{i}", "title": t, "aliases": [], "description": "",
+                                "image": None}) + "\n")
+    rng = random.Random(f"{variant}-{seed}")
+    splits: dict[str, list] = {"train": [], "test": []}
+    for split, n in (("train", n_train), ("test", n_test)):
+        for j in range(n):
+            a, b = rng.sample(range(len(EMBLEMS)), 2)
+            target = rng.randrange(2)
+            im = Image.new("RGB", SIZE, (236, 236, 232))
+            d = ImageDraw.Draw(im)
+            centres = []
+            for side, e in enumerate((a, b)):
+                if variant == "offcentre":
+                    r = rng.uniform(26, 44)
+                    cx = rng.uniform(r + 8, 160 - r - 8) + 160 * side
+                    cy = rng.uniform(r + 8, SIZE[1] - r - 8)
+                else:
+                    r = 40.0
+                    cx, cy = 80 + 160 * side + rng.uniform(-6, 6), 100 + rng.uniform(-6, 6)
+                draw_emblem(d, EMBLEMS[e][1], EMBLEMS[e][2], cx, cy, r)
+                centres.append((cx, cy, r))
+            cx, cy, r = centres[target]
+            bbox = polygon = None
+            if variant == "polygon":
+                polygon = [[round(x, 1), round(y, 1)] for x, y in
+                           regular(cx, cy, 0, 8, start=rng.uniform(0, 45),
+                                   radii=[r * rng.uniform(1.2, 1.45) for _ in range(8)])]
+            else:
+                m = r * (rng.uniform(1.1, 1.35) if variant == "offcentre" else 1.2)
+                dx, dy = ((rng.uniform(-0.3, 0.3) * r, rng.uniform(-0.3, 0.3) * r)
+                          if variant == "offcentre" else (0.0, 0.0))
+                bbox = [round(cx - m + dx, 1), round(cy - m + dy, 1), round(cx + m + dx, 1),
+                        round(cy + m + dy, 1)]
+            path = folder / "images" / f"{split}{j:03d}.png"
+            im.save(path)
+            e = (a, b)[target]
+            splits[split].append(Mention(id=f"{variant}-{split}{j:03d}", text=TEXT, mention=None,
+                                         image=str(path.resolve()),
+                                         bbox=tuple(bbox) if bbox else None,
+                                         polygon=tuple(tuple(p) for p in polygon) if polygon else None,
+                                         entity_id=f"E{e}", entity=EMBLEMS[e][0]))
+    for split, ms in splits.items():
+        write_mentions(ms, folder / f"{split}.jsonl")
+    return {"kb": folder / "kb.jsonl", "train": folder / "train.jsonl",
+            "test": folder / "test.jsonl"}
+
+
+def top1(rows: list[dict]) -> dict[str, str | None]:
+    return {r["id"]: (r["candidates"][0]["entity_id"] if r["candidates"] else None) for r in rows}
+
+
+def h1(rows: list[dict]) -> float:
+    from gemel.eval.metrics import hits_at_k
+
+    return hits_at_k(rows, (1,))["H@1"]
+
+
+def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) -> dict:
+    """Train one mapper, link the test items with its best checkpoint; the figures of one row."""
+    from gemel.data import read_mentions
+    from gemel.linker import Linker
+    from gemel.train import TrainConfig, train
+
+    ckpt = out / "mapper"
+    t0 = time.perf_counter()
+    summary = train(TrainConfig(out=str(ckpt), kb=str(task["kb"]), data=str(task["train"]),
+                                dev=str(task["test"]), vision="dinov2-small", layout=layout,
+                                vp_mode=vp_mode, template=args.template, epochs=args.epochs,
+                                lr=args.lr, batch_size=args.batch_size,
+                                eval_batch_size=args.link_batch_size, num_beams=args.beams,
+                                dtype=args.dtype, mixed_precision="no", cpu=True,
+                                eval_every=args.eval_every or args.epochs * math.ceil(
+                                    len(read_mentions(task["train"])) / args.batch_size),
+                                feature_cache=str(out.parent / "features")))
+    train_s = time.perf_counter() - t0
+    dev_rows = {}
+    log = ckpt / "train_log.jsonl"
+    best_step = summary["best_step"]
+    for line in log.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "eval" and rec["step"] == best_step:
+            dev_rows = rec["dev"].get("top1") or {}
+    test = read_mentions(task["test"])
+    row = {"vp_mode": vp_mode, "layout": layout, "steps": summary["steps"],
+           "s_per_step": summary["seconds_per_step"], "train_s": round(train_s, 1),
+           "train_dev_h1": summary["best_dev_h1"]}
+    for name, extra in (("image", {}), ("no_image", {"no_image": True})):
+        linker = Linker.from_config(kb=task["kb"], mapper=str(ckpt / "best"), num_beams=args.beams,
+                                    top_k=args.beams, batch_size=args.link_batch_size,
+                                    template=args.template, dtype=args.dtype,
+                                    feature_cache=str(out.parent / "features"), **extra)
+        rows = [r.to_json() for r in linker.link(test)]
+        (out / f"link-{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        row[f"link_h1_{name}"] = h1(rows)
+        if name == "image" and dev_rows:
+            mine = top1(rows)
+            row["top1_agree"] = f"{sum(mine[k] == v[0] for k, v in dev_rows.items())}/{len(dev_rows)}"
+        if name == "no_image":
+            row["box_only_from_text"] = linker.box_only_from_text
+    return row
+
+
+def run_mixed(base: Path, cell_dir: Path, args) -> None:
+    """WikiDiverse text mentions + emblem box-only items in one run, against the text alone."""
+    from gemel.data import convert, read_mentions, write_mentions
+    from gemel.linker import Linker
+
+    src = Path(args.data) / "wikidiverse"
+    out = base / "mixed"
+    out.mkdir(parents=True, exist_ok=True)
+    convert(src / "WikiDiverse.json", out / "wd_test.jsonl", out / "wd_kb.jsonl", split="test",
+            splits_path=src / "splits.json", limit=args.text_mentions)
+    # the WikiDiverse release ships no images: these are text mentions (their image path points
+    # nowhere), linked through the same mapper run as the box-only items
+    text = [dataclasses.replace(m, image=None)
+            for m in read_mentions(out / "wd_test.jsonl")][:args.text_mentions]
+    boxes = read_mentions(base / "task-box" / "test.jsonl")
+    kb_lines = (out / "wd_kb.jsonl").read_text().splitlines()
+    kb_lines += (base / "task-box" / "kb.jsonl").read_text().splitlines()
+    (out / "kb.jsonl").write_text("\n".join(kb_lines) + "\n")
+    # interleave: a box item after every 5 text mentions, so batches mix both kinds
+    mixed, bi = [], iter(boxes)
+    for i, m in enumerate(text):
+        mixed.append(m)
+        if i % 5 == 4:
+            mixed.extend(x for x in [next(bi, None)] if x is not None)
+    mixed.extend(bi)
+    write_mentions(mixed, out / "mixed.jsonl")
+    mapper = cell_dir / "mapper" / "best"
+    results = {}
+    for name, ms in (("mixed", mixed), ("text_alone", text)):
+        linker = Linker.from_config(kb=out / "kb.jsonl", mapper=str(mapper), num_beams=args.beams,
+                                    top_k=args.beams, batch_size=args.link_batch_size,
+                                    template=args.template, dtype=args.dtype,
+                                    feature_cache=str(base / "features"))
+        t0 = time.perf_counter()
+        rows = [r.to_json() for r in linker.link(ms)]
+        results[name] = (rows, time.perf_counter() - t0)
+    mixed_rows, alone_rows = results["mixed"][0], results["text_alone"][0]
+    a, b = top1(mixed_rows), top1(alone_rows)
+    text_ids = [m.id for m in text]
+    box_ids = {m.id for m in boxes}
+    same = sum(a[i] == b[i] for i in text_ids)
+    print(f"\nmixed run: {len(text)} WikiDiverse text mentions + {len(boxes)} box-only emblem items "
+          f"in one run (batch {args.link_batch_size}, {results['mixed'][1]:.0f}s), mapper {mapper}")
+    print(f"  text mentions: H@1 mixed {h1([r for r in mixed_rows if r['id'] not in box_ids]):.1f}"
+          f", alone {h1(alone_rows):.1f}; same top-1 {same}/{len(text_ids)} "
+          f"({100 * same / max(len(text_ids), 1):.1f}%)")
+    print(f"  box-only items: H@1 {h1([r for r in mixed_rows if r['id'] in box_ids]):.1f} "
+          f"(KB of {len(kb_lines)} titles); errors "
+          f"{sum(1 for r in mixed_rows if r['error'])}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/visual_prompts")
+    ap.add_argument("--data", default="../shared/data")
+    ap.add_argument("--cells", default="box:overlay:global,box:overlay:grid:2,box:overlay:grid:4,"
+                    "box:overlay:region,box:crop:global,box:overlay+crop:region,"
+                    "polygon:overlay:global,polygon:overlay:region,polygon:crop:global,"
+                    "offcentre:overlay:global,offcentre:overlay:region,offcentre:crop:global",
+                    help="variant:vp-mode:layout, comma-separated")
+    ap.add_argument("--only", choices=["cells", "mixed", "photos"], default=None)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="optimizer steps between dev evaluations (0: once, at the end)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--beams", type=int, default=5)
+    ap.add_argument("--link-batch-size", type=int, default=4)
+    ap.add_argument("--template", default="gemel")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--text-mentions", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split()
+                    if f in ("avx2", "avx512_bf16", "amx_bf16")})
+    print(f"CPU flags {flags}; {args.threads} threads; dtype {args.dtype}; epochs {args.epochs}, "
+          f"batch {args.batch_size}, lr {args.lr}, beams {args.beams}, template {args.template}")
+    base = Path(args.out)
+    rows = []
+    if args.only in (None, "cells"):
+        for cell in args.cells.split(","):
+            variant, vp_mode, layout = cell.split(":", 2)
+            task = make_emblem_task(base / f"task-{variant}", variant)
+            out = base / f"{variant}-{vp_mode}-{layout.replace(':', '')}"
+            out.mkdir(parents=True, exist_ok=True)
+            row = {"variant": variant, **run_cell(task, out, vp_mode, layout, args)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        (base / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"\n{'variant':<10} {'vp-mode':<13} {'layout':<8} {'H@1 image':>9} {'no image':>9} "
+              f"{'train dev':>9} {'top-1 =':>8} {'s/step':>7}")
+        for r in rows:
+            print(f"{r['variant']:<10} {r['vp_mode']:<13} {r['layout']:<8} {r['link_h1_image']:>9.1f} "
+                  f"{r['link_h1_no_image']:>9.1f} {r['train_dev_h1']:>9.1f} "
+                  f"{r.get('top1_agree', '-'):>8} {r['s_per_step']:>7}")
+    if args.only in (None, "mixed"):
+        make_emblem_task(base / "task-box", "box")
+        cell_dir = base / "box-overlay-region"
+        if not (cell_dir / "mapper" / "best").exists():
+            cell_dir.mkdir(parents=True, exist_ok=True)
+            run_cell({k: base / "task-box" / f"{k}.jsonl" for k in ("kb", "train", "test")},
+                     cell_dir, "overlay", "region", args)
+        run_mixed(base, cell_dir, args)
+
+
+if __name__ == "__main__":
+    main()
