@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikidiverse"
-DEFAULT_MODELS = ["smollm2-135m-instruct", "/work/models/qwen2.5-coder-1.5b-instruct.gguf"]
+DEFAULT_MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-1.5b-instruct"]  # or a .gguf path
 PHASES = ("retrieval", "prompt", "prefill", "decode", "search", "scoring", "other")
 # The targets (for a 2-core AMX machine, bf16)
 TARGET_PREFILL_SHARE = 0.5
