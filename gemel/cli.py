@@ -342,12 +342,14 @@ def merge(ctx, parts, data_path, out_path, fmt, split, splits_path, images_dir, 
 @click.argument("config_path", type=click.Path(exists=True, dir_okay=False))
 @progress_option
 def sweep(config_path, progress):
-    """Run a YAML grid of prompt experiments; write results.csv/.md/.png and cells.json."""
+    """Run a YAML grid of experiments (prompt settings, models); write results.csv/.md/.png,
+    scaling.png and cells.json."""
     from gemel.eval.sweep import run_sweep
 
     rows = run_sweep(config_path, progress=progress)
-    for r in rows:
-        click.echo(" | ".join(f"{k} {v}" for k, v in r.items()))
+    shown = ("cell", "H@1", "H@5", "H@1 generation", "LLM adds H@1", "s_per_mention")
+    for r in rows:  # the headline; results.md / results.csv hold every column
+        click.echo(" | ".join(f"{k} {r[k]}" for k in shown if r.get(k) is not None))
 
 
 @cli.command()
