@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikidiverse"
-DEFAULT_MODELS = ["smollm2-135m-instruct", "/work/models/qwen2.5-coder-1.5b-instruct.gguf"]
+DEFAULT_MODELS = ["smollm2-135m-instruct", "qwen2.5-coder-1.5b-instruct"]  # or a .gguf path
 PHASES = ("retrieval", "prompt", "prefill", "decode", "search", "scoring", "other")
 # The targets (for a 2-core AMX machine, bf16)
 TARGET_PREFILL_SHARE = 0.5
@@ -174,11 +174,12 @@ def body_parameters(model) -> int:
 
 
 # -- one cell ----------------------------------------------------------------------------------------
-def time_cell(linker, mentions, repeats: int) -> dict:
+def time_cell(linker, mentions, repeats: int, warmup: bool = True) -> dict:
     clock = PhaseClock()
     runs = []
     with instrumented(linker, clock):
-        linker.link(mentions[:linker.config.batch_size])  # warm-up: kernels, allocator, caches
+        if warmup:  # kernels, allocator, caches
+            linker.link(mentions[:linker.config.batch_size])
         for _ in range(repeats):
             clock.reset()
             t = time.perf_counter()
@@ -262,6 +263,7 @@ def main() -> None:
     ap.add_argument("--demos", default="0,4,16", help="comma-separated demonstration counts")
     ap.add_argument("--limit", type=int, default=20, help="first N WikiDiverse test mentions")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up batch per cell")
     ap.add_argument("--dtype", default="auto", help="auto | fp32 | bf16")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the LinkerConfig's")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
@@ -334,7 +336,7 @@ def main() -> None:
             results = {}
             for mode, fused in modes:
                 linker = make_linker(base_linker, backend, cfg, kb, train, trie, fused)
-                run = time_cell(linker, mentions, args.repeats)
+                run = time_cell(linker, mentions, args.repeats, not args.no_warmup)
                 results[mode] = run["results"]
                 flops = prefill_flops(backend.model.config, run["lengths"], body)
                 n = len(mentions)

@@ -192,10 +192,22 @@ class Linker:
     # -- linking ---------------------------------------------------------------------------------
     def link(self, mentions: Iterable[Mention], top_k: int | None = None) -> list[LinkResult]:
         mentions = list(mentions)
-        out: list[LinkResult] = []
         bs = self.config.batch_size
-        for i in range(0, len(mentions), bs):
-            out.extend(self.link_batch(mentions[i:i + bs], top_k=top_k))
+        if len(mentions) <= bs:
+            return self.link_batch(mentions, top_k=top_k)
+        # Batch prompts of similar length (a batch is left-padded to its longest prompt), one
+        # demonstration retrieval for the run; results come back in input order.
+        demos = self.demonstrations(mentions)
+        size = [len(m.text or "") + sum(len(d.text or "") for d in ds)
+                for m, ds in zip(mentions, demos)]  # characters: a cheap stand-in for tokens
+        order = sorted(range(len(mentions)), key=size.__getitem__)
+        out: list[LinkResult | None] = [None] * len(mentions)
+        for i in range(0, len(order), bs):
+            batch = order[i:i + bs]
+            results = self.link_batch([mentions[j] for j in batch], top_k=top_k,
+                                      demonstrations=[demos[j] for j in batch])
+            for j, r in zip(batch, results):
+                out[j] = r
         return out
 
     def unlinkable(self, m: Mention) -> str | None:

@@ -278,3 +278,28 @@ def test_shared_prefix_search_equals_expanded_cache_search(family, llama_pair, o
     for a, b in zip(*found):
         assert [h.title_index for h in a] == [h.title_index for h in b]
         assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+
+
+def test_link_sorts_batches_by_length_and_keeps_input_order(llama_pair):
+    """link() batches prompts of similar length together, and returns results in input order,
+    each the same as linking that mention alone."""
+    model, tokenizer = llama_pair
+    linker = make_linker(model, tokenizer, TITLES, num_beams=3, batch_size=2)
+    texts = [TEXTS[2] + " " + TEXTS[0], "Paris.", TEXTS[1], TEXTS[3] + " " + TEXTS[1] + " " + TEXTS[0], "Queen."]
+    ms = [mention(i, t, t.split()[0].strip(".")) for i, t in enumerate(texts)]
+    batched = []
+    original = linker.link_batch
+
+    def spy(batch, *args, **kwargs):
+        batched.append([m.id for m in batch])
+        return original(batch, *args, **kwargs)
+
+    linker.link_batch = spy
+    results = linker.link(ms)
+    assert [r.mention_id for r in results] == [m.id for m in ms]
+    assert batched[0] == ["1", "4"]  # the two shortest prompts share the first batch
+    for r, m in zip(results, ms):
+        alone = original([m])[0]
+        assert [c.title for c in r.candidates] == [c.title for c in alone.candidates]
+        assert [c.score for c in r.candidates] == pytest.approx([c.score for c in alone.candidates],
+                                                                abs=1e-4)

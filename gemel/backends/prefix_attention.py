@@ -31,7 +31,8 @@ class PrefixState:
     """The prompts' cached keys/values and which prompt each row continues.
 
     keys[i], values[i]: layer i's [n_prompts, kv_heads, P, head_dim]; mask: [n_prompts, P] bool
-    (False = left padding); row_prompt: [rows] prompt index of each row.
+    (False = left padding); row_prompt: [rows] prompt index of each row. The rows' layout among
+    their prompts is worked out once per model call (every layer shares it), not per layer.
     """
 
     keys: list[torch.Tensor]
@@ -39,18 +40,39 @@ class PrefixState:
     mask: torch.Tensor
     row_prompt: torch.Tensor
 
+    def __post_init__(self):
+        rp, n_prompts = self.row_prompt, self.mask.shape[0]
+        counts = torch.bincount(rp, minlength=n_prompts)
+        self.width = int(counts.max()) if len(rp) else 0  # most rows any prompt has
+        # regular: every prompt has `width` rows, in prompt order (the beam search's usual shape):
+        # the rows are then a plain view of the [n_prompts, width] grid, no scatter or gather
+        self.regular = bool(len(rp) == n_prompts * self.width
+                            and torch.equal(rp, torch.arange(n_prompts, device=rp.device)
+                                            .repeat_interleave(self.width)))
+        if not self.regular:
+            starts = torch.cumsum(counts, 0) - counts
+            order = torch.argsort(rp, stable=True)
+            self.slot = torch.empty_like(rp)  # each row's place among its prompt's rows
+            self.slot[order] = torch.arange(len(rp), device=rp.device) - starts[rp[order]]
+        self.bias = torch.zeros(self.mask.shape, dtype=torch.float32, device=self.mask.device
+                                ).masked_fill(~self.mask, float("-inf"))[:, None, None, :]
+
     def for_rows(self, row_prompt: torch.Tensor) -> "PrefixState":
         return PrefixState(self.keys, self.values, self.mask, row_prompt)
 
-    def layout(self) -> tuple[torch.Tensor, int]:
-        """Each row's slot among its prompt's rows, and the most rows any prompt has."""
-        rp = self.row_prompt
-        counts = torch.bincount(rp, minlength=self.mask.shape[0])
-        starts = torch.cumsum(counts, 0) - counts
-        order = torch.argsort(rp, stable=True)
-        slot = torch.empty_like(rp)
-        slot[order] = torch.arange(len(rp), device=rp.device) - starts[rp[order]]
-        return slot, int(counts.max()) if len(rp) else 0
+    def to_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, ...] -> [n_prompts, width, ...] (zeros where a prompt has fewer rows)."""
+        if self.regular:
+            return x.reshape(self.mask.shape[0], self.width, *x.shape[1:])
+        grid = x.new_zeros(self.mask.shape[0], self.width, *x.shape[1:])
+        grid[self.row_prompt, self.slot] = x
+        return grid
+
+    def from_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """[n_prompts, width, ...] -> [rows, ...]."""
+        if self.regular:
+            return grid.reshape(-1, *grid.shape[2:])
+        return grid[self.row_prompt, self.slot]
 
 
 def prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -67,43 +89,36 @@ def prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     if kwargs.get("sliding_window") is not None:
         raise ValueError("gemel_prefix attention does not support sliding-window layers")
     st = gemel_prefix
-    layer = module.layer_idx
-    pk, pv = st.keys[layer], st.values[layer]  # [n_prompts, kv, P, d]
+    pk, pv = st.keys[module.layer_idx], st.values[module.layer_idx]  # [n_prompts, kv, P, d]
     rows, heads, q_len, d = query.shape
     kv = key.shape[1]
     groups = heads // kv
     n_prompts, _, plen, _ = pk.shape
+    width = st.width
     scale = scaling if scaling is not None else d ** -0.5
-    dtype = torch.float32
-    slot, width = st.layout()
+    f32 = torch.float32
     # prefix scores: the rows of prompt p as query positions of p, grouped by kv head
-    qg = query.new_zeros(n_prompts, width, heads, q_len, d)
-    qg[st.row_prompt, slot] = query
-    qg = (qg.view(n_prompts, width, kv, groups, q_len, d).permute(0, 2, 3, 1, 4, 5)
-          .reshape(n_prompts, kv, groups * width * q_len, d))
-    s_pre = torch.matmul(qg.to(dtype), pk.to(dtype).transpose(-1, -2)) * scale  # [n_p, kv, g*w*q, P]
-    s_pre = s_pre.masked_fill(~st.mask[:, None, None, :], float("-inf"))
-    s_pre = (s_pre.view(n_prompts, kv, groups, width, q_len, plen).permute(0, 3, 1, 2, 4, 5)
-             [st.row_prompt, slot].reshape(rows, heads, q_len, plen))
+    qg = (st.to_grid(query.reshape(rows, kv, groups, q_len, d)).transpose(1, 2)
+          .reshape(n_prompts, kv, width * groups * q_len, d))
+    s_pre = torch.matmul(qg.to(f32), pk.to(f32).transpose(-1, -2)).mul_(scale).add_(st.bias)
+    s_pre = st.from_grid(s_pre.view(n_prompts, kv, width, groups * q_len, plen).transpose(1, 2))
     # suffix scores: causal over the rows' own tokens (this call's q tokens are the last ones)
     slen = key.shape[2]
-    qs = query.reshape(rows, kv, groups * q_len, d).to(dtype)
-    s_suf = (torch.matmul(qs, key.to(dtype).transpose(-1, -2)) * scale).view(rows, heads, q_len, slen)
-    past = slen - q_len
-    causal = (torch.arange(slen, device=query.device)[None, :]
-              <= past + torch.arange(q_len, device=query.device)[:, None])  # [q, s]
-    s_suf = s_suf.masked_fill(~causal, float("-inf"))
-    probs = torch.cat([s_pre, s_suf], dim=-1).softmax(-1)  # [rows, heads, q, P + s]
-    p_pre, p_suf = probs[..., :plen], probs[..., plen:]
-    # back to the prompt layout for the prefix values: [n_p, kv, g*w*q, P] @ [n_p, kv, P, d]
-    pg = p_pre.new_zeros(n_prompts, width, kv, groups, q_len, plen)
-    pg[st.row_prompt, slot] = p_pre.view(rows, kv, groups, q_len, plen)
-    pg = pg.permute(0, 2, 3, 1, 4, 5).reshape(n_prompts, kv, groups * width * q_len, plen)
-    o_pre = torch.matmul(pg, pv.to(dtype))  # [n_p, kv, g*w*q, d]
-    o_pre = (o_pre.view(n_prompts, kv, groups, width, q_len, d).permute(0, 3, 1, 2, 4, 5)
-             [st.row_prompt, slot].reshape(rows, heads, q_len, d))
-    o_suf = torch.matmul(p_suf.reshape(rows, kv, groups * q_len, slen), value.to(dtype))
-    out = o_pre + o_suf.view(rows, heads, q_len, d)
+    s_suf = torch.matmul(query.reshape(rows, kv, groups * q_len, d).to(f32),
+                         key.to(f32).transpose(-1, -2)).mul_(scale)  # [rows, kv, g*q, s]
+    if q_len > 1:
+        past = slen - q_len
+        future = (torch.arange(slen, device=query.device)[None, :]
+                  > past + torch.arange(q_len, device=query.device)[:, None])  # [q, s]
+        s_suf = s_suf.reshape(rows, kv, groups, q_len, slen).masked_fill(future, float("-inf"))
+    probs = torch.cat([s_pre.reshape(rows, kv, groups * q_len, plen),
+                       s_suf.reshape(rows, kv, groups * q_len, slen)], dim=-1).softmax(-1)
+    # back to the prompt layout for the prefix values: [n_p, kv, w*g*q, P] @ [n_p, kv, P, d]
+    pg = st.to_grid(probs[..., :plen]).transpose(1, 2).reshape(n_prompts, kv, -1, plen)
+    o_pre = st.from_grid(torch.matmul(pg, pv.to(f32)).view(n_prompts, kv, width, -1, d)
+                         .transpose(1, 2))  # [rows, kv, g*q, d]
+    out = o_pre.add_(torch.matmul(probs[..., plen:], value.to(f32)))
+    out = out.reshape(rows, heads, q_len, d)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
