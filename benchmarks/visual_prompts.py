@@ -33,6 +33,7 @@ Models: the real ``dinov2-small`` encoder and SmolLM2-135M-Instruct, fp32 (``--d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -206,7 +207,7 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
         row[f"link_h1_{name}"] = h1(rows)
         if name == "image" and dev_rows:
             mine = top1(rows)
-            row["top1_agree"] = f"{sum(mine[k] == v for k, v in dev_rows.items())}/{len(dev_rows)}"
+            row["top1_agree"] = f"{sum(mine[k] == v[0] for k, v in dev_rows.items())}/{len(dev_rows)}"
         if name == "no_image":
             row["box_only_from_text"] = linker.box_only_from_text
     return row
@@ -222,7 +223,10 @@ def run_mixed(base: Path, cell_dir: Path, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     convert(src / "WikiDiverse.json", out / "wd_test.jsonl", out / "wd_kb.jsonl", split="test",
             splits_path=src / "splits.json", limit=args.text_mentions)
-    text = [m for m in read_mentions(out / "wd_test.jsonl")][:args.text_mentions]
+    # the WikiDiverse release ships no images: these are text mentions (their image path points
+    # nowhere), linked through the same mapper run as the box-only items
+    text = [dataclasses.replace(m, image=None)
+            for m in read_mentions(out / "wd_test.jsonl")][:args.text_mentions]
     boxes = read_mentions(base / "task-box" / "test.jsonl")
     kb_lines = (out / "wd_kb.jsonl").read_text().splitlines()
     kb_lines += (base / "task-box" / "kb.jsonl").read_text().splitlines()

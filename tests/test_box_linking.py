@@ -1,0 +1,153 @@
+"""Box-only mentions end to end, through saved folders as a user runs them: a tiny random CLIP and
+a tiny random LLaMA on disk, a mapper trained on boxes (`gemel.train.train` = `gemel train`), then
+linked with `Linker.from_config(mapper=...)` / `gemel link --mapper` with and without the image.
+
+The task: each 32 x 32 picture holds two of four coloured shapes, one per half; the text is the
+same for all and there is no mention string; a bbox marks one shape, whose title is the answer.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image, ImageDraw
+
+from gemel.cli import EXIT_ERROR_ROWS, cli
+from gemel.data import read_mentions, write_mentions
+from gemel.eval.metrics import hits_at_k
+from gemel.linker import Linker
+from gemel.train import TrainConfig, train
+from gemel.types import Mention
+from tests.conftest import TITLES
+from tests.test_train import steerable_llama
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+GOLD = ["Paris", "Jordan River", "Queen (band)", "London"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def picture(a: int, b: int) -> Image.Image:
+    im = Image.new("RGB", (32, 32))
+    d = ImageDraw.Draw(im)
+    for side, cls in enumerate((a, b)):
+        x = 16 * side
+        if cls % 2:
+            d.ellipse([x + 2, 8, x + 14, 20], fill=COLOURS[cls])
+        else:
+            d.rectangle([x + 3, 9, x + 13, 19], fill=COLOURS[cls])
+    return im
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory, sp_tokenizer):
+    """Model folders, KB and 24 box-only mentions (every ordered pair, either side marked)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from tests.test_vision import _processor
+
+    root = tmp_path_factory.mktemp("boxes")
+    llm_dir, clip_dir = root / "llm", root / "clip"
+    steerable_llama(len(sp_tokenizer)).save_pretrained(llm_dir)
+    sp_tokenizer.save_pretrained(llm_dir)
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=32, patch_size=8,
+                           initializer_factor=5.0)
+    CLIPVisionModel(cfg).save_pretrained(clip_dir)
+    _processor("CLIPImageProcessor", size={"shortest_edge": 32},
+               crop_size={"height": 32, "width": 32}).save_pretrained(clip_dir)
+    kb = root / "kb.jsonl"
+    kb.write_text("".join(json.dumps({"id": f"Q{i}", "title": t}) + "\n"
+                          for i, t in enumerate(TITLES)))
+    mentions = []
+    for a in range(4):
+        for b in range(4):
+            if a == b:
+                continue
+            path = root / f"p{a}{b}.png"
+            picture(a, b).save(path)
+            for side, cls in enumerate((a, b)):
+                gold = GOLD[cls]
+                mentions.append(Mention(f"m{a}{b}{side}", "Two shapes.", None, image=str(path),
+                                        bbox=(16 * side, 4, 16 * side + 16, 24),
+                                        entity_id=f"Q{TITLES.index(gold)}", entity=gold))
+    data = root / "boxes.jsonl"
+    write_mentions(mentions, data)
+    return {"root": root, "llm": str(llm_dir), "clip": str(clip_dir), "kb": str(kb),
+            "data": str(data)}
+
+
+@pytest.fixture(scope="module")
+def trained(task):
+    out = task["root"] / "ckpt"
+    summary = train(TrainConfig(out=str(out), kb=task["kb"], data=task["data"], dev=task["data"],
+                                model=task["llm"], vision=task["clip"], vp_mode="overlay",
+                                n_visual_tokens=8, epochs=30, lr=1e-1, batch_size=12, warmup=0.0,
+                                eval_every=20, num_beams=4, seed=0, cpu=True,
+                                feature_cache="none", log_every=10))
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    best = next(r for r in log if r["event"] == "eval" and r["step"] == summary["best_step"])
+    return summary, best["dev"], out
+
+
+def link_rows(task, mapper, **extra) -> tuple[list[dict], Linker]:
+    linker = Linker.from_config(kb=task["kb"], model=task["llm"], mapper=str(mapper),
+                                template="gemel", num_beams=4, top_k=4, feature_cache="none",
+                                **extra)
+    return [r.to_json() for r in linker.link(read_mentions(task["data"]))], linker
+
+
+def test_overlay_default_layout_is_recorded_and_used(trained):
+    summary, _, out = trained
+    config = json.loads((out / "best" / "config.json").read_text())
+    assert config["layout"] == "region" and config["vision"]["layout"] == "region"
+    assert config["train"]["layout"] == "region" and config["vp_mode"] == "overlay"
+    assert config["feature_dim"] == 2 * 32
+
+
+def test_train_dev_h1_equals_link_h1_on_the_saved_checkpoint(task, trained):
+    """The H@1 training reports for its best checkpoint is what linking that checkpoint gives,
+    answer by answer (training ran under the default mixed precision of this machine)."""
+    summary, dev, out = trained
+    rows, _ = link_rows(task, out / "best")
+    assert hits_at_k(rows, (1,))["H@1"] == summary["best_dev_h1"] == dev["H@1"]
+    # the same answers with the same scores: the same computation, not merely a close one
+    top1 = {r["id"]: [r["candidates"][0]["entity_id"], r["candidates"][0]["score"]] for r in rows}
+    assert top1 == dev["top1"]
+    assert summary["best_dev_h1"] >= 75.0, summary  # the box was learnt (chance: 50 at best)
+
+
+def test_link_with_and_without_the_image(task, trained):
+    summary, _, out = trained
+    with_image, _ = link_rows(task, out / "best")
+    no_image, linker = link_rows(task, out / "best", no_image=True)
+    assert all(r["error"] is None and r["candidates"] for r in no_image)
+    assert linker.box_only_from_text == len(no_image) == 24
+    h_image, h_text = (hits_at_k(r, (1,))["H@1"] for r in (with_image, no_image))
+    # from the text alone every mention gets the same answer: at most 1 in 4 is right
+    assert len({r["candidates"][0]["entity_id"] for r in no_image}) == 1
+    assert h_text <= 25.0 < h_image
+    # the command says how many it linked from their text
+    res = CliRunner().invoke(cli, ["link", "--kb", task["kb"], "--data", task["data"],
+                                   "--out", str(task["root"] / "noimg.jsonl"), "--model",
+                                   task["llm"], "--mapper", str(out / "best"), "--no-image",
+                                   "--feature-cache", "none", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "24 box-only mention(s)" in res.output
+    # and without a mapper every box-only mention is an error row naming the fix
+    res = CliRunner().invoke(cli, ["link", "--kb", task["kb"], "--data", task["data"],
+                                   "--out", str(task["root"] / "nomapper.jsonl"), "--model",
+                                   task["llm"], "--no-progress"])
+    assert res.exit_code == EXIT_ERROR_ROWS, res.output  # finished, with error rows
+    rows = [json.loads(x) for x in (task["root"] / "nomapper.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and all(not r["candidates"] and "--mapper" in r["error"] for r in rows)
