@@ -36,24 +36,39 @@ def lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def killed_run(cmd: list[str], out: Path, rng: random.Random, limit: int) -> str | None:
-    """Start the run; kill it at a random point. Returns where the kill landed, or None when
-    the run finished first."""
-    threshold = rng.randint(lines(out), limit)
-    delay = rng.uniform(0.0, 1.5)
-    start = lines(out)
+def timed_run(cmd: list[str], out: Path) -> tuple[float, float]:
+    """Run to the end; return (seconds to the first row, seconds in all)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = None
+    while proc.poll() is None:
+        if first is None and lines(out) > 0:
+            first = time.perf_counter() - t0
+        time.sleep(0.01)
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({proc.returncode}):\n" + proc.stderr.read().decode()[-3000:])
+    total = time.perf_counter() - t0
+    return first or total, total
+
+
+def killed_run(cmd: list[str], out: Path, at: float, startup: float) -> str | None:
+    """Start the run and SIGKILL it ``at`` seconds later. Returns where the kill landed, or None
+    when the run finished first."""
+    before = lines(out)
+    t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
-    while proc.poll() is None and lines(out) < threshold:
-        time.sleep(0.01)
-    time.sleep(delay)
+    while proc.poll() is None and time.perf_counter() - t0 < at:
+        time.sleep(0.005)
     if proc.poll() is not None:
         if proc.returncode != 0:
             raise SystemExit(f"run failed ({proc.returncode}):\n" + proc.stderr.read().decode()[-3000:])
         return None
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    return "before the first new row" if lines(out) == start else "while linking"
+    if lines(out) > before:
+        return "while linking (after its first new batch)"
+    return "while starting (imports, model, trie)" if at < startup else "while linking its first batch"
 
 
 def compare(a: list[dict], b: list[dict]) -> dict:
@@ -102,16 +117,20 @@ def main() -> None:
     for p in (straight, killed):
         for q in (p, p.with_name(p.name + ".run.json"), p.with_suffix(".metrics.json")):
             q.unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    subprocess.run(link_cmd(args, straight), check=True, stdout=subprocess.DEVNULL)
-    print(f"uninterrupted run: {time.perf_counter() - t0:.1f}s")
+    startup, total = timed_run(link_cmd(args, straight), straight)
+    per_row = (total - startup) / args.limit
+    print(f"uninterrupted run: {total:.1f}s ({startup:.1f}s to the first row)")
 
+    # kill times uniform over what a fresh process would need from here: startup + the rows left
     rng = random.Random(args.seed)
     landed: dict[str, int] = {}
     kills = finished_early = 0
     t0 = time.perf_counter()
     while kills < args.kills:
-        where = killed_run(link_cmd(args, killed), killed, rng, args.limit)
+        left = args.limit - len({json.loads(x)["id"] for x in killed.read_text().splitlines()
+                                 if x.endswith("}")}) if killed.exists() else args.limit
+        at = rng.uniform(0.0, startup + max(left, args.batch_size) * per_row)
+        where = killed_run(link_cmd(args, killed), killed, at, startup)
         if where is None:  # finished before the kill: start over from an empty file
             finished_early += 1
             for q in (killed, killed.with_name(killed.name + ".run.json")):

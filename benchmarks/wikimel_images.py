@@ -76,7 +76,7 @@ def main() -> None:
     shutil.rmtree(cache, ignore_errors=True)
     runs = {}
     for name, extra in (("image, run 1", {}), ("image, run 2", {}), ("no image", {"no_image": True})):
-        linker = Linker.from_config(kb=kb, mapper=str(mapper), num_beams=args.beams, top_k=5,
+        linker = Linker.from_config(kb=kb, mapper=str(mapper), num_beams=args.beams,
                                     batch_size=8, feature_cache=str(cache), **extra)
         t0 = time.perf_counter()
         rows = [r.to_json() for r in linker.link(pictured)]

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from gemel.errors import GemelError
 from gemel.kb import KnowledgeBase
 from gemel.types import Candidate, LinkResult, Mention
@@ -103,12 +105,13 @@ def dense_baseline(kb: KnowledgeBase, mentions: Sequence[Mention], candidate_ret
 
 def run_baseline(kind: str, kb: KnowledgeBase, mentions: Sequence[Mention],
                  train: Sequence[Mention] | None = None, k: int = 5,
-                 sentence_model: str = "minilm-l6-v2", retrievers: dict | None = None
-                 ) -> list[LinkResult]:
+                 sentence_model: str = "minilm-l6-v2", retrievers: dict | None = None,
+                 encoder=None) -> list[LinkResult]:
     """Predictions of baseline ``kind`` (one of :data:`KINDS`), top ``k`` per mention.
 
-    ``retrievers``: optional dict field -> CandidateRetriever, filled and reused across calls so
-    that the KB is embedded once for several kinds.
+    ``retrievers``: optional dict field -> CandidateRetriever for this KB, filled and reused
+    across calls so that the KB is embedded once for several kinds. ``encoder``: a sentence
+    encoder to use (e.g. a :class:`MemoEncoder` shared by several KBs and kinds).
     """
     check_baseline(kind, train, k)
     if kind == "exact":
@@ -116,7 +119,7 @@ def run_baseline(kind: str, kb: KnowledgeBase, mentions: Sequence[Mention],
                            gold_id=r.gold_id) for r in exact_match(kb, mentions)]
     if kind == "prior":
         return prior_baseline(kb, train, mentions, k)
-    retriever = _retriever(kb, FIELD[kind], sentence_model, retrievers)
+    retriever = _retriever(kb, FIELD[kind], sentence_model, retrievers, encoder)
     if kind.startswith("dense"):
         return dense_baseline(kb, mentions, retriever, k)
     return combo_baseline(kb, train, mentions, retriever, k)
@@ -133,18 +136,38 @@ def check_baseline(kind: str, train: Sequence[Mention] | None, k: int) -> None:
         raise GemelError(f"k={k}: need at least one candidate per mention")
 
 
-def _retriever(kb: KnowledgeBase, field: str, sentence_model: str, cache: dict | None):
+def _retriever(kb: KnowledgeBase, field: str, sentence_model: str, cache: dict | None, encoder):
     from gemel.candidates import CandidateRetriever
 
     if cache is not None and field in cache:
         return cache[field]
-    # the KB index is the same for both fields (and cached on disk): embed it once
+    # the KB index is the same for both fields (and cached on disk): one encoder, loaded once
     other = next(iter(cache.values()), None) if cache else None
     retriever = CandidateRetriever(kb, sentence_model, field=field,
-                                   encoder=other.encoder if other is not None else None)
+                                   encoder=encoder or (other.encoder if other is not None else None))
     if cache is not None:
         cache[field] = retriever
     return retriever
+
+
+class MemoEncoder:
+    """A sentence encoder that embeds each distinct text once: dense and combo (and both KBs of a
+    report) query with the same mention texts. ``embed(texts) -> (len(texts), d)`` float32."""
+
+    def __init__(self, encoder):
+        self.encoder, self.memo = encoder, {}
+
+    def identity(self) -> dict:
+        return self.encoder.identity()
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        new = [t for t in dict.fromkeys(texts) if t not in self.memo]
+        if new:
+            self.memo.update(zip(new, self.encoder.embed(new)))
+        if not texts:
+            return self.encoder.embed([])
+        return np.stack([self.memo[t] for t in texts])
 
 
 def _ranked(kb: KnowledgeBase, ids: Sequence[str]) -> tuple[Candidate, ...]:

@@ -93,6 +93,10 @@ def build(dataset: str, data: Path, work: Path, limit: int | None, preds: list[s
     runs: list[dict] = []
     kb_notes: list[dict] = []
     first_kb = None
+    from gemel.eval.baselines import MemoEncoder
+    from gemel.retrieval.encoder import SentenceEncoder
+
+    encoder = MemoEncoder(SentenceEncoder(sentence_model))  # query texts embedded once for all
     for kb_spec in spec.kbs:
         kb_path = work / f"kb-{kb_spec.name}.jsonl"
         convert(src, work / "all.jsonl", kb_path, **kb_spec.convert)
@@ -105,7 +109,7 @@ def build(dataset: str, data: Path, work: Path, limit: int | None, preds: list[s
         for kind in KINDS:
             t0 = time.perf_counter()
             rows = [r.to_json() for r in run_baseline(kind, kb, test, train, k, sentence_model,
-                                                      retrievers)]
+                                                      retrievers, encoder)]
             seconds = time.perf_counter() - t0
             label = kind if len(spec.kbs) == 1 else f"{kind} (KB {kb_spec.name})"
             path = work / f"{kind}-{kb_spec.name}.jsonl"
@@ -165,7 +169,9 @@ def markdown(report: dict, command: str) -> str:
              f"- sentence model: {report['sentence_model']} ({report['dtype']}, CPU; flags: "
              f"{report['cpu_flags']}); top {report['top_k']} candidates per mention",
              f"- time: {report['seconds_total']:.0f} s in all (upper bounds: a CPU shared with other "
-             "jobs; KB embeddings come from the on-disk cache when present)", ""]
+             "jobs). Per run below: a KB's first dense kind embeds the KB (or reads it from the "
+             "on-disk cache), and each query text is embedded once for all kinds and KBs, so "
+             "later kinds reuse earlier embeddings", ""]
     lines += ["## KBs", ""]
     for kb in report["kbs"]:
         lines.append(f"- `{kb['name']}`: {kb['entities']} entities, {kb['with_description']} with a "
@@ -208,12 +214,23 @@ def markdown(report: dict, command: str) -> str:
             label = kind if len(report["kbs"]) == 1 else f"{kind} (KB {first})"
             for metric, value in metrics.items():
                 here = files[label][metric]
-                lines.append(f"| {kind} | {metric} | {value:.1f} | {here:.1f} | {here - value:+.1f} |")
+                lines.append(f"| {kind} | {metric} | {value:.1f} | {here:.2f} | {here - value:+.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--render"]:  # Markdown again from a report's JSON (no recomputation)
+        for path in argv[1:]:
+            report = json.loads(Path(path).read_text(encoding="utf-8"))
+            Path(path).with_suffix(".md").write_text(markdown(report, report["command"]),
+                                                     encoding="utf-8")
+            print(f"rendered {Path(path).with_suffix('.md')}")
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 epilog="python -m gemel.eval.reports --render REPORT.json ...: "
+                                 "write the Markdown again from a report's JSON")
     ap.add_argument("dataset", choices=["wikidiverse", "wikimel"])
     ap.add_argument("--data", default="../shared/data", help="folder of the public releases")
     ap.add_argument("--out", default="eval/results", help="where the .md and .json go")
@@ -224,8 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sentence-model", default="minilm-l6-v2")
     ap.add_argument("--top-k", type=int, default=10)
     args = ap.parse_args(argv)
-    command = "python -m gemel.eval.reports " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m gemel.eval.reports " + " ".join(shlex.quote(a) for a in argv)
     work = Path(args.work or f"runs/reports/{args.dataset}")
     report = build(args.dataset, Path(args.data), work, args.limit, args.pred,
                    args.sentence_model, args.top_k)

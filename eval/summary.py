@@ -254,7 +254,8 @@ _CI = {"H@1": True, "H@3": False, "H@5": True, "H@10": False, "MRR": True}
 def format_p(p: float, n_resamples: int) -> str:
     """"=0.0312", or "<0.002" at the smallest p that ``n_resamples`` resamples can give."""
     floor = 2.0 / (n_resamples + 1)
-    return f"<{floor:.3g}" if p <= floor * (1 + 1e-6) else f"={p:.4f}"
+    # p is stored rounded to 4 decimals; the next possible value is twice the floor
+    return f"<{floor:.2g}" if p <= floor + 5e-5 else f"={p:.4f}"
 
 
 def format_summary(result: dict) -> str:

@@ -6,9 +6,13 @@ protocol). It only ever looks at the tokens the trie allows, so a step costs
 O(rows x allowed tokens), never O(vocabulary) in Python.
 
 Scores are sums of natural-log token probabilities over the title tokens *and* the terminator
-(the sequence log-probability). With ``length_penalty > 0`` hypotheses are ranked by
+(the sequence log-probability). A title may have several token paths (its last characters merged
+with the terminator, ``")\n"``, or not, ``")" + "\n"``): a beam finishes when it reaches a title's
+end (a leaf of the trie), and a title's score is the best over its paths; results never hold a
+title twice. With ``length_penalty > 0`` hypotheses are ranked by
 ``logprob / n_tokens ** length_penalty``; the default 0 keeps raw log-probability, which makes
-the search exact whenever ``num_beams`` >= the number of titles.
+the search exact whenever ``num_beams`` >= the number of live prefixes, e.g. >= the number of
+titles when a title's paths differ only in their last tokens.
 """
 from __future__ import annotations
 
@@ -42,7 +46,8 @@ class Hypothesis:
 def beam_search(stepper: Stepper, tries: EntityTrie | Sequence[EntityTrie], n_prompts: int, *,
                 num_beams: int = 5, top_k: int = 5, max_new_tokens: int = 32,
                 length_penalty: float = 0.0) -> list[list[Hypothesis]]:
-    """Return, per prompt, finished hypotheses best first (at most ``max(num_beams, top_k)``).
+    """Return, per prompt, finished hypotheses best first (at most ``max(num_beams, top_k)``
+    distinct titles, each at the best of its paths).
 
     ``tries`` is one trie for all prompts, or one per prompt (candidate-restricted decoding).
     """
@@ -50,7 +55,7 @@ def beam_search(stepper: Stepper, tries: EntityTrie | Sequence[EntityTrie], n_pr
     if len(per_prompt) != n_prompts:
         raise ValueError(f"{len(per_prompt)} tries for {n_prompts} prompts")
     keep = max(num_beams, top_k)
-    finished: list[list[Hypothesis]] = [[] for _ in range(n_prompts)]
+    finished: list[dict[int, Hypothesis]] = [{} for _ in range(n_prompts)]  # title -> best
     # Live rows, grouped by prompt in increasing prompt order (the stepper's row order).
     row_prompt = np.arange(n_prompts)
     row_node = np.array([t.root for t in per_prompt], dtype=np.int64)
@@ -59,15 +64,18 @@ def beam_search(stepper: Stepper, tries: EntityTrie | Sequence[EntityTrie], n_pr
     for step in range(max_new_tokens):
         n_tokens = step + 1
         # Gather every allowed continuation of every live row: O(sum of allowed), in numpy.
-        toks, kids, owners = [], [], []
+        toks, kids, owners, leaves = [], [], [], []
         for r in range(len(row_node)):
-            t, k = per_prompt[row_prompt[r]].children(int(row_node[r]))
+            trie = per_prompt[row_prompt[r]]
+            t, k = trie.children(int(row_node[r]))
             toks.append(t)
             kids.append(k)
             owners.append(np.full(len(t), r, dtype=np.int64))
+            leaves.append(trie.leaf_mask(k))
         tok = np.concatenate(toks).astype(np.int64)
         kid = np.concatenate(kids).astype(np.int64)
         owner = np.concatenate(owners)
+        ends = np.concatenate(leaves)  # the candidate closes a title
         rows_t, toks_t = (torch.from_numpy(a).to(logprobs.device) for a in (owner, tok))
         lp = logprobs[rows_t, toks_t].double().cpu().numpy()  # [n_candidates], one device sync
         cand = row_score[owner] + lp
@@ -79,28 +87,31 @@ def beam_search(stepper: Stepper, tries: EntityTrie | Sequence[EntityTrie], n_pr
             lo, hi = bounds[p], bounds[p + 1]
             if lo == hi:
                 continue
-            trie, done, live = per_prompt[p], finished[p], 0
-            for i in order[lo:hi]:
-                s = cand[i]
-                if not np.isfinite(s):
-                    break  # the rest is -inf too (sorted)
-                title = trie.value(int(kid[i])) if tok[i] == trie.terminator else -1
-                if title >= 0:  # the terminator closed a title (inside a title it is a plain token)
-                    rank = s / n_tokens ** length_penalty if length_penalty else s
-                    done.append(Hypothesis(title, float(rank), float(s), n_tokens))
-                else:
-                    next_parent.append(owner[i])
-                    next_tok.append(tok[i])
-                    next_node.append(kid[i])
-                    next_score.append(s)
-                    next_prompt.append(p)
-                    live += 1
-                    if live == num_beams:
-                        break
-            done.sort(key=lambda h: -h.score)
-            del done[keep:]
+            trie, done = per_prompt[p], finished[p]
+            mine = order[lo:hi]
+            mine = mine[np.isfinite(cand[mine])]
+            # every candidate that closes a title is a finished hypothesis (its terminator, or a
+            # token merged with it), whatever its rank among the live ones: a title's other path
+            # may only finish later and lower
+            for i in mine[ends[mine]].tolist():
+                s, title = cand[i], trie.value(int(kid[i]))
+                rank = s / n_tokens ** length_penalty if length_penalty else s
+                if title not in done or rank > done[title].score:  # the best of its paths
+                    done[title] = Hypothesis(title, float(rank), float(s), n_tokens)
+            going = mine[~ends[mine]][:num_beams].tolist()  # best first
+            live = len(going)
+            for i in going:
+                next_parent.append(owner[i])
+                next_tok.append(tok[i])
+                next_node.append(kid[i])
+                next_score.append(cand[i])
+                next_prompt.append(p)
+            if len(done) > keep:
+                for h in sorted(done.values(), key=lambda h: -h.score)[keep:]:
+                    del done[h.title_index]
             if live and len(done) >= top_k and _cannot_improve(
-                    done[top_k - 1].score, max(next_score[-live:]), n_tokens, length_penalty):
+                    sorted(h.score for h in done.values())[-top_k], max(next_score[-live:]),
+                    n_tokens, length_penalty):
                 for lst in (next_parent, next_tok, next_node, next_score, next_prompt):
                     del lst[-live:]
         if not next_parent:
@@ -109,7 +120,7 @@ def beam_search(stepper: Stepper, tries: EntityTrie | Sequence[EntityTrie], n_pr
         row_node = np.array(next_node, dtype=np.int64)
         row_score = np.array(next_score)
         logprobs = stepper.advance(torch.tensor(next_parent), torch.tensor(next_tok))
-    return finished
+    return [sorted(done.values(), key=lambda h: -h.score) for done in finished]
 
 
 def _cannot_improve(kth_best: float, best_live_logprob: float, n_tokens: int,
@@ -121,3 +132,19 @@ def _cannot_improve(kth_best: float, best_live_logprob: float, n_tokens: int,
     if length_penalty:
         return kth_best >= best_live_logprob / (n_tokens + 1) ** length_penalty
     return kth_best >= best_live_logprob
+
+
+def score_titles(backend, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                 trie: EntityTrie, titles: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Teacher-forced log-probability of titles after each prompt, each the best over its token
+    paths (natural, or its own tokens + the terminator): the score the beam search gives a title,
+    so that scored and searched titles compare. ``titles[p]``: title indices for prompt ``p``;
+    ``backend``: a :class:`gemel.backends.base.Backend`. Returns floats shaped like ``titles``."""
+    paths = [[trie.paths(t) for t in row] for row in titles]
+    flat = backend.score(inputs_embeds, attention_mask,
+                         [[seq for ps in row for seq in ps] for row in paths])
+    out = []
+    for row, scores in zip(paths, flat):
+        it = iter(scores)
+        out.append([max(next(it) for _ in ps) for ps in row])
+    return out

@@ -14,8 +14,9 @@ from gemel.files import write_atomic
 from gemel.eval.baselines import KINDS as BASELINE_KINDS
 
 # the flags live in gemel.options (one definition each); imported here under their old names
-from gemel.options import (DATA_FORMATS, data_options, fusion_option, linker_options,  # noqa: F401
-                           progress_option, prompt_options, read_data, read_train, shard_option)
+from gemel.options import (DATA_FORMATS, backend_option, data_options, echo_err, fusion_option,  # noqa: F401
+                           linker_options, progress_option, prompt_options, read_data, read_kb,
+                           read_train, shard_option, strict_option)
 
 # exit codes (README "Exit codes"): 0 done; 1 unexpected error (a bug: please report the
 # traceback); 2 bad usage or bad input, nothing linked; 3 finished, but some mentions are error
@@ -23,7 +24,30 @@ from gemel.options import (DATA_FORMATS, data_options, fusion_option, linker_opt
 EXIT_ERROR_ROWS = 3
 
 
-@click.group()
+class GemelGroup(click.Group):
+    """Turns a GemelError into its message and exit code 2, also under click's CliRunner."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except GemelError as err:
+            raise InputError(err) from err
+
+
+class InputError(click.ClickException):
+    """Bad input, or a model that cannot be had: "error: <what, where, fix>", exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, err: GemelError):
+        super().__init__(str(err))
+        self.error = err
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True, file=file)
+
+
+@click.group(cls=GemelGroup)
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 def cli(verbose: bool) -> None:
     """gemel: generative multimodal entity linking."""
@@ -44,11 +68,13 @@ def cli(verbose: bool) -> None:
 @fusion_option
 @shard_option
 @data_options
+@strict_option
+@backend_option
 @click.pass_context
 def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k, batch_size,
          template, dtype, device, trie, length_penalty, progress, mapper, no_image, feature_cache,
          train_path, train_split, demos, retriever, candidates, fusion, max_prompt_tokens, nil,
-         shard, fmt, split, splits_path, images_dir, limit):
+         shard, fmt, split, splits_path, images_dir, limit, strict, backend):
     """Link every mention in --data to the KB; write ranked candidates to --out.
 
     Under `torchrun --nproc_per_node N -m gemel.cli link ...` each process links its shard of
@@ -66,7 +92,7 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
                            trie=trie, length_penalty=length_penalty, demos=demos,
                            retriever=retriever, candidates=candidates, fusion=fusion,
                            max_prompt_tokens=max_prompt_tokens, mapper=mapper, no_image=no_image,
-                           feature_cache=feature_cache, nil=nil)
+                           feature_cache=feature_cache, nil=nil, backend=backend)
     ranks = distributed_ranks()
     if ranks is not None:
         if shard is not None:
@@ -80,13 +106,14 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
         check_output(out_path, dict(identity, shard=None))  # the merged file, written at the end
     check_output(part, dict(identity, shard=shard))
     # then the inputs and the model: bad input fails here, with nothing written
-    kb = KnowledgeBase.from_jsonl(kb_path)
-    everything = read_data(data_path, fmt, split, splits_path, images_dir, limit)
+    kb = read_kb(kb_path, strict)
+    everything = read_data(data_path, fmt, split, splits_path, images_dir, limit, strict)
     mentions = select_shard(everything, shard)
-    train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir)
+    train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir, strict)
     t0 = time.perf_counter()
     linker = Linker.from_config(config, kb=kb, train=train)
     t_load = time.perf_counter() - t0
+    kb_notes = report_kb(kb, linker, everything, strict)
     with open_output(part, dict(identity, shard=shard)) as held:  # checked again, locked
         t0 = time.perf_counter()
         rows = run(lambda batch: linker.link_batch(batch), mentions, held,
@@ -112,7 +139,9 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
                "load_seconds": round(t_load, 2), "link_seconds": round(t_link, 2),
                "seconds_per_mention": round(t_link / max(len(mentions), 1), 4),
                "trie_boundary_merged": len(getattr(linker.trie, "boundary_merged", [])),
-               "box_only_from_text": linker.box_only_from_text}
+               # titles that end either in a token merged with the terminator or in the terminator
+               "trie_terminator_merged": len(getattr(linker.trie, "terminator_merged", [])),
+               "box_only_from_text": linker.box_only_from_text, **kb_notes}
     if any(m.entity_id is not None for m in mentions):
         # the one summary of `gemel eval`, beside the exact-match baseline on the same mentions
         result = evaluate_files([(str(out_path), rows), ("exact-match baseline", [
@@ -139,6 +168,34 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
     write_atomic(metrics_path, json.dumps(summary, indent=2) + "\n")
     click.echo(f"predictions: {out_path}\nmetrics: {metrics_path}")
     end_of_run(ctx, rows, out_path)
+
+
+def report_kb(kb, linker, mentions, strict: bool) -> dict:
+    """Tell what in the KB cannot be linked as asked (before linking), for the metrics file:
+    gold entities absent from it, titles too long to be generated, titles shared by entities."""
+    from gemel.data.inputs import gold_absent, gold_absent_message
+
+    notes = {"kb_bad_records": kb.bad.count}
+    absent = gold_absent(mentions, kb)
+    notes["gold_not_in_kb"] = absent
+    message = gold_absent_message(absent, sum(m.entity_id is not None for m in mentions))
+    if message:
+        echo_err(message)
+    long = linker.long_titles()
+    notes["titles_longer_than_max_new_tokens"] = len(long)
+    if long:
+        text = (f"{len(long)} KB title(s) take more than max_new_tokens="
+                f"{linker.config.max_new_tokens} tokens and can never be generated, e.g. "
+                f"{long[:3]} — raise max_new_tokens (--config YAML) or shorten the titles")
+        if strict:
+            raise GemelError(text)
+        echo_err(text)
+    shared, holders = kb.shared_titles()
+    notes["shared_titles"] = {"titles": shared, "entities": holders}
+    if shared:
+        echo_err(f"note: {shared} KB title(s) are shared by {holders} entities; entities sharing "
+                 "a title are all candidates of that title, with its score")
+    return notes
 
 
 def end_of_run(ctx: click.Context, rows: list[dict], out_path) -> None:
@@ -213,10 +270,12 @@ def build_trie_cmd(kb_path, out_dir, model, template, terminator, nil):
     from gemel.kb import KnowledgeBase
     from gemel.linker import build_trie
     from gemel.prompting import PromptBuilder
-    from gemel.sources import default_template, resolve
+    from gemel.sources import default_template, loading, resolve
 
-    kb = KnowledgeBase.from_jsonl(kb_path)
-    tokenizer = AutoTokenizer.from_pretrained(resolve(model, "llm"))
+    kb = read_kb(kb_path)
+    path = resolve(model, "llm")
+    with loading(model, "llm"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     builder = PromptBuilder(template or default_template(model), tokenizer)
     t0 = time.perf_counter()
     trie = build_trie(kb, tokenizer, builder.answer_prefix, terminator or builder.terminator_text,
@@ -227,6 +286,10 @@ def build_trie_cmd(kb_path, out_dir, model, template, terminator, nil):
     if merged:
         click.echo(f"{len(merged)} title(s) merge with the answer prefix when tokenized "
                    f"(tokenized alone instead), e.g. {merged[:3]}")
+    ends = trie.terminator_merged
+    click.echo(f"{len(ends)} title(s) merge their last characters with the terminator text "
+               f"{trie.meta.get('terminator_text')!r}; they end either way (merged token, or "
+               f"their own tokens + the terminator)" + (f", e.g. {ends[:3]}" if ends else ""))
 
 
 @cli.command()
@@ -240,14 +303,16 @@ def build_trie_cmd(kb_path, out_dir, model, template, terminator, nil):
 @click.option("--qid2ne", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--qid2abs", type=click.Path(exists=True, dir_okay=False), default=None)
 @data_options
+@strict_option
 def convert(data_path, out_mentions, out_kb, kb_from, qid2ne, qid2abs, fmt, split, splits_path,
-            images_dir, limit):
+            images_dir, limit, strict):
     """Convert a public MEL release into gemel's mentions JSONL (and a KB JSONL)."""
     from gemel.data import convert as convert_release
 
     summary = convert_release(data_path, out_mentions, out_kb, fmt=fmt or "auto", split=split,
                               splits_path=splits_path, images_dir=images_dir, kb_from=kb_from,
-                              qid2ne=qid2ne, qid2abs=qid2abs, limit=limit)
+                              qid2ne=qid2ne, qid2abs=qid2abs, limit=limit,
+                              on_bad="raise" if strict else "skip")
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -277,12 +342,14 @@ def merge(ctx, parts, data_path, out_path, fmt, split, splits_path, images_dir, 
 @click.argument("config_path", type=click.Path(exists=True, dir_okay=False))
 @progress_option
 def sweep(config_path, progress):
-    """Run a YAML grid of prompt experiments; write results.csv/.md/.png and cells.json."""
+    """Run a YAML grid of experiments (prompt settings, models); write results.csv/.md/.png,
+    scaling.png and cells.json."""
     from gemel.eval.sweep import run_sweep
 
     rows = run_sweep(config_path, progress=progress)
-    for r in rows:
-        click.echo(" | ".join(f"{k} {v}" for k, v in r.items()))
+    shown = ("cell", "H@1", "H@5", "H@1 generation", "LLM adds H@1", "s_per_mention")
+    for r in rows:  # the headline; results.md / results.csv hold every column
+        click.echo(" | ".join(f"{k} {r[k]}" for k in shown if r.get(k) is not None))
 
 
 @cli.command()
@@ -338,11 +405,12 @@ def models(as_json):
 @linker_options
 @prompt_options
 @data_options
+@strict_option
 def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, drop, fusion_pool, config_path,
                model, num_beams, top_k, batch_size, template, dtype, device, trie, length_penalty,
                progress, mapper, no_image, feature_cache, train_path, train_split, demos,
                retriever, candidates, max_prompt_tokens, nil, fmt, split, splits_path, images_dir,
-               limit):
+               limit, strict):
     """Fit the fused ranking (LLM log-prob, retriever similarity, prior, exact title) on dev.
 
     The flags that build the linker mean what they mean in `gemel link` (there is no --fusion:
@@ -377,9 +445,10 @@ def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, drop, fusion_pool,
                                  train_path, train_split)
         identity = dict(identity, shard=None, purpose="fit-fusion")
         check_output(rows_note, identity)
-        kb = KnowledgeBase.from_jsonl(kb_path)
-        mentions = read_data(data_path, fmt, split, splits_path, images_dir, limit)
-        train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir)
+        kb = read_kb(kb_path, strict)
+        mentions = read_data(data_path, fmt, split, splits_path, images_dir, limit, strict)
+        train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir,
+                           strict)
         linker = Linker.from_config(config, kb=kb, train=train)
         with open_output(rows_note, identity) as held:
             model_, report = fit_on_mentions(linker, mentions, held, progress=progress, l2s=l2s,
@@ -435,7 +504,8 @@ def eval_cmd(pred_paths, data_path, kb_path, json_path, resamples, seed, train_p
 @click.option("--kb", "kb_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
-              help="Predictions JSONL (overwritten).")
+              help="Predictions JSONL: written only when absent, empty, or this same baseline's "
+              "predictions (then resumed).")
 @click.option("--top-k", type=int, default=10, show_default=True, help="Candidates per mention.")
 @click.option("--sentence-model", default="minilm-l6-v2", show_default=True,
               help="Sentence encoder of the dense kinds.")
@@ -454,11 +524,19 @@ def baseline(kind, kb_path, data_path, out_path, top_k, sentence_model, progress
     mentions = read_data(data_path, fmt, split, splits_path, images_dir, limit)
     train = read_train(train_path, train_split, data_path, fmt, splits_path, images_dir)
     check_baseline(kind, train, top_k)
+    from gemel.runs import input_identity, path_sha256
+
     retrievers: dict = {}
     t0 = time.perf_counter()
-    Path(out_path).unlink(missing_ok=True)  # deterministic and quick: never resume another kind
+    # --out follows `gemel link`'s rule: written only when absent, empty or this same baseline
+    identity = {"input": input_identity(data_path, fmt or "auto", split, splits_path),
+                "settings": {"baseline": kind, "kb": path_sha256(kb_path), "top_k": top_k,
+                             "sentence_model": sentence_model,
+                             "train": (path_sha256(train_path) if train_path else
+                                       f"split {train_split} of --data" if train_split else None)}}
     rows = run(lambda batch: run_baseline(kind, kb, batch, train, top_k, sentence_model, retrievers),
-               mentions, out_path, batch_size=512, progress=progress, source=str(data_path))
+               mentions, out_path, batch_size=512, progress=progress, source=str(data_path),
+               identity=identity)
     click.echo(f"baseline {kind}: {len(rows)} mentions in {time.perf_counter() - t0:.1f}s "
                f"-> {out_path}")
     if any(m.entity_id is not None for m in mentions):

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import yaml
 
 from gemel.errors import DataError
+from gemel.textfile import read_text
 
 T = TypeVar("T")
 
@@ -28,8 +29,13 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "<config>") ->
 
 
 def load_yaml(path: str | Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        data = yaml.safe_load(read_text(path, "config file")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else None
+        raise DataError(f"not valid YAML: {getattr(err, 'problem', None) or err}", path=path,
+                        record=where, fix="check the indentation and the key: value lines") from None
     if not isinstance(data, dict):
         raise DataError("expected a mapping of keys to values at the top level", path=path)
     return data

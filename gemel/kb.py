@@ -24,7 +24,8 @@ from typing import Iterable, Iterator
 import marisa_trie
 import numpy as np
 
-from gemel.errors import DataError
+from gemel.errors import BadRecords, DataError
+from gemel.textfile import decode_line, iter_lines
 from gemel.types import Entity
 
 _FIX_LINE = 'each line must be a JSON object like {"id": "Q90", "title": "Paris"}'
@@ -75,24 +76,36 @@ class KnowledgeBase:
         self._ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._fold: dict[bool, dict[str, list[tuple[int, bool]]]] = {}
         self._fingerprint: str | None = None
+        self.bad = BadRecords(source)  # records left out by from_jsonl(on_bad="skip")
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
-    def from_jsonl(cls, path: str | os.PathLike) -> "KnowledgeBase":
-        """Read a KB JSONL file; DataError names the file, line and field of a bad record."""
+    def from_jsonl(cls, path: str | os.PathLike, on_bad: str = "raise") -> "KnowledgeBase":
+        """Read a KB JSONL file; a DataError names the file, line and field of a bad record.
+
+        ``on_bad="skip"`` leaves bad records out (undecodable or invalid JSON, a missing or empty
+        id or title, wrong types, a repeated id: the later one) and counts them in
+        :attr:`bad`; ``"raise"`` (default) stops at the first. A KB with no entity left is an
+        error either way.
+        """
+        if on_bad not in ("raise", "skip"):
+            raise DataError(f"on_bad must be 'raise' or 'skip' for a KB, not {on_bad!r}",
+                            field="on_bad")
         path = Path(path)
+        bad = BadRecords(path)
         ids: list[str] = []
         titles: list[str] = []
         descriptions: list[str] = []
         aliases: dict[int, tuple[str, ...]] = {}
         images: dict[int, str] = {}
         lines: list[int] = []
-        for linenos, recs in _json_chunks(path):
+        for linenos, recs in _json_chunks(path, on_bad, bad):
             base = len(ids)
             if not _well_formed(recs):
-                # Find and name the first bad record (slow path, only on bad input).
-                for lineno, rec in zip(linenos, recs):
-                    _check_record(rec, path, f"line {lineno}")
+                # Find and name the bad records (slow path, only on bad input).
+                kept = [(n, r) for n, r in zip(linenos, recs)
+                        if _kept(lambda: _check_record(r, path, f"line {n}"), on_bad, bad)]
+                linenos, recs = [n for n, _ in kept], [r for _, r in kept]
             # Whole-chunk column extraction: list comprehensions run several times faster than
             # one Python-level loop body per entity, which matters at millions of entities.
             ids.extend([r["id"] for r in recs])
@@ -104,7 +117,20 @@ class KnowledgeBase:
                 if r.get("image"):
                     images[base + i] = r["image"]
             lines.extend(linenos)
-        return cls(ids, titles, descriptions, aliases, images, source=str(path), lines=lines)
+        if on_bad == "skip" and len(set(ids)) != len(ids):
+            keep = _first_of_each_id(ids, lines, path, bad)
+            ids, titles, descriptions, lines = ([col[p] for p in keep]
+                                                for col in (ids, titles, descriptions, lines))
+            new_pos = {old: new for new, old in enumerate(keep)}
+            aliases = {new_pos[p]: a for p, a in aliases.items() if p in new_pos}
+            images = {new_pos[p]: a for p, a in images.items() if p in new_pos}
+        if not ids:
+            raise DataError("the KB has no entities" + (f" ({bad.count} bad records skipped: "
+                                                        f"{bad.examples[0]})" if bad.count else ""),
+                            path=path, fix=_FIX_LINE + ", one entity a line")
+        kb = cls(ids, titles, descriptions, aliases, images, source=str(path), lines=lines)
+        kb.bad = bad
+        return kb
 
     @classmethod
     def from_entities(cls, entities: Iterable[Entity]) -> "KnowledgeBase":
@@ -156,6 +182,13 @@ class KnowledgeBase:
     def ids(self) -> list[str]:
         """Entity ids in file order (the list itself: do not modify it)."""
         return self._ids
+
+    def shared_titles(self) -> tuple[int, int]:
+        """(titles held by more than one entity, entities holding them). Allowed: generation
+        yields a title, so the entities sharing it are all its candidates, with its score."""
+        counts = np.diff(self._ptr)
+        shared = counts > 1
+        return int(shared.sum()), int(counts[shared].sum())
 
     # -- title index -----------------------------------------------------------------------------
     def title_index(self, title: str) -> int:
@@ -257,30 +290,58 @@ _STR = {str}
 _STR_OR_NONE = {str, type(None)}
 
 
-def _json_chunks(path: Path) -> Iterator[tuple[list[int], list]]:
+def _kept(check, on_bad: str, bad: BadRecords) -> bool:
+    """Run ``check``; False (the record counted in ``bad``) when it raises under "skip"."""
+    try:
+        check()
+    except DataError as err:
+        if on_bad != "skip":
+            raise
+        bad.add(err)
+        return False
+    return True
+
+
+def _first_of_each_id(ids: list[str], lines: list[int], path: Path, bad: BadRecords) -> list[int]:
+    """Positions to keep: the first entity of each id; each later one is counted as bad."""
+    first: dict[str, int] = {}
+    keep = []
+    for pos, entity_id in enumerate(ids):
+        seen = first.setdefault(entity_id, pos)
+        if seen == pos:
+            keep.append(pos)
+        else:
+            bad.add(DataError(f"duplicate id {entity_id!r} (first on line {lines[seen]})",
+                              path=path, record=f"line {lines[pos]}", field="id",
+                              fix="ids must be unique: drop or rename one of the two entities"))
+    return keep
+
+
+def _json_chunks(path: Path, on_bad: str = "raise",
+                 bad: BadRecords | None = None) -> Iterator[tuple[list[int], list]]:
     """(line numbers, parsed values) for the non-blank lines of a JSONL file, a chunk at a time.
 
     A chunk is decoded as one JSON array (one C call instead of one Python call per line: ~3x
     faster on millions of lines); a chunk that fails is decoded line by line to name the bad line.
+    Under ``on_bad="skip"`` lines that are not UTF-8 or not JSON are left out, counted in ``bad``.
     """
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as err:
-        raise DataError(f"cannot read the KB file: {err.strerror}", path=path,
-                        fix="check the path given as the KB") from err
-    with handle:
-        chunk: list[tuple[int, str]] = []
-        for lineno, line in enumerate(handle, 1):
-            if line.strip():
-                chunk.append((lineno, line))
-                if len(chunk) >= _CHUNK:
-                    yield _decode(chunk, path)
-                    chunk = []
-        if chunk:
-            yield _decode(chunk, path)
+    bad = bad if bad is not None else BadRecords(path)
+    chunk: list[tuple[int, str]] = []
+    for lineno, raw in iter_lines(path, "KB file"):
+        if raw.strip():
+            try:
+                chunk.append((lineno, raw.decode("utf-8")))
+            except UnicodeDecodeError:  # decode_line raises the DataError that names it
+                _kept(lambda: decode_line(raw, path, lineno), on_bad, bad)
+            if len(chunk) >= _CHUNK:
+                yield _decode(chunk, path, on_bad, bad)
+                chunk = []
+    if chunk:
+        yield _decode(chunk, path, on_bad, bad)
 
 
-def _decode(chunk: list[tuple[int, str]], path: Path) -> tuple[list[int], list]:
+def _decode(chunk: list[tuple[int, str]], path: Path, on_bad: str = "raise",
+            bad: BadRecords | None = None) -> tuple[list[int], list]:
     linenos = [n for n, _ in chunk]
     try:
         values = json.loads("[" + ",".join(line for _, line in chunk) + "]")
@@ -293,14 +354,18 @@ def _decode(chunk: list[tuple[int, str]], path: Path) -> tuple[list[int], list]:
             and all(line.lstrip().startswith("{") and line.rstrip().endswith("}")
                     for _, line in chunk)):
         return linenos, values
-    values = []
+    kept_lines, values = [], []
     for lineno, line in chunk:
         try:
             values.append(json.loads(line))
+            kept_lines.append(lineno)
         except json.JSONDecodeError as err:
-            raise DataError(f"not valid JSON ({err.msg}, column {err.colno})", path=path,
-                            record=f"line {lineno}", fix=_FIX_LINE) from err
-    return linenos, values
+            error = DataError(f"not valid JSON ({err.msg}, column {err.colno})", path=path,
+                              record=f"line {lineno}", fix=_FIX_LINE)
+            if on_bad != "skip":
+                raise error from None
+            (bad if bad is not None else BadRecords(path)).add(error)
+    return kept_lines, values
 
 
 def _well_formed(recs: list) -> bool:

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -19,7 +20,7 @@ from gemel.backends.base import Backend, get_backend
 from gemel.config import check_values, from_dict, load_yaml
 import numpy as np
 
-from gemel.beam import Hypothesis
+from gemel.beam import Hypothesis, score_titles
 from gemel.data.nil import NIL, is_nil
 from gemel.errors import DataError, GemelError, MismatchError
 from gemel.eval.baselines import backoff_ranking
@@ -41,7 +42,8 @@ class LinkerConfig:
     backend: str = "hf"
     device: str = "auto"
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16
-    template: str | None = None  # None: the model's default (gemel/offline_models.yaml), else gemel
+    template: str | None = None  # None: the mapper checkpoint's, else the model's default
+    #                                (gemel/offline_models.yaml), else gemel
     num_beams: int = 5
     top_k: int = 5
     max_new_tokens: int = 32
@@ -120,9 +122,10 @@ class Linker:
     def __init__(self, config: LinkerConfig, kb: KnowledgeBase, backend: Backend,
                  trie: EntityTrie | None = None, model: GemelModel | None = None,
                  train: Sequence[Mention] | None = None, retriever=None, candidate_retriever=None):
-        if config.template is None:  # recorded, so that a run's config names the template it used
-            config = dataclasses.replace(config, template=default_template(config.model))
         self.config, self.kb, self.backend = config, kb, backend
+        # seconds spent building prompts and in the beam search (the rest of a fused link_batch
+        # is fusion scoring): benchmarks report pure generation's share of a fused run
+        self.seconds = {"generate": 0.0}
         # title index -> title; in NIL mode one more index, past the KB's, is the NIL answer
         self.titles = list(kb.titles) + ([NIL] if config.nil else [])
         self.nil_index = len(kb.titles) if config.nil else None
@@ -149,13 +152,22 @@ class Linker:
             self.kb_retriever()
         tokenizer = backend.tokenizer
         image_embedder = None
-        if model is None and config.mapper and not config.no_image:
-            image_embedder = load_image_embedder(config.mapper, backend, config.feature_cache,
-                                                 model_name=config.model)
+        checkpoint = None
+        if model is None and config.mapper:
+            # the checkpoint is the one source of truth: its LoRA adapters, template, vision
+            # encoder and visual-prompt mode are the ones it was trained with
+            checkpoint = apply_checkpoint(config.mapper, backend, config.model)
+            if not config.no_image:
+                image_embedder = load_image_embedder(checkpoint, backend, config.feature_cache,
+                                                     model_name=config.model)
         elif model is not None:
             image_embedder = model.image_embedder
         tokens_per_slot = getattr(image_embedder, "tokens_per_slot", 0)
-        self.builder = PromptBuilder(load_template(config.template), tokenizer,
+        self.checkpoint = checkpoint
+        template = choose_template(config.template, checkpoint, config.model)
+        if config.template is None:  # recorded, so that a run's config names the template it used
+            self.config = config = dataclasses.replace(config, template=template.name)
+        self.builder = PromptBuilder(template, tokenizer,
                                      use_images=image_embedder is not None,
                                      image_tokens=tokens_per_slot,
                                      max_tokens=config.max_prompt_tokens)
@@ -221,7 +233,9 @@ class Linker:
             self.box_only_from_text += sum(not (m.mention and m.mention.strip()) for m in mentions)
         k = top_k or self.config.top_k
         check_top_k(k, self.config.num_beams, self.config.fusion)
+        t0 = time.perf_counter()
         hyps, embeds, mask, extras = self.generate(mentions, k, demonstrations)
+        self.seconds["generate"] += time.perf_counter() - t0
         if self.config.nil:
             for m, x in zip(mentions, extras):
                 if is_nil(m):
@@ -252,6 +266,7 @@ class Linker:
             demonstrations = self.demonstrations(mentions)
         prompts = [self.builder.build(m, d) for m, d in zip(mentions, demonstrations)]
         embeds, mask = self.model.embed(prompts)
+        self.check_context(mentions, mask)
         tries, extras = self.trie, [{} for _ in mentions]
         if self.config.candidates > 0:
             rows, _ = self.candidate_retriever.top(mentions, self.config.candidates)
@@ -266,6 +281,27 @@ class Linker:
                                    length_penalty=self.config.length_penalty,
                                    keep_prefill=self.keep_pool)
         return hyps, embeds, mask, extras
+
+    def check_context(self, mentions: Sequence[Mention], mask) -> None:
+        """DataError naming the first mention whose prompt (``mask`` [n, seq], 1 = token) plus
+        the longest answer does not fit the model's context (a batch failing here is retried
+        mention by mention, so only the long one becomes an error row)."""
+        context = self.backend.max_context
+        if context is None:
+            return
+        for m, n in zip(mentions, mask.sum(-1).tolist()):
+            if n + self.config.max_new_tokens > context:
+                raise DataError(f"the prompt takes {n} tokens and the answer up to "
+                                f"{self.config.max_new_tokens} more: over the model's context "
+                                f"of {context} tokens", record=m.id, field="text",
+                                fix="shorten the text, use fewer --demos, or set "
+                                "--max-prompt-tokens")
+
+    def long_titles(self) -> list[str]:
+        """KB titles whose tokens (terminator included) exceed ``max_new_tokens``: the search
+        stops before they end, so they can never be generated."""
+        too_long = np.flatnonzero(self.trie.lengths() > self.config.max_new_tokens)
+        return [self.titles[i] for i in too_long.tolist()]
 
     def kb_retriever(self):
         """The KB-title retriever of candidate-aware decoding and fusion (built when first needed)."""
@@ -293,8 +329,7 @@ class Linker:
                           beam))
         # one teacher-forced pass scores every retrieved title that the beams did not reach
         missing = [[t for t in titles if t not in beam] for titles, beam in pools]
-        forced = self.backend.score(embeds, mask, [[self.trie.sequence(t) for t in ts]
-                                                   for ts in missing])
+        forced = score_titles(self.backend, embeds, mask, self.trie, missing)  # best of paths
         # the NIL answer has no text to compare: similarity 0, never an exact match
         in_kb = [[t for t in titles if t != self.nil_index] for titles, _ in pools]
         sims, context = ([dict(zip(ts, sim)) for ts, sim in
@@ -369,6 +404,42 @@ def load_image_embedder(mapper_dir: str | Path, backend: Backend, feature_cache:
               None if feature_cache in (None, "none") else Path(feature_cache))
     return ImageTokens(vision, mapper, saved.get("vp_mode", "none"),
                        cache=FeatureCache(folder) if folder is not None else None)
+
+
+def apply_checkpoint(mapper: str | Path, backend: Backend, model_name: str | None = None) -> Path:
+    """Resolve a ``--mapper`` folder to its checkpoint, check it was trained for this LLM, and
+    merge its LoRA adapters (if any) into the backend's LLM. Returns the checkpoint folder."""
+    from gemel.mapper import (LinearMapper, attach_lora, check_llm, has_lora, llm_identity,
+                              resolve_checkpoint)
+
+    checkpoint = resolve_checkpoint(mapper)
+    saved = LinearMapper.read_config(checkpoint)
+    check_llm(saved.get("llm") or {}, llm_identity(backend.model, name=model_name),
+              source=checkpoint)
+    if has_lora(checkpoint):
+        # merged once, so linking runs at the plain model's speed (adapters touch no embedding)
+        backend.model = attach_lora(backend.model, checkpoint).merge_and_unload().eval()
+        log.info("applied the LoRA adapters of %s", checkpoint)
+    return checkpoint
+
+
+def choose_template(requested: str | None, checkpoint: Path | None, model: str):
+    """The prompt template, by precedence: a mapper checkpoint's (a different ``requested`` one
+    is an error naming both), else ``requested``, else the model's default, else ``gemel``."""
+    from gemel.mapper import LinearMapper, checkpoint_template
+    from gemel.sources import default_template
+
+    trained = (checkpoint_template(checkpoint, LinearMapper.read_config(checkpoint))
+               if checkpoint is not None else None)
+    if trained is None:
+        return load_template(requested or default_template(model))
+    asked = load_template(requested) if requested is not None else None
+    if asked is not None and (asked.block, asked.chat) != (trained.block, trained.chat):
+        raise GemelError(f"--template {requested!r} differs from template {trained.name!r} that "
+                         f"the mapper checkpoint {checkpoint} was trained with — drop --template "
+                         f"(the checkpoint's is used), or train a mapper with --template "
+                         f"{requested}")
+    return trained
 
 
 def demonstration_pool(train: Sequence[Mention] | None, nil: bool) -> list[Mention] | None:

@@ -238,6 +238,49 @@ class LinearMapper(nn.Module):
         return mapper.to(device)
 
 
+def resolve_checkpoint(folder: str | os.PathLike) -> Path:
+    """The mapper checkpoint a ``--mapper`` folder means: the folder itself when it holds a
+    mapper, else the ``best/`` checkpoint of a `gemel train --out` folder (``last/`` when
+    training had no dev set, with a warning)."""
+    folder = Path(folder)
+    if (folder / WEIGHTS).is_file():
+        return folder
+    for sub in ("best", "last"):
+        if (folder / sub / WEIGHTS).is_file():
+            if sub == "last":
+                warnings.warn(f"{folder} has no best/ checkpoint (training without dev "
+                              "mentions): using last/", stacklevel=2)
+            return folder / sub
+    raise DataError(f"not a mapper checkpoint: no {WEIGHTS} in it, nor in best/ or last/",
+                    path=folder, field="mapper",
+                    fix="give the folder `gemel train --out` wrote, or one of its checkpoints")
+
+
+def checkpoint_template(folder: str | os.PathLike, config: dict):
+    """The prompt template a checkpoint was trained with (:class:`gemel.prompting.Template`): the
+    text saved in its config (so an edited template file cannot change it), else by name."""
+    from gemel.errors import GemelError
+    from gemel.prompting import Template, load_template
+
+    name, block = config.get("template"), config.get("template_block")
+    if not name:
+        return None
+    try:
+        shipped = load_template(name)
+    except GemelError:
+        shipped = None
+    forms = config.get("template_forms") or {}  # one block per kind of mention, when it has them
+    if block is None or (shipped is not None and shipped.block == block
+                         and shipped.forms == (forms or shipped.forms)):
+        if shipped is None:
+            raise DataError(f"the checkpoint's template {name!r} is neither saved in it nor "
+                            "shipped", path=Path(folder) / CONFIG, field="template")
+        return shipped
+    chat = config.get("template_chat", shipped.chat if shipped is not None else False)
+    return Template(name=name, block=block, chat=bool(chat), source=str(Path(folder) / CONFIG),
+                    forms=dict(forms))
+
+
 def has_lora(folder: str | os.PathLike) -> bool:
     return (Path(folder) / LORA / "adapter_config.json").is_file()
 
@@ -252,4 +295,5 @@ def attach_lora(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     return PeftModel.from_pretrained(model, str(Path(folder) / LORA))
 
 
-__all__ = ["LinearMapper", "attach_lora", "check_llm", "check_vision", "has_lora", "llm_identity"]
+__all__ = ["LinearMapper", "attach_lora", "check_llm", "check_vision", "checkpoint_template",
+           "has_lora", "llm_identity", "resolve_checkpoint"]

@@ -48,6 +48,9 @@ dtype_option = click.option(
     "--dtype", type=click.Choice(DTYPES), default=None,
     help="Weights of the frozen LLM [auto: bf16 where fast, else fp32].")
 device_option = click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [auto].")
+backend_option = click.option(
+    "--backend", default=None, type=click.Choice(["hf", "vllm"]),
+    help="Model runtime: hf (transformers) or vllm (optional extra, see README) [hf].")
 trie_option = click.option(
     "--trie", default=None, type=click.Path(exists=True, file_okay=False),
     help="A trie saved by `gemel build-trie` (default: built once and cached).")
@@ -78,6 +81,10 @@ images_option = click.option("--images", "images_dir", type=click.Path(exists=Tr
                              default=None, help="Folder of the release's images.")
 limit_option = click.option("--limit", type=AT_LEAST_1, default=None,
                             help="Only the first N mentions.")
+strict_option = click.option(
+    "--strict", is_flag=True, default=False,
+    help="Any bad record is an error (default: bad KB and training records are skipped and "
+    "reported, bad mentions to link become error rows).")
 
 
 class ShardType(click.ParamType):
@@ -139,24 +146,37 @@ LINKER_FLAGS = ("config_path", "model", "num_beams", "top_k", "batch_size", "tem
 
 
 # -- reading what the flags name -----------------------------------------------------------------
-def read_data(path, fmt, split, splits_path, images_dir, limit):
-    from gemel.data import read_mentions
-
-    return read_mentions(path, fmt=fmt or "auto", split=split, splits_path=splits_path,
-                         images_dir=images_dir, limit=limit)
+def echo_err(text: str) -> None:
+    click.echo(text, err=True)
 
 
-def read_train(train_path, train_split, data_path, fmt, splits_path, images_dir):
-    from gemel.data import read_mentions
+def read_data(path, fmt, split, splits_path, images_dir, limit, strict=False):
+    """The mentions to link: a bad record becomes an error row (``strict``: an error)."""
+    from gemel.data.inputs import load_mentions
+
+    return load_mentions(path, fmt or "auto", split, splits_path, images_dir, limit,
+                         role="link", strict=strict, echo=echo_err)
+
+
+def read_train(train_path, train_split, data_path, fmt, splits_path, images_dir, strict=False):
+    """The demonstration pool: bad records skipped and reported (``strict``: an error)."""
+    from gemel.data.inputs import load_mentions
 
     if train_path:
-        return read_mentions(train_path, fmt="auto", split=train_split, splits_path=splits_path,
-                             images_dir=images_dir)
+        return load_mentions(train_path, "auto", train_split, splits_path, images_dir,
+                             role="pool", strict=strict, echo=echo_err)
     if train_split:
-        return read_mentions(data_path, fmt=fmt or "auto", split=train_split,
-                             splits_path=splits_path, images_dir=images_dir)
+        return load_mentions(data_path, fmt or "auto", train_split, splits_path, images_dir,
+                             role="pool", strict=strict, echo=echo_err)
     return None
 
 
-__all__ = ["data_options", "prompt_options", "linker_options", "shard_option", "read_data",
-           "read_train", "compose", "DATA_FORMATS", "DTYPES"]
+def read_kb(kb_path, strict=False):
+    """The KB: bad records skipped and reported (``strict``: an error); an empty KB an error."""
+    from gemel.data.inputs import load_kb
+
+    return load_kb(kb_path, strict, echo=echo_err)
+
+
+__all__ = ["data_options", "prompt_options", "linker_options", "shard_option", "strict_option",
+           "read_data", "read_kb", "read_train", "echo_err", "compose", "backend_option", "DATA_FORMATS", "DTYPES"]

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from gemel.errors import DataError, GemelError
 from gemel.files import append_lines, file_sha256, hold_lock, write_atomic
-from gemel.types import LinkResult, Mention
+from gemel.types import BadMention, LinkResult, Mention
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,13 @@ def input_identity(path: str | Path, fmt: str = "auto", split: str | None = None
 
 
 def settings_identity(config, **extra) -> dict:
-    """The settings of a :class:`~gemel.linker.LinkerConfig` that change predictions; files they
-    name (fusion model, mapper) by content, so moving a file does not block a resume."""
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESULT_NEUTRAL}
+    """The settings of a :class:`~gemel.linker.LinkerConfig` that change predictions and differ
+    from their defaults (so that a field added to the config in a later gemel, at a default that
+    keeps the old behaviour, does not block resuming older runs); files they name (fusion model,
+    mapper) by content, so moving a file does not block a resume either."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    settings = {k: v for k, v in dataclasses.asdict(config).items()
+                if k not in RESULT_NEUTRAL and v != defaults[k]}
     for key in ("fusion", "mapper"):
         if settings.get(key):
             settings[key] = {"sha256": path_sha256(settings[key])}
@@ -200,7 +204,14 @@ def check_unique_ids(mentions: Sequence[Mention], source: str) -> None:
 
 
 def _link_isolating_errors(link: LinkFn, batch: Sequence[Mention]) -> list[LinkResult]:
-    """Link a batch; if it fails, link its mentions one by one so one bad mention fails alone."""
+    """Link a batch; if it fails, link its mentions one by one so one bad mention fails alone.
+    Records the reader could not read (:class:`BadMention`) are error rows as they are."""
+    if any(isinstance(m, BadMention) for m in batch):
+        good = [m for m in batch if not isinstance(m, BadMention)]
+        linked = {r.mention_id: r for r in (_link_isolating_errors(link, good) if good else [])}
+        return [linked[m.id] if not isinstance(m, BadMention) else
+                LinkResult(m.id, (), gold_id=m.entity_id, error=f"DataError: {m.error}")
+                for m in batch]
     try:
         return link(batch)
     except (GemelError, OSError, ValueError) as err:

@@ -22,12 +22,14 @@ import hashlib
 import importlib
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Iterator
 
-from gemel.errors import GemelError, MissingDependency
+from gemel.errors import GemelError, MissingDependency, ModelUnavailable
 
 LADDER_EXTRA = 'pip install -e ".[ladder]"'  # from a gemel checkout: every part of every rung
 
@@ -247,7 +249,7 @@ def resolve(name: str, kind: str | None = None) -> str:
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise GemelError(f"GGUF file {path} does not exist")
+            raise ModelUnavailable(f"GGUF file {path} does not exist — {_offline_fix(kind)}")
         target = cache_dir() / f"{path.stem}-{_fingerprint(path)}"
         if not (target / "config.json").exists():
             gguf_to_cache(path, target)
@@ -256,12 +258,33 @@ def resolve(name: str, kind: str | None = None) -> str:
         return str(path)
     if "/" in name and not name.startswith((".", "/")):
         return name  # a hub id: transformers resolves (and caches) it
-    raise GemelError(f"unknown model {name!r}: not an offline name ({', '.join(OFFLINE)}), "
-                     "not a local folder or .gguf file, and not a hub id (owner/name)")
+    raise ModelUnavailable(f"unknown model {name!r}: not an offline name, not an existing "
+                           f"local folder or .gguf file, and not a hub id (owner/name) — "
+                           f"{_offline_fix(kind)}")
 
 
-def offline_names(kind: str) -> list[str]:
-    return [n for n, s in OFFLINE.items() if s.kind == kind]
+def offline_names(kind: str | None = None) -> list[str]:
+    """Names of the offline models (of ``kind``: "llm" | "sentence" | "vision"; None: all)."""
+    return [n for n, s in OFFLINE.items() if kind is None or s.kind == kind]
+
+
+def _offline_fix(kind: str | None) -> str:
+    what = f"offline {kind} models" if kind else "offline models"
+    return (f"{what} that need no hub: {', '.join(offline_names(kind))}; or give a local "
+            "folder or .gguf file")
+
+
+@contextmanager
+def loading(name: str, kind: str | None = None) -> Iterator[None]:
+    """Loads inside turn "cannot be had" (transformers' and huggingface_hub's OSError: no hub,
+    not in the cache, no such folder) into a :class:`ModelUnavailable` naming the offline models.
+    """
+    try:
+        yield
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelUnavailable(f"cannot load the {kind + ' ' if kind else ''}model {name!r}: "
+                               f"{first} — {_offline_fix(kind)}") from None
 
 
 def default_template(model: str) -> str:

@@ -3,8 +3,9 @@
 
 One training item is a mention with an image and a gold entity in the KB. Its prompt is the
 template's query block (``{image}`` -> the mapper's soft tokens), followed by the gold title's
-trie sequence (``trie.sequence(title_index)``: the title tokens exactly as constrained decoding
-emits them after the answer prefix, then the terminator). The loss is the token-mean cross-entropy
+trie sequence (``trie.sequence(title_index)``: the natural tokenization of ``answer_prefix + title +
+terminator text`` after the prefix, up to the token that starts the terminator text, which may hold
+the title's last characters too, e.g. Qwen's ``")\n"``). The loss is the token-mean cross-entropy
 on those target tokens only (labels -100 elsewhere), over a right-padded batch.
 
 Evaluation on the dev split runs the real linker — trie-constrained beam search through
@@ -104,6 +105,7 @@ class TrainConfig:
     images: str | None = None
     limit: int | None = None
     dev_limit: int | None = None
+    strict: bool = False  # a bad KB or mention record is an error (default: skipped, reported)
     model: str = "smollm2-135m-instruct"
     vision: str = "dinov2-small"
     feature: str = "pooled"  # pooled | cls | mean | layers:4,10,11,12
@@ -240,7 +242,7 @@ class Batch:
     """One right-padded training batch.
 
     inputs_embeds [n, seq, hidden]; attention_mask [n, seq]; labels [n, seq] (-100 except the
-    target title tokens + terminator)."""
+    target title's natural path: its tokens and the terminator, or a token merged with it)."""
 
     inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
@@ -453,20 +455,21 @@ def _load_llm(config: TrainConfig, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gemel.backends.hf import pick_dtype
-    from gemel.sources import resolve
+    from gemel.sources import loading, resolve
 
     path = resolve(config.model, "llm")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, config.dtype))
+    with loading(config.model, "llm"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, config.dtype))
     return model, tokenizer
 
 
 def _read(path, config: TrainConfig, split, limit) -> list[Mention]:
-    from gemel.data import read_mentions
+    """Training or dev mentions: bad records skipped and reported (``config.strict``: an error)."""
+    from gemel.data.inputs import load_mentions
 
-    return read_mentions(path, fmt=config.format, split=split,
-                         splits_path=config.splits if split else None,
-                         images_dir=config.images, limit=limit)
+    return load_mentions(path, config.format, split, config.splits if split else None,
+                         config.images, limit, role="pool", strict=config.strict)
 
 
 def _feature_cache(config: TrainConfig):
@@ -552,7 +555,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     from transformers import get_linear_schedule_with_warmup
 
     from gemel.image_tokens import ImageTokens
-    from gemel.kb import KnowledgeBase
+    from gemel.data.inputs import load_kb
     from gemel.mapper import LORA, LinearMapper, llm_identity
     from gemel.linker import load_or_build_trie
     from gemel.model import GemelModel
@@ -612,7 +615,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     if kb is None:
         if not config.kb:
             raise GemelError("training needs a KB (--kb FILE)")
-        kb = KnowledgeBase.from_jsonl(config.kb)
+        kb = load_kb(config.kb, config.strict)
     if train_mentions is None:
         if not config.data:
             raise GemelError("training needs training mentions (--data FILE)")
@@ -633,7 +636,8 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
     meta = {"vision": vision.identity, "feature": vision.feature, "layout": vision.layout,
             "llm": base_identity,
             "vp_mode": config.vp_mode, "template": template.name,
-            "template_block": template.block, "template_forms": template.forms,
+            "template_block": template.block, "template_chat": template.chat,
+            "template_forms": template.forms,
             "train": dataclasses.asdict(config)}
     mapper = LinearMapper(vision.feature_dim, base_identity["hidden_size"], n_tokens,
                           images_per_mention=prompt.n_images, meta=meta, out_dtype=emb_dtype)
@@ -932,6 +936,7 @@ def _log_eval(metrics: dict, step: int, jlog: _JsonlLog, accelerator, trackers) 
 @click.option("--cpu", is_flag=True, default=False, help="Train on CPU even with a GPU.")
 @click.option("--log-with", type=click.Choice(["tensorboard"]), default=None)
 @options.format_option
+@options.strict_option
 @options.split_option
 @click.option("--dev-split", default=None, help="Dev split, with --splits.")
 @options.splits_option

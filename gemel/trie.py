@@ -15,8 +15,12 @@ prefix, so its cost grows with the subtree (~22 ms near the root for 5M titles).
   probing, 75% full): a lookup hashes the prefix, reads that slot and mostly nothing more (one
   cache miss), checks the depth and slices ``edge_token``. Nodes that share a hash (~never) are
   marked and looked up by walking.
-* Leaves are the nodes reached by the terminator (the token the template puts right after the
-  answer, e.g. the newline). The terminator occurs nowhere else, so a leaf has no children and
+* A title may have several token paths, each ending at a leaf that holds the title index: its
+  *natural* path, the tokens of ``answer_prefix + title + terminator_text`` after the prefix, up
+  to the token that starts the terminator text, and, where that last token merges the title's
+  end with the terminator (byte-level BPEs: Qwen2.5 has ``")\n"``), also the title's own tokens
+  followed by the terminator token. The model ends a title as its demonstrations showed it, so
+  both must close it. A title may not contain the terminator text, so a leaf has no children and
   every other node has some; only internal nodes are hashed.
 
 Built with a handful of vectorised numpy passes per trie level (no Python loop over titles); see
@@ -48,10 +52,14 @@ MASK64 = (1 << 64) - 1
 _XXP1, _XXP2, _XXP5 = 11400714785074694791, 14029467366897019727, 2870177450012600261
 HASH_NAME = "cpython-tuple-xxh64"
 FORMAT = "gemel-entity-trie"
-VERSION = 2  # 2: hashed prefix buckets (slots); bump whenever the saved arrays change
+# bump whenever the saved arrays change. 2: hashed prefix buckets (slots); 3: several token paths
+# per title (a leaf may follow a token merged with the terminator), alt_leaf
+VERSION = 3
+_VERSIONS = {2: "one token path per title: titles whose last token merges with the terminator "
+                "could only end as `title tokens + terminator`"}
 ARRAYS = ("edge_token", "child_start", "parent", "level_start", "prefix_index", "leaf_node",
-          "leaf_value", "title_leaf", "title_ids", "duplicates")
-_OPTIONAL = ("title_ids", "duplicates")
+          "leaf_value", "title_leaf", "title_ids", "duplicates", "alt_leaf")
+_OPTIONAL = ("title_ids", "duplicates", "alt_leaf")
 _CHUNK = 1 << 20  # elements per chunk where a full-size temporary would cost memory
 _KEY_BITS = 64  # a level's (parent, token, row) sort key must fit; else the argsort path
 _LOAD = 0.75  # entries per slot of the prefix table (mean probe ~1.5 entries, in one cache line)
@@ -82,9 +90,13 @@ class EntityTrie:
                      sorted by hash; an empty row holds the smallest hash of the next slot (so a
                      scan stops there); the last row is int64 max.
       leaf_node int32 [L] (sorted), leaf_value int32 [L]: title index of each leaf
-      title_leaf int32 [n]       the leaf of each title (duplicates share the first one's leaf)
+      title_leaf int32 [n]       the leaf of each title's natural path (duplicates share the
+                                 first one's leaf)
+      alt_leaf int64 [a, 2]      (title position, leaf) of the titles' other paths, sorted: the
+                                 ``title tokens + terminator`` path of a terminator-merged title
       title_ids int64 [n]        original title indices (sub-tries only; the full trie: 0..n-1)
-      duplicates int64 [k, 2]    (title, kept title): titles whose sequence repeats an earlier one
+      duplicates int64 [k, 2]    (title, kept title): a path of ``title`` repeats one of an
+                                 earlier title, whose index its leaf keeps
     """
 
     root = 0
@@ -101,6 +113,8 @@ class EntityTrie:
         self.terminator_merged: list[str] = list(info.get("terminator_merged") or [])
         if self.duplicates is None:
             self.duplicates = np.zeros((0, 2), dtype=np.int64)
+        if self.alt_leaf is None:
+            self.alt_leaf = np.zeros((0, 2), dtype=np.int64)
         # memoryviews give Python ints without numpy-scalar overhead: the hot path of allowed().
         self._tok = memoryview(self.edge_token)
         self._cs = memoryview(self.child_start)
@@ -118,34 +132,62 @@ class EntityTrie:
     # -- building ----------------------------------------------------------------------------------
     @classmethod
     def build(cls, sequences: Sequence[Sequence[int]], terminator: int,
-              meta: dict | None = None) -> "EntityTrie":
+              meta: dict | None = None,
+              natural: dict[int, Sequence[int]] | None = None) -> "EntityTrie":
         """Trie whose title ``i`` is ``sequences[i] + [terminator]``, with leaf value ``i``.
 
-        Identical sequences keep the first index (the others are rows ``(index, kept_index)``
+        ``natural``: title index -> another complete path of that title (ending in a token that
+        merges the title's end with the terminator); it becomes the title's natural path
+        (:meth:`sequence`) and ``sequences[i] + [terminator]`` its alternative.
+        Identical paths keep the first index (the others are rows ``(index, kept_index)``
         of ``trie.duplicates``). Raises DataError if a sequence contains the terminator.
         """
         n = len(sequences)
         lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=n)
         total = int(lengths.sum())
         tokens = np.fromiter((t for s in sequences for t in s), dtype=np.int64, count=total)
-        return cls.build_flat(tokens, _offsets(lengths), terminator, meta)
+        extra = None
+        if natural:
+            index = sorted(natural)
+            extra = (np.asarray(index, dtype=np.int64),
+                     np.fromiter((t for i in index for t in natural[i]), dtype=np.int64),
+                     _offsets(np.fromiter((len(natural[i]) for i in index), dtype=np.int64)))
+        return cls.build_flat(tokens, _offsets(lengths), terminator, meta, natural=extra)
 
     @classmethod
     def build_flat(cls, tokens: np.ndarray, offsets: np.ndarray, terminator: int,
-                   meta: dict | None = None, *, report: dict | None = None) -> "EntityTrie":
+                   meta: dict | None = None, *, report: dict | None = None,
+                   natural: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                   ) -> "EntityTrie":
         """:meth:`build` from concatenated sequences: title ``i`` is
-        ``tokens[offsets[i]:offsets[i + 1]]`` (without the terminator); offsets int [n + 1]."""
+        ``tokens[offsets[i]:offsets[i + 1]]`` (without the terminator); offsets int [n + 1].
+        ``natural``: (title indices int [k], tokens, offsets int [k + 1]) of the titles' natural
+        paths where they differ from ``tokens + [terminator]`` (each complete, with its end)."""
         tokens = np.asarray(tokens)
         offsets = np.asarray(offsets, dtype=np.int64)
         terminator = int(terminator)
         _check_sequences(tokens, offsets, terminator)
-        if len(tokens) and int(tokens.max()) < 2 ** 31:
-            tokens = tokens.astype(np.int32, copy=False)
-        arrays = _build_levels(tokens, offsets, terminator)
+        n = len(offsets) - 1
+        # the paths `title + [terminator]`, concatenated: row i starts at offsets[i] + i
+        flat = np.insert(tokens, offsets[1:], terminator)
+        start, end = offsets[:-1] + np.arange(n), offsets[1:] + np.arange(1, n + 1)
+        row_title = np.arange(n, dtype=np.int64)
+        if natural is not None and len(natural[0]):
+            index, ntok, noff = (np.asarray(a, dtype=np.int64) for a in natural)
+            _check_paths(index, ntok, noff, n, terminator)
+            base = len(flat)
+            flat = np.concatenate([flat, ntok])
+            # the natural path is each title's first row; `title + [terminator]` moves behind
+            start, end = (np.concatenate([a, a[index]]) for a in (start, end))
+            start[index], end[index] = base + noff[:-1], base + noff[1:]
+            row_title = np.concatenate([row_title, index])
+        if len(flat) and int(flat.max()) < 2 ** 31:
+            flat = flat.astype(np.int32, copy=False)
+        arrays = _build_levels(flat, start, end, row_title, n)
         if len(arrays["duplicates"]):
-            log.warning("entity trie: %d title(s) have the same token sequence as an earlier one; "
-                        "their leaf keeps the first title index (see trie.duplicates)",
-                        len(arrays["duplicates"]))
+            log.warning("entity trie: %d title(s) have a token path of an earlier title; that "
+                        "leaf keeps the first title index (see trie.duplicates)",
+                        len(np.unique(arrays["duplicates"][:, 0])))
         info = {"terminator": terminator, "meta": dict(meta or {}), **(report or {})}
         return cls._finish(arrays, info)
 
@@ -157,8 +199,9 @@ class EntityTrie:
         ``terminator``: a token id, or the text the template puts right after the answer (its
         first token, in context, is the terminator; GEMEL's template: ``"\\n"``). Titles whose
         tokens merge with the answer prefix are tokenized alone and listed in
-        ``trie.boundary_merged``; titles whose last token merges with the terminator text get
-        the terminator appended and are listed in ``trie.terminator_merged``.
+        ``trie.boundary_merged``; titles whose last token merges with the terminator text end
+        either way (that merged token, or their own tokens + the terminator) and are listed in
+        ``trie.terminator_merged``.
         """
         tok = tokenize_titles(titles, tokenizer, answer_prefix, terminator)
         meta = {"tokenizer": tokenizer_identity(tokenizer), "answer_prefix": answer_prefix,
@@ -166,13 +209,18 @@ class EntityTrie:
                 "kb_fingerprint": kb_fingerprint}
         report = {"boundary_merged": [titles[i] for i in tok.boundary_merged],
                   "terminator_merged": [titles[i] for i in tok.terminator_merged]}
+        natural = (np.asarray(tok.terminator_merged, dtype=np.int64),
+                   np.fromiter((t for p in tok.natural_paths for t in p), dtype=np.int64),
+                   _offsets(np.fromiter(map(len, tok.natural_paths), dtype=np.int64)))
         try:
-            return cls.build_flat(tok.tokens, tok.offsets, tok.terminator, meta, report=report)
+            return cls.build_flat(tok.tokens, tok.offsets, tok.terminator, meta, report=report,
+                                  natural=natural)
         except DataError as err:
             if err.record is None:
                 raise
             raise DataError(f"title {titles[err.record]!r} contains the terminator token "
-                            f"{tok.terminator} ({tok.terminator_text!r})", record=err.record,
+                            f"{tok.terminator} ({tok.terminator_text!r}), or ends where another "
+                            "title's path continues", record=err.record,
                             field="title", fix="remove it from the title (a generated answer "
                             "ends at the terminator) or choose another terminator") from None
 
@@ -180,8 +228,7 @@ class EntityTrie:
     def _finish(cls, arrays: dict, info: dict) -> "EntityTrie":
         """Add the prefix-hash index to level-ordered arrays."""
         table, slots, shared = _hash_index(arrays["edge_token"], arrays["child_start"],
-                                           arrays["parent"], arrays["level_start"],
-                                           info["terminator"])
+                                           arrays["parent"], arrays["level_start"])
         arrays["prefix_index"] = table
         return cls(arrays, {**info, "slots": slots, "shared_hashes": shared})
 
@@ -231,14 +278,19 @@ class EntityTrie:
         prefix = _as_ints(prefix_tokens)
         if not prefix:
             return 0
-        if prefix[-1] == self.terminator:
-            parent = self.node_of(prefix[:-1])
-            return self.step(parent, self.terminator) if parent >= 0 else -1
-        lo, _ = self._children_of(prefix)
-        if lo < 0:
-            return -1
-        node = self._par[lo]
-        return node if self._tok[node] == prefix[-1] else -1  # last-token check
+        if prefix[-1] != self.terminator:
+            lo, _ = self._children_of(prefix)
+            if lo >= 0:
+                node = self._par[lo]
+                return node if self._tok[node] == prefix[-1] else -1  # last-token check
+        # not an internal node: a leaf (only internal nodes are hashed) below an internal parent
+        if len(prefix) == 1:
+            parent = 0
+        else:
+            lo, _ = self._children_of(prefix[:-1])
+            parent = self._par[lo] if lo >= 0 and self._tok[self._par[lo]] == prefix[-2] else -1
+        node = self.step(parent, prefix[-1])
+        return node if node > 0 and self._cs[node] == self._cs[node + 1] else -1
 
     def allowed(self, prefix_tokens: Sequence[int]) -> np.ndarray:
         """Tokens that may follow ``prefix_tokens``: a sorted int32 view [k]; empty when the
@@ -291,10 +343,17 @@ class EntityTrie:
         return i if i < hi and self._tok[i] == token else -1
 
     def value(self, node: int) -> int:
-        """The title index of a leaf (the node after a title's terminator), else -1."""
-        if node <= 0 or node >= len(self._tok) or self._tok[node] != self.terminator:
-            return -1
-        return self._lval[bisect.bisect_left(self._leaf, node)]
+        """The title index of a leaf (where a title's path ends: after its terminator, or after
+        a token merged with the terminator), else -1. O(1) for inner nodes."""
+        if node <= 0 or node >= len(self._tok) or self._cs[node] != self._cs[node + 1]:
+            return -1  # an inner node has children; only the root and leaves have none
+        i = bisect.bisect_left(self._leaf, node)
+        return self._lval[i] if i < len(self._leaf) and self._leaf[i] == node else -1
+
+    def leaf_mask(self, nodes: np.ndarray) -> np.ndarray:
+        """bool [k]: which of ``nodes`` (ids > 0, e.g. from :meth:`children`) end a title's path."""
+        nodes = np.asarray(nodes)
+        return self.child_start[nodes] == self.child_start[nodes + 1]
 
     def _title_pos(self, title_index: int) -> int:
         if self.title_ids is None:
@@ -308,8 +367,23 @@ class EntityTrie:
         return pos
 
     def sequence(self, title_index: int) -> list[int]:
-        """Title ``title_index``'s tokens including the terminator (for teacher forcing)."""
-        node = int(self.title_leaf[self._title_pos(int(title_index))])
+        """Title ``title_index``'s natural path: its tokens after the answer prefix in
+        ``answer_prefix + title + terminator_text``, up to the token that starts the terminator
+        text (the terminator, or a token merged with it). Training targets use it."""
+        return self._path(int(self.title_leaf[self._title_pos(int(title_index))]))
+
+    def paths(self, title_index: int) -> list[list[int]]:
+        """Every token path that ends title ``title_index``, the natural one first (a
+        terminator-merged title also ends as its own tokens + the terminator)."""
+        return [self._path(leaf) for leaf in self._leaves(self._title_pos(int(title_index)))]
+
+    def _leaves(self, pos: int) -> list[int]:
+        """Every leaf of the title at position ``pos``, natural first."""
+        alt = self.alt_leaf
+        lo, hi = np.searchsorted(alt[:, 0], [pos, pos + 1]) if len(alt) else (0, 0)
+        return [int(self.title_leaf[pos])] + alt[lo:hi, 1].tolist()
+
+    def _path(self, node: int) -> list[int]:
         out = []
         tok, par = self._tok, self._par
         while node > 0:
@@ -317,12 +391,17 @@ class EntityTrie:
             node = par[node]
         return out[::-1]
 
+    def lengths(self) -> np.ndarray:
+        """Tokens per title, terminator included, int64 [n] (a leaf's depth in the trie): a title
+        longer than a search's ``max_new_tokens`` can never be generated."""
+        return np.searchsorted(self.level_start, self.title_leaf, side="right") - 1
+
     def subtrie(self, title_indices: Sequence[int]) -> "EntityTrie":
         """The trie restricted to some titles; values keep the original title indices.
 
-        Made of this trie's nodes on the chosen titles' root paths (kept in id order, which keeps
-        level order), without re-tokenizing. Plain Python: for a few dozen titles that beats
-        numpy's per-call overhead (~0.1-0.2 ms for 32 titles).
+        Made of this trie's nodes on the root paths of every path of the chosen titles (kept in
+        id order, which keeps level order), without re-tokenizing. Plain Python: for a few dozen
+        titles that beats numpy's per-call overhead (~0.1-0.2 ms for 32 titles).
         """
         want = sorted({int(i) for i in title_indices})
         pos = [self._title_pos(i) for i in want] if self.title_ids is not None else want
@@ -330,12 +409,9 @@ class EntityTrie:
             raise KeyError(f"title indices outside 0..{len(self.title_leaf) - 1}: "
                            f"{[i for i in want if not 0 <= i < len(self.title_leaf)][:5]}")
         par, tok, term = self._par, self._tok, self.terminator
-        title_leaf = memoryview(self.title_leaf)
         parent = {0: -1}
-        leaves = []
-        for p in pos:
-            node = title_leaf[p]
-            leaves.append(node)
+        leaves = [self._leaves(p) for p in pos]  # per title: natural leaf first
+        for node in (x for ls in leaves for x in ls):
             while node not in parent:  # stop at the first node already on a chosen path
                 parent[node] = node = par[node]
         old = sorted(parent)
@@ -344,28 +420,30 @@ class EntityTrie:
         edge = [-1] + [tok[o] for o in old[1:]]
         ls = self._ls
         depth = [bisect.bisect_right(ls, o) - 1 for o in old]
+        counts = np.bincount(up[1:], minlength=len(old)) if len(old) > 1 else np.zeros(1, int)
         paths = [()] * len(old)
         hashes, hash_nodes = [], []
         for i in range(1, len(old)):
-            t = edge[i]
-            if t != term:
-                paths[i] = path = paths[up[i]] + (t,)
+            if counts[i]:  # inner nodes only: a leaf has no children to look up
+                paths[i] = path = paths[up[i]] + (edge[i],)
                 hashes.append(path)
                 hash_nodes.append(i)
         hashes = list(map(hash if _NATIVE else _tuple_hash, hashes))
         leaf_value = {}
-        for title, leaf in zip(want, leaves):  # ascending titles: the first one per leaf is kept
-            leaf_value.setdefault(new_id[leaf], title)
+        for title, ls_ in zip(want, leaves):  # ascending titles: the first one per leaf is kept
+            for leaf in ls_:
+                leaf_value.setdefault(new_id[leaf], title)
         leaf_node = sorted(leaf_value)
-        counts = np.bincount(up[1:], minlength=len(old)) if len(old) > 1 else np.zeros(1, int)
+        alt = [(i, new_id[x]) for i, ls_ in enumerate(leaves) for x in ls_[1:]]
         arrays = {"edge_token": np.array(edge, dtype=np.int32),
                   "child_start": np.concatenate([[1], np.cumsum(counts) + 1]).astype(np.int32),
                   "parent": np.array(up, dtype=np.int32),
                   "level_start": np.searchsorted(depth, np.arange(depth[-1] + 2)).astype(np.int64),
                   "leaf_node": np.array(leaf_node, dtype=np.int32),
                   "leaf_value": np.array([leaf_value[x] for x in leaf_node], dtype=np.int64),
-                  "title_leaf": np.array([new_id[x] for x in leaves], dtype=np.int32),
-                  "title_ids": np.array(want, dtype=np.int64)}
+                  "title_leaf": np.array([new_id[ls_[0]] for ls_ in leaves], dtype=np.int32),
+                  "title_ids": np.array(want, dtype=np.int64),
+                  "alt_leaf": np.array(alt, dtype=np.int64).reshape(-1, 2)}
         arrays["prefix_index"], slots, shared = _small_index(hashes, hash_nodes,
                                                              arrays["child_start"])
         meta = {**self.meta, "subtrie_of": self.meta.get("n_titles")}
@@ -382,7 +460,7 @@ class EntityTrie:
         for name in ARRAYS:
             arr = getattr(self, name)
             path = folder / f"{name}.npy"
-            if arr is None or (name == "duplicates" and not len(arr)):
+            if arr is None or (name in ("duplicates", "alt_leaf") and not len(arr)):
                 path.unlink(missing_ok=True)
                 continue
             tmp = folder / f".{name}.tmp.npy"
@@ -418,13 +496,16 @@ class EntityTrie:
                             fix="build the trie again (`gemel build-trie`)") from None
         if info.get("format") != FORMAT or info.get("version") != VERSION \
                 or info.get("hash") != HASH_NAME:
+            old = _VERSIONS.get(info.get("version")) if info.get("format") == FORMAT else None
             raise DataError(f"format {info.get('format')!r} version {info.get('version')!r}, "
-                            f"expected {FORMAT!r} version {VERSION}", path=path,
-                            fix="build the trie again with this gemel version")
+                            f"expected {FORMAT!r} version {VERSION}"
+                            + (f" (version {info.get('version')}: {old})" if old else ""),
+                            path=path, fix="build the trie again with this gemel version "
+                            "(`gemel build-trie`, or delete the folder if it is a cached trie)")
         meta = info.get("meta") or {}
         for key, want in (expect or {}).items():
             have = meta.get(key)
-            if _normal(have) != _normal(want):
+            if _normal(_same_ids(key, have)) != _normal(_same_ids(key, want)):
                 raise MismatchError(f"entity trie {folder} was built for {key}={have!r}, but this "
                                     f"run needs {key}={want!r}; rebuild it (`gemel build-trie`) "
                                     "or point to the trie built for this setting")
@@ -448,7 +529,8 @@ class EntityTrie:
 # -- tokenization ----------------------------------------------------------------------------------
 @dataclass
 class TokenizedTitles:
-    """Titles as the model emits them after the answer prefix, concatenated (no terminator)."""
+    """Titles as the model emits them after the answer prefix, concatenated (no terminator),
+    and the natural paths of the titles whose last token merges with the terminator text."""
 
     tokens: np.ndarray  # int32 [total]
     offsets: np.ndarray  # int64 [n + 1]: title i is tokens[offsets[i]:offsets[i + 1]]
@@ -456,6 +538,9 @@ class TokenizedTitles:
     terminator_text: str
     boundary_merged: list[int] = field(default_factory=list)  # title indices
     terminator_merged: list[int] = field(default_factory=list)
+    # natural_paths[j]: the tokens after the prefix of `prefix + title + terminator_text`, up to
+    # the token merged with the terminator, for title terminator_merged[j]
+    natural_paths: list[list[int]] = field(default_factory=list)
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -516,17 +601,25 @@ def tokenize_titles(titles: Sequence[str], tokenizer, answer_prefix: str,
     title's part: exactly the tokens the model emits after the prefix in a demonstration.
 
     Falls back, and reports, where a merge crosses a boundary: with the prefix (the title is
-    tokenized alone) or with the terminator text (the title's own tokens, then the terminator).
+    tokenized alone) or with the terminator text (the title's own tokens, then the terminator;
+    the natural, merged path is kept beside them in ``natural_paths``).
     """
     term, tail = resolve_terminator(tokenizer, answer_prefix, terminator)
     term_text = terminator if isinstance(terminator, str) else tokenizer.decode([term])
     suffix = term_text if isinstance(terminator, str) else ""
     if not suffix:
         tail = []  # an id terminator: tokenize the title alone after the prefix, then add it
+    else:  # a title holding the terminator text would end early in every demonstration
+        for i, t in enumerate(titles):
+            if suffix in str(t):
+                raise DataError(f"title {str(t)!r} contains the terminator text {suffix!r}",
+                                record=i, field="title", fix="remove it from the title (a "
+                                "generated answer ends at the terminator) or choose another "
+                                "terminator")
     pre = _encode(tokenizer, [answer_prefix])[0] if answer_prefix else []
     lp, lt = len(pre), len(tail)
     pre_arr, tail_arr = np.asarray(pre, np.int64), np.asarray(tail, np.int64)
-    toks, lens, merged_prefix, merged_term = [], [], [], []
+    toks, lens, merged_prefix, merged_term, natural = [], [], [], [], []
     encode = _batch_encoder(tokenizer, [answer_prefix + str(t) + suffix for t in titles[:64]])
     for lo in range(0, len(titles), batch_size):
         chunk = [str(t) for t in titles[lo:lo + batch_size]]
@@ -534,7 +627,6 @@ def tokenize_titles(titles: Sequence[str], tokenizer, answer_prefix: str,
         n = len(ids)
         length = np.fromiter(map(len, ids), dtype=np.int64, count=n)
         flat = np.fromiter((t for row in ids for t in row), dtype=np.int64, count=int(length.sum()))
-        del ids
         start = _offsets(length)
         ok = length >= lp + lt
         last = max(len(flat) - 1, 0)
@@ -558,19 +650,21 @@ def tokenize_titles(titles: Sequence[str], tokenizer, answer_prefix: str,
         del row_len, pos, keep, flat
         bad = np.flatnonzero(~good)
         if len(bad):
-            fixed = []
-            for b in bad.tolist():
-                seq, in_prefix, in_term = _fallback(tokenizer, answer_prefix, chunk[b], pre,
-                                                    suffix, tail, bool(ok_pre[b]))
-                fixed.append(seq)
+            fixed = _boundary_paths(tokenizer, answer_prefix, [chunk[b] for b in bad],
+                                    [ids[b] for b in bad], ok_pre[bad].tolist(), pre, suffix,
+                                    tail, term)
+            for b, (seq, path, in_prefix) in zip(bad.tolist(), fixed):
                 out_len[b] = len(seq)
                 if in_prefix:
                     merged_prefix.append(lo + b)
-                if in_term:
+                if path is not None:
                     merged_term.append(lo + b)
+                    natural.append(path)
+            sizes = [len(f[0]) for f in fixed]
             where = np.repeat(_offsets(out_len)[bad] - np.concatenate(
-                [[0], np.cumsum([len(s) for s in fixed])[:-1]]), [len(s) for s in fixed])
-            out = np.insert(out, where, np.fromiter((t for s in fixed for t in s), np.int64))
+                [[0], np.cumsum(sizes)[:-1]]), sizes)
+            out = np.insert(out, where, np.fromiter((t for f in fixed for t in f[0]), np.int64))
+        del ids
         toks.append(out.astype(np.int32))
         lens.append(out_len)
     tokens = np.concatenate(toks) if toks else np.zeros(0, np.int32)
@@ -580,25 +674,49 @@ def tokenize_titles(titles: Sequence[str], tokenizer, answer_prefix: str,
                     "they are tokenized alone (e.g. %r)", len(merged_prefix), answer_prefix,
                     [titles[i] for i in merged_prefix[:3]])
     if merged_term:
-        log.warning("entity trie: %d title(s) merge with the terminator text %r when tokenized; "
-                    "the terminator token is appended to their own tokens (e.g. %r)",
-                    len(merged_term), term_text, [titles[i] for i in merged_term[:3]])
-    return TokenizedTitles(tokens, offsets, term, term_text, merged_prefix, merged_term)
+        log.info("entity trie: %d title(s) merge their last characters with the terminator text "
+                 "%r; they end either way, merged or with the terminator token (e.g. %r)",
+                 len(merged_term), term_text, [titles[i] for i in merged_term[:3]])
+    return TokenizedTitles(tokens, offsets, term, term_text, merged_prefix, merged_term, natural)
 
 
-def _fallback(tokenizer, prefix: str, title: str, pre: list[int], suffix: str, tail: list[int],
-              prefix_ok: bool) -> tuple[list[int], bool, bool]:
-    """Tokens of a title whose encoding crosses a boundary: (tokens, prefix?, terminator?)."""
+def _boundary_paths(tokenizer, prefix: str, titles: list[str], in_context: list[list[int]],
+                    prefix_ok: list[bool], pre: list[int], suffix: str, tail: list[int],
+                    term: int) -> list[tuple[list[int], list[int] | None, bool]]:
+    """Per title whose encoding crosses a boundary: (its own tokens, its natural path where it
+    merges with the terminator text or None, whether it merges with the prefix).
+
+    ``in_context``: the encodings of ``prefix + title + suffix``. A title that merges with the
+    prefix is read alone (``title + suffix``); its own tokens come from ``prefix + title``, or
+    from the title alone. Batched: one tokenizer call per kind."""
     lp, lt = len(pre), len(tail)
-    if not prefix_ok:
-        alone = _encode(tokenizer, [title + suffix])[0]
-        if lt and len(alone) >= lt and alone[len(alone) - lt:] == tail:
-            return alone[:len(alone) - lt], True, False
-        return _encode(tokenizer, [title])[0], True, bool(lt)
-    with_prefix = _encode(tokenizer, [prefix + title])[0]
-    if with_prefix[:lp] == pre:
-        return with_prefix[lp:], False, True
-    return _encode(tokenizer, [title])[0], True, True
+    context = [row[lp:] for row in in_context]
+    alone = [i for i, ok in enumerate(prefix_ok) if not ok]
+    if alone:
+        for i, row in zip(alone, _encode(tokenizer, [titles[i] + suffix for i in alone])):
+            context[i] = row
+    with_prefix = _encode(tokenizer, [prefix + t for t in titles])
+    out = []
+    for i, row in enumerate(context):
+        if not lt or (len(row) >= lt and row[len(row) - lt:] == tail):  # only the prefix merges
+            out.append((row[:len(row) - lt], None, True))
+            continue
+        in_prefix = not prefix_ok[i] or with_prefix[i][:lp] != pre
+        own = _encode(tokenizer, [titles[i]])[0] if in_prefix else with_prefix[i][lp:]
+        path = _natural_path(row, tail, term)
+        out.append((own, path if path and path != own + [term] else None, in_prefix))
+    return out
+
+
+def _natural_path(tokens: list[int], tail: list[int], term: int) -> list[int]:
+    """The tokens of ``title + terminator_text`` (``tokens``) up to the one that starts the
+    terminator text: drop the trailing tokens that are the terminator text's own (its tokens
+    ``tail`` after its first, whose text the merged token took), and stop at a terminator."""
+    drop = 0
+    while drop < len(tail) - 1 and drop < len(tokens) and tokens[-1 - drop] == tail[-1 - drop]:
+        drop += 1
+    path = tokens[:len(tokens) - drop]
+    return path[:path.index(term) + 1] if term in path else path
 
 
 # -- construction internals ------------------------------------------------------------------------
@@ -614,6 +732,14 @@ def _as_ints(prefix) -> list:
     if prefix and type(prefix[-1]) is not int:  # numpy / torch scalars would overflow the hash
         prefix = [int(t) for t in prefix]
     return prefix
+
+
+def _same_ids(key: str, value):
+    """What must match: a tokenizer's vocabulary, not the path it was loaded from (the same
+    tokenizer copied elsewhere makes the same token ids)."""
+    if key == "tokenizer" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "name_or_path"}
+    return value
 
 
 def _normal(value):
@@ -639,22 +765,46 @@ def _check_sequences(tokens: np.ndarray, offsets: np.ndarray, terminator: int) -
                         "title or choose another terminator")
 
 
-def _build_levels(tokens: np.ndarray, offsets: np.ndarray, term: int) -> dict:
-    """Level-ordered node arrays of the trie of ``row + [term]`` for every row.
+def _check_paths(index: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, n: int,
+                 terminator: int) -> None:
+    """Natural paths: distinct titles in 0..n-1, non-empty, token ids >= 0, the terminator at
+    most as the last token."""
+    if len(offsets) != len(index) + 1 or offsets[0] != 0 or offsets[-1] != len(tokens) \
+            or np.any(np.diff(offsets) <= 0):
+        raise ValueError("natural paths: offsets must rise strictly from 0 to len(tokens)")
+    if len(index) and (index.min() < 0 or index.max() >= n or len(np.unique(index)) < len(index)):
+        raise ValueError(f"natural paths: title indices must be distinct, in 0..{n - 1}")
+    if len(tokens) and int(tokens.min()) < 0:
+        raise DataError("negative token id in a natural path", field="tokens",
+                        fix="pass token ids >= 0")
+    hit = np.flatnonzero(tokens == terminator)
+    inner = hit[~np.isin(hit, offsets[1:] - 1)]
+    if len(inner):
+        row = int(index[np.searchsorted(offsets, inner[0], side="right") - 1])
+        raise DataError(f"the natural path of title {row} has the terminator {terminator} before "
+                        "its end", record=row, field="tokens",
+                        fix="a title ends at the terminator: choose another terminator")
+
+
+def _build_levels(flat: np.ndarray, row_start: np.ndarray, row_end: np.ndarray,
+                  row_title: np.ndarray, n_titles: int) -> dict:
+    """Level-ordered node arrays of the trie of the paths ``flat[row_start[r]:row_end[r]]``,
+    each complete (with its end token) and non-empty; row ``r`` ends title ``row_title[r]``.
+    Rows ``0..n_titles - 1`` are the titles' natural paths (``row_title[r] == r``), the others
+    their alternatives.
 
     One pass per depth d over the rows still active (longer than d): sort them by (node at
     depth d, token d) with ONE ``np.sort`` of packed uint64 keys (numpy's vectorised sort is
     ~6x faster than argsort; the row's position rides in the low bits), then a new node starts
-    wherever (parent, token) changes. Rows end at their terminator, at a leaf.
+    wherever (parent, token) changes. Rows end at their last token, at a leaf; a node where one
+    row ends and another goes on is an error (a title would hold the terminator text).
     """
-    n = len(offsets) - 1
-    # every row followed by its terminator, so that a level reads one gather
-    flat = np.insert(tokens, offsets[1:], term).astype(
-        np.int32 if max(int(tokens.max()) if len(tokens) else 0, term) < 2 ** 31 else np.int64)
-    at = offsets[:-1] + np.arange(n)  # each active row's position in flat at depth d
+    n = len(row_start)
     tbits = max(int(flat.max()) + 1 if len(flat) else 1, 1).bit_length()
     tmask = np.uint64((1 << tbits) - 1)
     idx_dtype = np.int32 if len(flat) + 1 < 2 ** 31 else np.int64
+    at = row_start.astype(idx_dtype)  # each active row's position in flat at depth d
+    last = (row_end - 1).astype(idx_dtype)  # ... and of its last token
     positions = np.arange(n, dtype=np.uint64)
     # Outputs at their upper bound (a node per token, plus the root), filled level by level:
     # pages never written stay virtual, and no per-level pieces pin the heap between the
@@ -667,8 +817,8 @@ def _build_levels(tokens: np.ndarray, offsets: np.ndarray, term: int) -> dict:
     level_start = [0, 1]
     leaf_node = np.empty(n, dtype=idx_dtype)
     leaf_value = np.empty(n, dtype=idx_dtype)
-    n_leaves, dup_pairs = 0, []
-    title_leaf = np.empty(n, dtype=idx_dtype)
+    n_leaves, dup_pairs, alt_pairs = 0, [], []
+    title_leaf = np.empty(n_titles, dtype=idx_dtype)
     rows = np.arange(n, dtype=idx_dtype)  # active rows, grouped by their node at depth d
     prank = np.zeros(n, dtype=np.uint64)  # that node's rank within depth d
     count = 1
@@ -676,7 +826,7 @@ def _build_levels(tokens: np.ndarray, offsets: np.ndarray, term: int) -> dict:
         k = len(rows)
         start = level_start[-1]  # the first node id of depth d + 1
         tok = flat[at]  # the one random gather per level; at and rows move with the sort
-        any_end = bool((tok == term).any())
+        any_end = bool((at == last).any())
         ibits = max(k - 1, 1).bit_length()
         pbits = max(count - 1, 1).bit_length()
         if pbits + tbits + ibits <= _KEY_BITS:
@@ -698,9 +848,7 @@ def _build_levels(tokens: np.ndarray, offsets: np.ndarray, term: int) -> dict:
             kf = key[first]
             new_par = (kf >> np.uint64(tbits)).astype(np.int64)
             new_tok = (kf & tmask).astype(np.int32)
-            del kf
-            ends = (key & tmask) == np.uint64(term) if any_end else None
-            del key
+            del kf, key
         else:  # too many bits to pack: an argsort-based (slower) path, same result
             order = np.lexsort((tok, prank))
             par_s, tok_s = prank[order], tok[order]
@@ -709,10 +857,10 @@ def _build_levels(tokens: np.ndarray, offsets: np.ndarray, term: int) -> dict:
             new[1:] = (par_s[1:] != par_s[:-1]) | (tok_s[1:] != tok_s[:-1])
             first = np.flatnonzero(new)
             new_par, new_tok = par_s[first].astype(np.int64), tok_s[first].astype(np.int32)
-            ends = tok_s == term if any_end else None
             del tok, par_s, tok_s
-        rows, at = rows[order], at[order]
+        rows, at, last = rows[order], at[order], last[order]
         del order
+        ends = at == last if any_end else None
         rank = np.cumsum(new, dtype=np.uint64)
         rank -= np.uint64(1)
         n_new = len(new_tok)
@@ -727,21 +875,35 @@ def _build_levels(tokens: np.ndarray, offsets: np.ndarray, term: int) -> dict:
         edge[start:start + n_new] = new_tok
         del cs, counts, first, new_tok
         if any_end:
+            group = rank.astype(np.int64)
+            n_end = np.bincount(group, weights=ends, minlength=n_new)
+            mixed = np.flatnonzero((n_end > 0) & (n_end < np.bincount(group, minlength=n_new)))
+            if len(mixed):
+                r = rows[np.flatnonzero((group == mixed[0]) & ends)[0]]
+                raise DataError(f"a token path of title {int(row_title[r])} ends where another "
+                                "title's path goes on", record=int(row_title[r]), field="tokens",
+                                fix="a title may not contain the terminator text: choose "
+                                "another terminator")
+            del group, n_end, mixed
             e = np.flatnonzero(ends)
             erows, egroup = rows[e], rank[e].astype(np.int64) + start
+            etitle = row_title[erows]
             heads = np.flatnonzero(new[e])  # each leaf's first row (a leaf's rows are adjacent)
-            values = np.minimum.reduceat(erows, heads)
+            values = np.minimum.reduceat(etitle, heads)
             leaf_node[n_leaves:n_leaves + len(heads)] = egroup[heads]
             leaf_value[n_leaves:n_leaves + len(heads)] = values
             n_leaves += len(heads)
-            title_leaf[erows] = egroup
-            if len(heads) < len(e):  # identical sequences: report all but the first
+            natural = erows < n_titles
+            title_leaf[erows[natural]] = egroup[natural]
+            if not natural.all():
+                alt_pairs.append(np.stack([etitle[~natural], egroup[~natural]], axis=1))
+            if len(heads) < len(e):  # a path of several titles: report all but the first
                 kept = np.repeat(values, np.diff(np.append(heads, len(e))))
-                dup = erows != kept
-                dup_pairs.append(np.stack([erows[dup], kept[dup]], axis=1).astype(np.int64))
-            del e, erows, egroup, heads, values
+                dup = etitle != kept
+                dup_pairs.append(np.stack([etitle[dup], kept[dup]], axis=1).astype(np.int64))
+            del e, erows, egroup, etitle, heads, values, natural
             keep = ~ends
-            rows, prank, at = rows[keep], rank[keep], at[keep]
+            rows, prank, at, last = rows[keep], rank[keep], at[keep], last[keep]
             del keep, rank
         else:
             prank = rank
@@ -749,16 +911,18 @@ def _build_levels(tokens: np.ndarray, offsets: np.ndarray, term: int) -> dict:
         at += 1
         level_start.append(start + n_new)
         count = n_new
-    del flat, at, positions, prank, rows
+    del at, last, positions, prank, rows
     n_nodes = level_start[-1]
     child_start[level_start[-2]:n_nodes + 1] = n_nodes  # the deepest level has no children
     dups = np.concatenate(dup_pairs) if dup_pairs else np.zeros((0, 2), np.int64)
+    alt = np.concatenate(alt_pairs).astype(np.int64) if alt_pairs else np.zeros((0, 2), np.int64)
+    alt = np.unique(alt[alt[:, 1] != title_leaf[alt[:, 0]]], axis=0)  # same as natural: drop
     # views of the first n_nodes entries: the unused tails were never touched (not resident)
     arrays = dict(edge_token=edge[:n_nodes], child_start=child_start[:n_nodes + 1],
                   parent=parent[:n_nodes], level_start=np.asarray(level_start, dtype=np.int64),
                   leaf_node=leaf_node[:n_leaves], leaf_value=leaf_value[:n_leaves],
-                  title_leaf=title_leaf, title_ids=None,
-                  duplicates=dups[np.argsort(dups[:, 0], kind="stable")])
+                  title_leaf=title_leaf, title_ids=None, alt_leaf=alt.reshape(-1, 2),
+                  duplicates=np.unique(dups, axis=0).reshape(-1, 2))
     return arrays
 
 
@@ -803,7 +967,7 @@ def _level_hashes(acc: np.ndarray, tokens: np.ndarray, depth: int) -> tuple[np.n
 
 
 def _hash_index(edge: np.ndarray, child_start: np.ndarray, parent: np.ndarray,
-                level_start: np.ndarray, term: int) -> tuple[dict, int, list[int]]:
+                level_start: np.ndarray) -> tuple[dict, int, list[int]]:
     """The prefix index of a level-ordered trie: every internal node's (but the root's) prefix
     hash with its child range, placed in the prefix table (see the class docstring). Returns
     (table, slots S, hashes shared by two nodes).
@@ -815,7 +979,7 @@ def _hash_index(edge: np.ndarray, child_start: np.ndarray, parent: np.ndarray,
     n_nodes = len(edge)
     if n_nodes >= 2 ** 31:
         raise ValueError("entity trie: more than 2**31 nodes are not supported")
-    internal = edge != term
+    internal = child_start[1:n_nodes + 1] > child_start[:n_nodes]  # leaves have no children
     internal[0] = False
     m = int(internal.sum())
     slots = _slot_count(m)

@@ -41,6 +41,17 @@ class Mention:
 
 
 @dataclass(frozen=True)
+class BadMention(Mention):
+    """A record of the mentions to link that could not be read (``error`` says why and where).
+
+    Readers yield it in the record's place under ``on_bad="row"``, so that the run writes an
+    error row for it and goes on; it is never linked.
+    """
+
+    error: str = ""
+
+
+@dataclass(frozen=True)
 class Candidate:
     entity_id: str | None  # None only for the reserved NIL answer
     title: str

@@ -189,15 +189,17 @@ class VisionEncoder:
         from transformers import AutoConfig, AutoModel
         from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-        from gemel.sources import resolve
+        from gemel.sources import loading, resolve
 
         path = resolve(name, "vision")
-        config = AutoConfig.from_pretrained(path)
-        vision_config = getattr(config, "vision_config", None)
-        model_class = MODEL_MAPPING[type(vision_config)] if vision_config is not None else AutoModel
-        with _quiet_transformers():
-            model, info = model_class.from_pretrained(path, dtype=dtype or torch.float32,
-                                                      output_loading_info=True)
+        with loading(name, "vision"):
+            config = AutoConfig.from_pretrained(path)
+            vision_config = getattr(config, "vision_config", None)
+            model_class = (MODEL_MAPPING[type(vision_config)] if vision_config is not None
+                           else AutoModel)
+            with _quiet_transformers():
+                model, info = model_class.from_pretrained(path, dtype=dtype or torch.float32,
+                                                          output_loading_info=True)
         missing = sorted(info.get("missing_keys", ()))
         kind, _ = parse_feature(feature)
         if kind != "pooled":  # an absent pooler does not matter when we do not read it
@@ -207,7 +209,9 @@ class VisionEncoder:
                              f"{type(model).__name__}: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
                              f" — these would be random; check the model name or choose another "
                              f"feature than {feature!r}")
-        return cls(model, _load_processor(path), feature=feature, name=name,
+        with loading(name, "vision"):
+            processor = _load_processor(path)
+        return cls(model, processor, feature=feature, name=name,
                    batch_size=batch_size, device=device, layout=layout)
 
     # ---- what it is ---------------------------------------------------------------------------

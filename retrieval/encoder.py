@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from gemel.errors import DataError, MissingDependency
-from gemel.sources import resolve
+from gemel.sources import loading, resolve
 
 POOLINGS = ("auto", "cls", "mean", "pooler")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
@@ -115,7 +115,8 @@ class SentenceEncoder:
             except ImportError as err:  # pragma: no cover - a declared dependency
                 raise MissingDependency("sentence-transformers",
                                         "pip install 'sentence-transformers>=3.0'") from err
-            self._st = SentenceTransformer(self.location, device=self._device())
+            with loading(self.model_name, "sentence"):
+                self._st = SentenceTransformer(self.location, device=self._device())
         return self._st
 
     def _embed_st(self, texts: list[str]) -> np.ndarray:
@@ -132,8 +133,9 @@ class SentenceEncoder:
         if self._hf is None:
             from transformers import AutoModel, AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(self.location)
-            model = AutoModel.from_pretrained(self.location).to(self._device()).eval()
+            with loading(self.model_name, "sentence"):
+                tokenizer = AutoTokenizer.from_pretrained(self.location)
+                model = AutoModel.from_pretrained(self.location).to(self._device()).eval()
             self._hf = (tokenizer, model)
         return self._hf
 

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# tests never download: no hub, even where one is reachable (set before transformers is imported)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("GEMEL_DATA", REPO.parent / "shared" / "data"))
 
@@ -49,6 +52,10 @@ def _wrap(tok_obj):
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
+    return make_bpe_tokenizer()
+
+
+def make_bpe_tokenizer():
     """Byte-level BPE (GPT-2 / OPT / SmolLM style): leading spaces are part of tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -63,6 +70,10 @@ def bpe_tokenizer():
 
 @pytest.fixture(scope="session")
 def sp_tokenizer():
+    return make_sp_tokenizer()
+
+
+def make_sp_tokenizer():
     """SentencePiece-style (LLaMA style): Metaspace '▁' marks word starts, BOS added in front."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -72,6 +83,50 @@ def sp_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
     tok.train_from_iterator(CORPUS * 3, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return _wrap(tok)
+
+
+# Titles whose end merges with the newline terminator in the tokenizer families below, and one
+# with a character no training text holds (byte fallback in the SentencePiece style)
+MERGE_TITLES = ["Star Trek (film)", "Star Trek", "Queen (band)", "Queen", "Amazon (company)",
+                "Amazon River", "Paris", "Zürich"]
+MERGE_CORPUS = [f"{t}\n" for t in MERGE_TITLES[:-1] + ["Mercury (planet)", "Jordan (country)"]] + [
+    "[Text]The news.\n[Question]What does it mentioned in the text refer to?\n[Answer]"]
+# Qwen2.5's pre-tokenizer split (from its tokenizer.json): punctuation keeps the newlines after
+# it (" ?[^\s\p{L}\p{N}]+[\r\n]*"), so byte-level BPE learns ")\n" as one token
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+              r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """Qwen2.5-style byte-level BPE: the Qwen split regex, then bytes; ")\n" is one token."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(MERGE_CORPUS * 5, trainer)
+    return _wrap(tok)
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer():
+    """Gemma-style SentencePiece BPE with byte fallback: spaces become '▁', no pre-tokenizer
+    split (pieces may hold a newline), characters outside the vocabulary become <0xNN> bytes."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=len(specials) + 150, special_tokens=specials)
+    tok.train_from_iterator(MERGE_CORPUS * 5, trainer)
     return _wrap(tok)
 
 

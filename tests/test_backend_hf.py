@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gemel.backends.hf import HFBackend
+from gemel.beam import score_titles
 from gemel.kb import KnowledgeBase
 from gemel.linker import Linker, LinkerConfig
 from gemel.model import GemelModel
@@ -29,10 +30,16 @@ def mention(i: int, text: str, word: str) -> Mention:
 
 
 def exhaustive_scores(linker: Linker, m: Mention) -> list[float]:
-    """Teacher-forced log-probability of every title (title tokens + terminator) after the prompt."""
+    """Teacher-forced log-probability of every title after the prompt: the best over all its
+    token paths (title tokens + terminator, or ending in a token merged with the terminator)."""
     embeds, mask = linker.model.embed([linker.builder.build(m)])
-    seqs = [[linker.trie.sequence(i) for i in range(len(linker.kb.titles))]]
-    return linker.backend.score(embeds, mask, seqs)[0]
+    paths = [linker.trie.paths(i) for i in range(len(linker.kb.titles))]
+    flat = linker.backend.score(embeds, mask, [[p for ps in paths for p in ps]])[0]
+    out, at = [], 0
+    for ps in paths:
+        out.append(max(flat[at:at + len(ps)]))
+        at += len(ps)
+    return out
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
@@ -49,12 +56,60 @@ def test_exhaustive_beam_equals_argmax(family, device, sp_tokenizer, bpe_tokeniz
         m = mention(trial, rng.choice(TEXTS), rng.choice(["Paris", "Jordan", "Amazon", "Queen"]))
         result = linker.link([m], top_k=len(titles))[0]
         assert {c.title for c in result.candidates} <= set(titles)
+        assert len({c.title for c in result.candidates}) == len(result.candidates)  # no repeats
         assert len(result.candidates) == len(titles)  # every title finished, none lost
         scores = exhaustive_scores(linker, m)
         best = max(range(len(titles)), key=lambda i: scores[i])
         assert result.candidates[0].title == linker.kb.titles[best]
         for c in result.candidates:
             assert c.score == pytest.approx(scores[linker.kb.title_index(c.title)], abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen", "gemma"])
+def test_exhaustive_beam_over_every_path(family, qwen_tokenizer, gemma_tokenizer):
+    """Tokenizers whose newline merges with a title's end (Qwen-style ")\n", Gemma-style
+    SentencePiece with byte fallback): with beams >= titles the search equals the argmax over
+    every path of every title, a title's score is its best path's teacher-forced score, no title
+    comes twice, and candidate-restricted search (sub-tries) keeps every path of its titles."""
+    from tests.conftest import MERGE_TITLES
+
+    tokenizer = qwen_tokenizer if family == "qwen" else gemma_tokenizer
+    rng = random.Random(1)
+    merged_best = 0
+    newline = tokenizer("x\n", add_special_tokens=False)["input_ids"][-1]
+    for trial in range(4):
+        model = tiny_llama(len(tokenizer), seed=trial)
+        if trial >= 2:  # a model that likes the lone newline: the `title + "\n"` path can win
+            head = torch.nn.Linear(32, len(tokenizer), bias=True)
+            with torch.no_grad():
+                head.weight.copy_(model.lm_head.weight)
+                head.bias.zero_()
+                head.bias[newline] = 8.0
+            model.lm_head = head
+        linker = make_linker(model, tokenizer, MERGE_TITLES, num_beams=len(MERGE_TITLES))
+        trie = linker.trie
+        assert len(trie.terminator_merged) >= 3
+        m = mention(trial, rng.choice(TEXTS), rng.choice(["Queen", "Amazon", "Star Trek"]))
+        result = linker.link([m], top_k=len(MERGE_TITLES))[0]
+        titles = [c.title for c in result.candidates]
+        assert sorted(titles) == sorted(MERGE_TITLES)  # each title once, none lost
+        scores = exhaustive_scores(linker, m)
+        assert titles[0] == MERGE_TITLES[max(range(len(scores)), key=scores.__getitem__)]
+        for c in result.candidates:
+            assert c.score == pytest.approx(scores[linker.kb.title_index(c.title)], abs=1e-4)
+        embeds, mask = linker.model.embed([linker.builder.build(m)])
+        fused = score_titles(linker.backend, embeds, mask, trie, [range(len(MERGE_TITLES))])[0]
+        assert fused == pytest.approx(scores, abs=1e-4)  # fusion scores a title the same way
+        single = linker.backend.score(embeds, mask,
+                                      [[trie.sequence(i) for i in range(len(scores))]])[0]
+        merged_best += sum(s > single[i] + 1e-6 for i, s in enumerate(scores))  # a 2nd path won
+        chosen = [0, 2, 4, 7]
+        sub = linker.backend.search(embeds, mask, [trie.subtrie(chosen)], num_beams=len(chosen),
+                                    top_k=len(chosen))[0]
+        assert sorted(h.title_index for h in sub) == chosen
+        for h in sub:
+            assert h.logprob == pytest.approx(scores[h.title_index], abs=1e-4)
+    assert merged_best > 0  # the case is exercised: somewhere the non-natural path scored best
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -151,7 +206,75 @@ def test_scoring_after_search_reuses_the_prefill_and_agrees(family, llama_pair, 
     small = HFStepper(model, embeds, mask).score(seqs, rows_per_pass=5)
     for a, b in zip(fresh, small):
         assert a == pytest.approx(b, abs=1e-4)
-    every = linker.backend.score(embeds, mask, [[linker.trie.sequence(i) for i in range(len(TITLES))]] * 3)
-    for p, hs in enumerate(hyps):
-        for h in hs:
-            assert h.logprob == pytest.approx(every[p][h.title_index], abs=1e-4)
+    paths = [linker.trie.paths(i) for i in range(len(TITLES))]
+    every = linker.backend.score(embeds, mask, [[q for ps in paths for q in ps]] * 3)
+    best = score_titles(linker.backend, embeds, mask, linker.trie, [range(len(TITLES))] * 3)
+    for p, hs in enumerate(hyps):  # a title's search score: one of its paths' (3 beams: not
+        for h in hs:               # always the best one), and at most the best of them
+            forced = dict(zip(map(tuple, (q for ps in paths for q in ps)), every[p]))
+            assert any(len(q) == h.n_tokens and h.logprob == pytest.approx(forced[tuple(q)], abs=1e-4)
+                       for q in paths[h.title_index])
+            assert h.logprob <= best[p][h.title_index] + 1e-4
+    if family == "llama":  # the SentencePiece-style tokenizer merges "Kingdom" with the newline
+        assert any(len(ps) > 1 for ps in paths)
+
+
+def full_forward_scores(model, embeds, mask, sequences) -> list[list[float]]:
+    """Reference: each (prompt, sequence) run from scratch, no cache, full log-softmax."""
+    out = []
+    emb = model.get_input_embeddings()
+    for p, seqs in enumerate(sequences):
+        prompt = embeds[p][mask[p].bool()]
+        row = []
+        for seq in seqs:
+            x = torch.cat([prompt, emb(torch.tensor(seq))])[None]
+            with torch.no_grad():
+                logp = model(inputs_embeds=x).logits[0].float().log_softmax(-1)
+            start = prompt.shape[0] - 1
+            row.append(sum(logp[start + i, t].item() for i, t in enumerate(seq)))
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_scores_equal_a_full_forward_without_cache(family, shared, llama_pair, opt_pair):
+    """Teacher-forced scores (shared prompt prefix or expanded cache, logits only where a token is
+    scored, in vocabulary blocks) equal a plain forward of prompt + title with a full log-softmax,
+    for left-padded prompts of different lengths and titles of different lengths."""
+    from gemel.backends import hf
+
+    model, tok = llama_pair if family == "llama" else opt_pair
+    linker = make_linker(model, tok, TITLES, num_beams=3)
+    ms = [mention(0, "Paris.", "Paris"), mention(1, TEXTS[2] + " " + TEXTS[0], "London"),
+          mention(2, TEXTS[1], "Amazon")]
+    embeds, mask = linker.model.embed([linker.builder.build(m) for m in ms])
+    seqs = [[linker.trie.sequence(i) for i in range(len(TITLES)) if (i + p) % 3] for p in range(3)]
+    stepper = hf.HFStepper(model, embeds, mask)
+    stepper.shared = shared and stepper.shared
+    assert stepper.shared == shared  # both paths run on these models
+    got = stepper.score(seqs, rows_per_pass=5)
+    want = full_forward_scores(model, embeds, mask, seqs)
+    for a, b in zip(got, want):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_shared_prefix_search_equals_expanded_cache_search(family, llama_pair, opt_pair):
+    """The beam search over a shared prompt prefix finds the same titles with the same scores as
+    the search that expands and reorders the prompt cache per row."""
+    from gemel.backends import hf
+    from gemel.beam import beam_search
+
+    model, tok = llama_pair if family == "llama" else opt_pair
+    linker = make_linker(model, tok, TITLES, num_beams=4)
+    ms = [mention(i, t, t.split()[0]) for i, t in enumerate(TEXTS)]
+    embeds, mask = linker.model.embed([linker.builder.build(m) for m in ms])
+    found = []
+    for shared in (True, False):
+        stepper = hf.HFStepper(model, embeds, mask)
+        stepper.shared = shared
+        found.append(beam_search(stepper, linker.trie, len(ms), num_beams=4, top_k=4))
+    for a, b in zip(*found):
+        assert [h.title_index for h in a] == [h.title_index for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)

@@ -87,6 +87,11 @@ def test_baseline_then_eval_json(tmp_path):
                                 "--no-progress"])
         assert r.exit_code == 0, r.output
         assert "H@1" in r.output
+    # another kind into the same --out is refused (it would mix two runs), the file is kept
+    before = (tmp_path / "prior.jsonl").read_text()
+    r = runner.invoke(cli, ["baseline", "--kind", "exact", "--kb", str(kb), "--data", str(data),
+                            "--out", str(tmp_path / "prior.jsonl"), "--no-progress"])
+    assert r.exit_code != 0 and (tmp_path / "prior.jsonl").read_text() == before
     rows = [json.loads(x) for x in (tmp_path / "exact.jsonl").read_text().splitlines()]
     assert [x["id"] for x in rows] == [m.id for m in TEST] and rows[0]["gold_id"] == ID["Michael Jordan"]
     out = tmp_path / "eval.json"
@@ -107,5 +112,26 @@ def test_baseline_then_eval_json(tmp_path):
     # a baseline that needs the prior fails before any work without --train
     r = runner.invoke(cli, ["baseline", "--kind", "combo", "--kb", str(kb), "--data", str(data),
                             "--out", str(tmp_path / "c.jsonl")])
-    assert r.exit_code != 0 and "--train" in str(r.exception or r.output)
+    assert r.exit_code == 2 and "--train" in r.output  # a GemelError: its message, exit code 2
     assert not (tmp_path / "c.jsonl").exists()
+
+
+def test_report_markdown_names_the_strongest_and_the_command():
+    from gemel.eval.reports import markdown
+    from gemel.eval.summary import evaluate_files
+
+    rows = {kind: [r.to_json() for r in run_baseline(kind, KB, TEST, TRAIN, k=3)]
+            for kind in ("exact", "prior")}
+    result = evaluate_files(list(rows.items()), TEST, train=TRAIN, kb=KB, n_resamples=50)
+    report = {"dataset": "toy", "split": "test", "limit": None, "mentions": len(TEST),
+              "train_mentions": len(TRAIN), "runs": [{"label": k, "kind": k, "seconds": 0.1}
+                                                      for k in rows],
+              "kbs": [{"name": "toy", "entities": len(KB), "with_description": 0, "note": "toy"}],
+              "strongest_baseline": "exact", "reference": {"exact": {"H@1": 40.0}},
+              "sentence_model": "minilm-l6-v2", "dtype": "fp32", "top_k": 3, "cpu_flags": "x",
+              "seconds_total": 1.0, **result}
+    text = markdown(report, "python -m gemel.eval.reports toy")
+    assert "python -m gemel.eval.reports toy" in text and "strongest baseline: exact" in text
+    assert "| **exact** |" in text and "| prior |" in text
+    assert "| exact | H@1 | 40.0 | 50.00 | +10.00 |" in text  # against the earlier figure
+    assert "| prior | -25.00 |" in text  # paired, other - strongest

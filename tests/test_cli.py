@@ -47,20 +47,36 @@ def test_build_trie_then_reuse(tmp_path, tiny_model_dir):
     r = CliRunner().invoke(cli, ["build-trie", "--kb", kb, "--out", str(trie_dir), "--model",
                                  str(tiny_model_dir)])
     assert r.exit_code == 0, r.output
-    assert (trie_dir / "trie.json").exists()
-    r = CliRunner().invoke(cli, ["link", "--kb", kb, "--data", str(REPO / "examples/mentions.jsonl"),
-                                 "--out", str(tmp_path / "p.jsonl"), "--model", str(tiny_model_dir),
-                                 "--trie", str(trie_dir), "--limit", "2", "--no-progress"])
+    info = json.loads((trie_dir / "trie.json").read_text())
+    merged = len(info["terminator_merged"])
+    assert merged > 0  # this tokenizer merges e.g. "Kingdom" with "\n"
+    assert f"{merged} title(s) merge their last characters with the terminator" in r.output
+    link = ["link", "--kb", kb, "--data", str(REPO / "examples/mentions.jsonl"),
+            "--out", str(tmp_path / "p.jsonl"), "--model", str(tiny_model_dir),
+            "--trie", str(trie_dir), "--limit", "2", "--no-progress"]
+    r = CliRunner().invoke(cli, link)
     assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "p.metrics.json").read_text())
+    assert metrics["trie_terminator_merged"] == merged
+    info["version"] = 2  # a trie saved by an older gemel is refused, with the fix
+    (trie_dir / "trie.json").write_text(json.dumps(info))
+    r = CliRunner().invoke(cli, link[:5] + ["--out", str(tmp_path / "q.jsonl")] + link[7:])
+    assert r.exit_code == 2 and "gemel build-trie" in r.output  # an input error, with its fix
 
 
 def test_bad_kb_line_is_named(tmp_path, tiny_model_dir):
     kb = tmp_path / "kb.jsonl"
     kb.write_text('{"id": "Q1", "title": "Paris"}\n{"id": "Q2"}\n')
-    r = CliRunner().invoke(cli, ["link", "--kb", str(kb), "--data", str(REPO / "examples/mentions.jsonl"),
-                                 "--out", str(tmp_path / "p.jsonl"), "--model", str(tiny_model_dir)])
-    assert r.exit_code != 0
-    assert "kb.jsonl" in str(r.exception) and "title" in str(r.exception)
+    args = ["link", "--kb", str(kb), "--data", str(REPO / "examples/mentions.jsonl"),
+            "--out", str(tmp_path / "p.jsonl"), "--model", str(tiny_model_dir), "--limit", "2",
+            "--no-progress"]
+    # by default the bad record is skipped and reported; --strict makes it an error (exit 2)
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert "1 bad KB records skipped" in r.output and "line 2, field 'title'" in r.output
+    r = CliRunner().invoke(cli, args + ["--strict"])
+    assert r.exit_code == 2
+    assert "kb.jsonl, record line 2, field 'title'" in r.output
 
 
 def test_link_release_shape_with_split(tmp_path, tiny_model_dir):
@@ -102,7 +118,7 @@ grid:
     # demos=0 ignores the retriever: 1 + 2 cells, not 4
     assert len(lines) == 1 + 3 and lines[1].startswith('"demos=0,retriever=-"')
     configs = json.loads((out / "cells.json").read_text())
-    assert configs["demos=2,retriever=bm25"]["retriever"] == "bm25"
+    assert configs["demos=2,retriever=bm25"]["config"]["retriever"] == "bm25"
     assert (out / "results.png").stat().st_size > 1000 and (out / "results.md").exists()
     first = {row["cell"]: row for row in csv.DictReader(open(out / "results.csv"))}
     assert all(float(row["s_per_mention"]) > 0 for row in first.values())
@@ -206,7 +222,7 @@ def test_fit_fusion_refits_from_kept_rows_of_several_shards(tmp_path):
     assert weights["llm_logprob"] == 0 and weights["similarity"] == 0 and weights["prior"] > 0
     unknown = CliRunner().invoke(cli, ["fit-fusion", "--rows", shards[0], "--out", str(out),
                                        "--drop", "llm_magic"])
-    assert unknown.exit_code != 0 and "llm_magic" in str(unknown.exception or unknown.output)
+    assert unknown.exit_code == 2 and "llm_magic" in unknown.output
     # neither rows nor dev mentions: a usage error, not a traceback
     bad = CliRunner().invoke(cli, ["fit-fusion", "--out", str(out)])
     assert bad.exit_code != 0 and "--rows" in bad.output

@@ -202,7 +202,8 @@ def test_mapper_trains_on_cuda_with_mixed_precision(tmp_path, sp_tokenizer):
 
 
 def test_only_target_tokens_carry_loss(tmp_path, sp_tokenizer):
-    """Labels are -100 everywhere but the gold title's trie sequence (title tokens + terminator)."""
+    """Labels are -100 everywhere but the gold title's natural trie path (title tokens and the
+    terminator, or their merged last token)."""
     from gemel.model import GemelModel
     from gemel.prompting import PromptBuilder
     from gemel.train import Item, build_batch
@@ -216,10 +217,14 @@ def test_only_target_tokens_carry_loss(tmp_path, sp_tokenizer):
                        image_embedder=lambda slots: torch.zeros(len(slots), 4, 32))
     items = [Item(m, kb.title_index(m.entity)) for m in mentions[:3]]
     batch = build_batch(items, builder, model, trie, 4, lambda m: [])
+    lp = len(sp_tokenizer(builder.answer_prefix, add_special_tokens=False)["input_ids"])
     for row, item in zip(batch.labels, items):
         target = [t for t in row.tolist() if t != -100]
         assert target == trie.sequence(item.title_index)
-        assert target[-1] == trie.terminator
+        # the natural tokenization of the answer as a demonstration shows it, newline included
+        natural = sp_tokenizer(builder.answer_prefix + item.mention.entity + "\n",
+                               add_special_tokens=False)["input_ids"][lp:]
+        assert target == natural and trie.value(trie.node_of(target)) == item.title_index
     # right-padded: the mask is a prefix of ones
     mask = batch.attention_mask
     assert torch.equal(mask, mask.cumprod(dim=1))

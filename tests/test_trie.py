@@ -1,6 +1,7 @@
 """EntityTrie: structure against a naive trie, persistence, sub-tries, tokenization boundaries."""
 from __future__ import annotations
 
+import json
 import string
 
 import numpy as np
@@ -205,6 +206,101 @@ def test_property_against_dict_trie(seqs, probes):
     check_against_naive(EntityTrie.build(seqs, T), seqs, extra=[tuple(p) for p in probes])
 
 
+# -- several paths per title (an end merged with the terminator) ------------------------------
+M = (100, 101, 102)  # "merged" end tokens: each holds a title's last characters and the terminator
+
+
+def with_merged(seqs, natural):
+    """Each title's paths, natural first: ``natural[i]`` where given, and ``seq + [T]``."""
+    return [([list(natural[i])] if i in natural and list(natural[i]) != list(s) + [T] else [])
+            + [list(s) + [T]] for i, s in enumerate(seqs)]
+
+
+def check_paths(trie: EntityTrie, paths, extra=()) -> None:
+    """The trie against a dict trie of every path; a leaf holds the first title ending there."""
+    root, first = {}, {}
+    for i, ps in enumerate(paths):
+        for q in ps:
+            node = root
+            for t in q:
+                node = node.setdefault(t, {})
+            first.setdefault(tuple(q), i)
+    prefixes = {()} | {tuple(q[:k]) for ps in paths for q in ps for k in range(len(q) + 1)}
+    for p in sorted(prefixes | set(extra)):
+        node = walk(root, p)
+        assert trie.allowed(list(p)).tolist() == (sorted(node) if node is not None else []), p
+        got = trie.node_of(list(p))
+        assert (got >= 0) == (node is not None), p
+        assert trie.value(got) == (first[p] if p in first else -1) if got >= 0 else True, p
+    for i, ps in enumerate(paths):
+        assert trie.paths(i) == ps and trie.sequence(i) == ps[0]
+        assert all(trie.value(trie.node_of(q)) == first[tuple(q)] for q in ps)
+
+
+@st.composite
+def merged_titles(draw):
+    seqs = draw(st.lists(st.lists(st.integers(1, 6), max_size=6), max_size=20))
+    natural = {}
+    for i in draw(st.sets(st.integers(0, max(len(seqs) - 1, 0)), max_size=len(seqs))):
+        if i < len(seqs):  # the title's last 0..2 tokens and the terminator merged into one
+            cut = max(len(seqs[i]) - draw(st.integers(0, 2)), 0)
+            natural[i] = seqs[i][:cut] + [draw(st.sampled_from(M))]
+    return seqs, natural
+
+
+@settings(max_examples=60, deadline=None)
+@given(merged_titles(), st.lists(st.lists(st.sampled_from([0, 1, 5, 6, 100, 101]), max_size=5),
+                                 max_size=10))
+def test_property_several_paths_per_title(titles, probes):
+    seqs, natural = titles
+    trie = EntityTrie.build(seqs, T, natural=natural)
+    paths = with_merged(seqs, natural)
+    check_paths(trie, paths, extra=[tuple(p) for p in probes])
+    chosen = sorted(set(range(0, len(seqs), 2)))
+    if chosen:  # a sub-trie keeps every path of its titles, and nothing else
+        sub = trie.subtrie(chosen)
+        for i in chosen:
+            assert sub.paths(i) == paths[i] and {sub.value(sub.node_of(q)) for q in paths[i]} \
+                <= set(chosen)
+        ends, stack = [], [(sub.root, [])]
+        while stack:
+            node, path = stack.pop()
+            if sub.value(node) >= 0:
+                ends.append(tuple(path))
+            stack.extend((int(k), path + [int(t)]) for t, k in zip(*sub.children(node)))
+        assert sorted(ends) == sorted({tuple(q) for i in chosen for q in paths[i]})
+
+
+def test_merged_paths_structure_save_and_load(tmp_path):
+    seqs = [[5, 6, 7], [5, 6], [9], [5, 6, 7]]  # title 3 repeats title 0
+    natural = {0: [5, 6, 100], 1: [5, 101], 3: [5, 6, 100]}
+    trie = EntityTrie.build(seqs, T, natural=natural)
+    assert trie.allowed([5, 6]).tolist() == [T, 7, 100]  # end here (two ways) or go on
+    assert trie.allowed([5]).tolist() == [6, 101]
+    assert trie.value(trie.node_of([5, 6, 100])) == trie.value(trie.node_of([5, 6, 7, T])) == 0
+    assert trie.value(trie.node_of([5, 101])) == trie.value(trie.node_of([5, 6, T])) == 1
+    assert trie.allowed([5, 6, 100]).size == 0 and trie.node_of([5, 6, 100, T]) == -1
+    assert trie.node_of([5, 102]) == -1 and trie.node_of([7, 100]) == -1
+    assert trie.leaf_mask(trie.children(trie.node_of([5, 6]))[1]).tolist() == [True, False, True]
+    assert trie.duplicates.tolist() == [[3, 0]]
+    assert trie.paths(3) == trie.paths(0) == [[5, 6, 100], [5, 6, 7, T]]
+    trie.save(tmp_path / "t")
+    loaded = EntityTrie.load(tmp_path / "t")
+    check_paths(loaded, with_merged(seqs, natural))
+    info = json.loads((tmp_path / "t" / "trie.json").read_text())
+    info["version"] = 2  # a trie saved before titles had several paths
+    (tmp_path / "t" / "trie.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match=r"version 2.*one token path per title.*gemel build-trie"):
+        EntityTrie.load(tmp_path / "t")
+
+
+def test_a_path_ending_inside_another_is_refused():
+    with pytest.raises(DataError, match="title 1.*ends where another title's path goes on"):
+        EntityTrie.build([[5, 6, 7], [5]], T, natural={1: [5, 6]})
+    with pytest.raises(DataError, match="terminator 0 before its end"):
+        EntityTrie.build([[5], [6]], T, natural={1: [6, T, 7]})
+
+
 # -- tokenization ------------------------------------------------------------------------------
 def _byte_bpe(corpus, vocab_size, use_regex=True):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -253,14 +349,17 @@ def test_boundary_merge_with_the_answer_prefix_is_reported():
     assert trie.sequence(0)[:-1] == tok("Paris", add_special_tokens=False)["input_ids"]
 
 
-def test_terminator_merge_is_reported():
+def test_terminator_merge_is_reported_and_ends_either_way():
     tok = _byte_bpe([c + ".\n" for c in string.ascii_letters] * 5, 261, use_regex=False)
     assert len(tok("Inc.\n", add_special_tokens=False)["input_ids"]) == 4  # ".\n" is one token
     trie = EntityTrie.from_titles(["Apple Inc.", "Rome"], tok, "[Answer]", "\n")
     assert trie.terminator_merged == ["Apple Inc."] and trie.boundary_merged == []
-    title = tok("[Answer]Apple Inc.", add_special_tokens=False)["input_ids"][len(
-        tok("[Answer]", add_special_tokens=False)["input_ids"]):]
-    assert trie.sequence(0) == title + [trie.terminator]
+    lp = len(tok("[Answer]", add_special_tokens=False)["input_ids"])
+    title = tok("[Answer]Apple Inc.", add_special_tokens=False)["input_ids"][lp:]
+    demo = tok("[Answer]Apple Inc.\n", add_special_tokens=False)["input_ids"][lp:]
+    assert trie.sequence(0) == demo != title + [trie.terminator]  # natural: ".\n" merged
+    assert trie.paths(0) == [demo, title + [trie.terminator]]
+    assert trie.paths(1) == [trie.sequence(1)] and trie.sequence(1)[-1] == trie.terminator
 
 
 def test_sentencepiece_style_newline_is_a_byte_token():
@@ -334,3 +433,45 @@ def test_shared_hash_entries_fall_back_to_walking():
     assert trie.allowed([5, 6]).tolist() == [7] and trie.node_of([5, 6, 7, T]) >= 0
     assert trie.value(trie.node_of([5, 6, 7, T])) == 0
     check_against_naive(trie, seqs)
+
+
+@pytest.mark.parametrize("family", ["qwen", "gemma"])
+def test_tokenizer_families_end_titles_as_they_tokenize(family, qwen_tokenizer, gemma_tokenizer,
+                                                        tmp_path):
+    """Qwen-style byte-level BPE (")\\n" one token) and Gemma-style SentencePiece with byte
+    fallback: a title's natural path is its tokens in a demonstration, up to the token that holds
+    the newline; a title merged with the newline also ends as its own tokens + the newline; both
+    paths reach the same title, in the trie, a sub-trie and a reloaded trie."""
+    from tests.conftest import MERGE_TITLES
+
+    tok = qwen_tokenizer if family == "qwen" else gemma_tokenizer
+    trie = EntityTrie.from_titles(MERGE_TITLES, tok, "[Answer]", "\n")
+    term = trie.terminator
+    assert tok.decode([term]) == "\n" and trie.boundary_merged == []
+    lp = len(tok("[Answer]", add_special_tokens=False)["input_ids"])
+    merged = []
+    for i, title in enumerate(MERGE_TITLES):
+        demo = tok("[Answer]" + title + "\n", add_special_tokens=False)["input_ids"][lp:]
+        own = tok("[Answer]" + title, add_special_tokens=False)["input_ids"][lp:]
+        assert trie.sequence(i) == demo  # what the model reads in its demonstrations
+        assert tok.decode(demo) == title + "\n"
+        if demo[-1] != term:  # the newline merged with the title's end: ")\n", "Trek\n"
+            merged.append(title)
+            assert trie.paths(i) == [demo, own + [term]]
+            assert "\n" in tok.decode(demo[-1:]) and tok.decode(demo[-1:]) != "\n"
+        else:
+            assert trie.paths(i) == [demo]
+        for q in trie.paths(i):
+            assert trie.value(trie.node_of(q)) == i and trie.allowed(q).size == 0
+    assert merged == trie.terminator_merged and "Star Trek (film)" in merged
+    if family == "gemma":  # byte fallback: "Zürich" is bytes, "ü" two of them
+        zurich = trie.sequence(MERGE_TITLES.index("Zürich"))
+        assert tok.convert_ids_to_tokens(zurich)[:3] == ["<0x5A>", "<0xC3>", "<0xBC>"]
+    sub = trie.subtrie([0, 3, 7])
+    trie.save(tmp_path / "t")
+    loaded = EntityTrie.load(tmp_path / "t")
+    for i in range(len(MERGE_TITLES)):
+        assert loaded.paths(i) == trie.paths(i)
+        if i in (0, 3, 7):
+            assert sub.paths(i) == trie.paths(i)
+            assert all(sub.value(sub.node_of(q)) == i for q in trie.paths(i))

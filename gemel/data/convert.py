@@ -17,17 +17,21 @@ def convert(src: str | os.PathLike, out_mentions: str | os.PathLike,
             images_dir: str | os.PathLike | None = None, kb_from: str = "gold",
             qid2ne: str | os.PathLike | None = None, qid2abs: str | os.PathLike | None = None,
             kb_entity: str | os.PathLike | None = None, qid2id: str | os.PathLike | None = None,
-            limit: int | None = None, nil: str = "keep") -> dict:
+            limit: int | None = None, nil: str = "keep", on_bad: str = "raise") -> dict:
     """Write the selected mentions of ``src`` as our JSONL, and a KB JSONL when ``out_kb`` is given.
 
     The KB is built from *every* record of ``src``, whatever ``split``/``limit`` select: a KB made
     from the test split's answers alone would hand the model the answer set.
     ``kb_from``: "gold" (the gold QIDs and titles), "names" (``qid2ne``, or for MIMIC-shaped files
     ``kb_entity`` + ``qid2id``, found beside ``src`` when not given) or "both".
-    ``qid2abs`` gives descriptions. Returns the counts (mentions, NIL, images, KB size ...).
+    ``qid2abs`` gives descriptions. ``on_bad``: "raise" or "skip" (bad records left out and
+    counted as ``bad_records``). Returns the counts (mentions, NIL, images, KB size ...).
     """
     src = Path(src)
-    mentions, report = read_release(src, fmt, split, splits_path, images_dir, limit, nil)
+    if on_bad not in ("raise", "skip"):
+        raise DataError(f"on_bad must be 'raise' or 'skip' here, not {on_bad!r}", field="on_bad")
+    mentions, report = read_release(src, fmt, split, splits_path, images_dir, limit, nil,
+                                    on_bad=on_bad)
     n = write_mentions(mentions, out_mentions)
     summary = {"source": str(src), "format": report.format, "split": split,
                "records": report.records, "mentions": n, "nil": report.nil,
@@ -35,6 +39,7 @@ def convert(src: str | os.PathLike, out_mentions: str | os.PathLike,
                "images_dir": report.images_dir,
                "split_ids": report.split_ids, "split_ids_absent": report.split_ids_absent,
                "dropped_overlap": report.dropped_overlap, "empty_records": report.empty_records,
+               "bad_records": report.bad.to_json(),
                "out_mentions": str(out_mentions)}
     if out_kb is None:
         return summary
@@ -42,7 +47,7 @@ def convert(src: str | os.PathLike, out_mentions: str | os.PathLike,
     if split is None and limit is None and nil == "keep":
         every = mentions
     else:
-        every, _ = read_release(src, report.format, find_images=False)
+        every, _ = read_release(src, report.format, find_images=False, on_bad=on_bad)
     names = None
     if qid2ne is not None:
         names = kb_from_names(qid2ne, qid2abs)

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 from urllib.parse import unquote
 
 from gemel.data.images import ImageFinder
-from gemel.data.records import id_field, text_field
+from gemel.data.records import guarded, id_field, text_field
 from gemel.data.report import ReadReport
 from gemel.data.wikimel import record_mentions
 from gemel.errors import DataError
@@ -42,26 +42,34 @@ def image_names(img_path: str) -> list[str]:
 
 
 def read_mimic(path: Path, data: Any, select: set[str] | None, images: ImageFinder,
-               report: ReadReport) -> Iterator[Mention]:
+               report: ReadReport, on_bad: str = "raise") -> Iterator[Mention]:
     if not isinstance(data, list):
         raise DataError(f"expected a JSON list of mention records, got a {type(data).__name__}",
                         path=path,
                         fix="is this WikiMEL (an object keyed by id)? pass fmt='wikimel'")
     for index, rec in enumerate(data):
-        if not isinstance(rec, dict):
-            raise DataError(f"expected an object, got {type(rec).__name__}", path=path,
-                            record=f"index {index}")
-        rid = id_field(rec, "id", path, f"index {index}")
-        rid = str(index) if rid is None else rid
+        rid = rec.get("id") if isinstance(rec, dict) else None
+        rid = str(index) if rid is None else str(rid)
         if select is not None and rid not in select:
             continue
-        where = f"index {index} (id {rid})"
         report.records += 1
-        img_path = text_field(rec, "imgPath", path, where, required=False)
-        found = record_mentions(
-            rec, rid, path, where,
-            lambda n: images.find(image_names(img_path), n_mentions=n) if img_path else None,
-            unquote_text=unquote)
-        if not found:
-            report.empty_records += 1
-        yield from found
+        yield from guarded(lambda: _record(path, index, rec, images, report), report, on_bad,
+                           f"index {index}", rid)
+
+
+def _record(path: Path, index: int, rec: object, images: ImageFinder,
+            report: ReadReport) -> list[Mention]:
+    if not isinstance(rec, dict):
+        raise DataError(f"expected an object, got {type(rec).__name__}", path=path,
+                        record=f"index {index}")
+    rid = id_field(rec, "id", path, f"index {index}")
+    rid = str(index) if rid is None else rid
+    where = f"index {index} (id {rid})"
+    img_path = text_field(rec, "imgPath", path, where, required=False)
+    found = record_mentions(
+        rec, rid, path, where,
+        lambda n: images.find(image_names(img_path), n_mentions=n) if img_path else None,
+        unquote_text=unquote)
+    if not found:
+        report.empty_records += 1
+    return found

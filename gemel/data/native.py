@@ -18,7 +18,8 @@ from typing import Iterable, Iterator
 from gemel.data.images import ImageFinder
 from gemel.data.report import ReadReport
 from gemel.errors import DataError
-from gemel.types import Mention
+from gemel.textfile import decode_line, iter_lines
+from gemel.types import BadMention, Mention
 
 _KEYS = ("id", "text", "mention", "image", "bbox", "polygon", "entity_id", "entity")
 _FIX = ('each line: {"id": "m1", "text": "...", "mention": "...", "image": null, "bbox": null, '
@@ -31,47 +32,74 @@ def sentence_id(mention_id: str) -> str:
 
 
 def read_native(path: Path, select: set[str] | None, images: ImageFinder,
-                report: ReadReport) -> Iterator[Mention]:
-    """Mentions from our JSONL. ``select``: ids (or their record part, see :func:`sentence_id`)."""
+                report: ReadReport, on_bad: str = "raise") -> Iterator[Mention]:
+    """Mentions from our JSONL. ``select``: ids (or their record part, see :func:`sentence_id`).
+
+    ``on_bad`` (see :data:`gemel.errors.ON_BAD`): a bad line raises, is skipped, or becomes a
+    :class:`BadMention` (id: its own when it has one, else ``"<line N>"``); each is counted in
+    ``report.bad``. A duplicate id is an error under "raise" and "row" (predictions are keyed
+    by id), skipped under "skip".
+    """
     seen: dict[str, int] = {}
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as err:
-        raise DataError(f"cannot read the file: {err.strerror}", path=path) from err
-    with handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"line {lineno}"
+    for lineno, raw in iter_lines(path, "mentions file"):
+        if not raw.strip():
+            continue
+        where = f"line {lineno}"
+        rid = None
+        try:
+            line = decode_line(raw, path, lineno)
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"not valid JSON ({err.msg}, column {err.colno})", path=path,
-                                record=where, fix=_FIX) from err
+                                record=where, fix=_FIX) from None
             if not isinstance(rec, dict):
                 raise DataError(f"expected a JSON object, got {type(rec).__name__}", path=path,
                                 record=where, fix=_FIX)
+            rid = _raw_id(rec)
+            if rid is not None and select is not None and rid not in select \
+                    and sentence_id(rid) not in select:
+                continue
             m = _parse(rec, path, where)
             if m.id in seen:
-                raise DataError(f"duplicate mention id {m.id!r} (first on line {seen[m.id]})",
-                                path=path, record=where, field="id",
-                                fix="mention ids must be unique: predictions are keyed by them")
+                raise _Duplicate(f"duplicate mention id {m.id!r} (first on line {seen[m.id]})",
+                                 path=path, record=where, field="id",
+                                 fix="mention ids must be unique: predictions are keyed by them")
             seen[m.id] = lineno
-            if select is not None and m.id not in select and sentence_id(m.id) not in select:
-                continue
             if m.image is not None:
                 found = images.find([m.image])
                 m = Mention(m.id, m.text, m.mention, found, m.bbox, m.polygon, m.entity_id,
                             m.entity)
-            report.records += 1
-            yield m
+        except DataError as err:
+            # a repeated id cannot be an error row either: two rows would share the id
+            if on_bad == "raise" or (on_bad == "row" and isinstance(err, _Duplicate)):
+                raise
+            report.bad.add(err)
+            if on_bad == "row":
+                report.records += 1
+                row_id = rid if rid and rid not in seen else f"<line {lineno}>"
+                seen[row_id] = lineno
+                yield BadMention(row_id, "", error=str(err))
+            continue
+        report.records += 1
+        yield m
+
+
+class _Duplicate(DataError):
+    """A mention id seen on an earlier line."""
+
+
+def _raw_id(rec: dict) -> str | None:
+    """The record's id as a string when it has a usable one (for selection and error rows)."""
+    mid = rec.get("id")
+    if isinstance(mid, int) and not isinstance(mid, bool):
+        return str(mid)
+    return mid if isinstance(mid, str) and mid else None
 
 
 def _parse(rec: dict, path: Path, where: str) -> Mention:
-    mid = rec.get("id")
-    if isinstance(mid, int) and not isinstance(mid, bool):
-        mid = str(mid)
-    if not isinstance(mid, str) or not mid:
+    mid = _raw_id(rec)
+    if mid is None:
         raise DataError("the mention id must be a non-empty string", path=path, record=where,
                         field="id", fix=_FIX)
     where = f"{where} (id {mid!r})"

@@ -14,7 +14,7 @@ from gemel.data.shape import FORMATS, detect, is_jsonl, load_json
 from gemel.data.splits import load_split
 from gemel.data.wikidiverse import read_wikidiverse
 from gemel.data.wikimel import read_wikimel
-from gemel.errors import DataError
+from gemel.errors import DataError, check_on_bad
 from gemel.types import Mention
 
 log = logging.getLogger("gemel.data")
@@ -26,8 +26,8 @@ _READERS = {"wikidiverse": read_wikidiverse, "wikimel": read_wikimel, "mimic": r
 def read_release(path: str | os.PathLike, fmt: str = "auto", split: str | None = None,
                  splits_path: str | os.PathLike | None = None,
                  images_dir: str | os.PathLike | None = None, limit: int | None = None,
-                 nil: str = "keep", *,
-                 find_images: bool = True) -> tuple[list[Mention], ReadReport]:
+                 nil: str = "keep", *, find_images: bool = True,
+                 on_bad: str = "raise") -> tuple[list[Mention], ReadReport]:
     """Read mentions from our JSONL or a public release, with a report of what was kept.
 
     ``fmt``: "auto" (from the JSON shape) or one of :data:`FORMATS`. ``split`` with
@@ -37,7 +37,11 @@ def read_release(path: str | os.PathLike, fmt: str = "auto", split: str | None =
     ``nil``: "keep" (marked, see :mod:`gemel.data.nil`) | "drop".
     ``find_images=False`` skips the image lookup (every image None, nothing counted): for passes
     that need only the text and gold, such as building a KB.
+    ``on_bad`` (:data:`gemel.errors.ON_BAD`): a bad record raises its DataError ("raise"), is
+    left out ("skip") or becomes a :class:`~gemel.types.BadMention` in its place ("row", for the
+    mentions to link); skipped and row records are counted in ``report.bad``.
     """
+    check_on_bad(on_bad)
     path = Path(path)
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}", path=path, field="fmt",
@@ -66,9 +70,9 @@ def read_release(path: str | os.PathLike, fmt: str = "auto", split: str | None =
     defaults = {"native": (), "mimic": IMAGE_FOLDERS, "vpwiki": IMAGE_FOLDERS}.get(fmt, ("images",))
     images = ImageFinder(path.parent, images_dir, report, defaults=defaults, enabled=find_images)
     if fmt == "native":
-        stream = read_native(path, select, images, report)
+        stream = read_native(path, select, images, report, on_bad)
     else:
-        stream = _READERS[fmt](path, data, select, images, report)
+        stream = _READERS[fmt](path, data, select, images, report, on_bad)
 
     out: list[Mention] = []
     seen: set[str] = set()
@@ -77,8 +81,12 @@ def read_release(path: str | os.PathLike, fmt: str = "auto", split: str | None =
             report.limited = True
             break
         if m.id in seen:  # native checks its own lines; this catches releases with repeated ids
-            raise DataError(f"two mentions get the id {m.id!r}", path=path, record=m.id,
+            err = DataError(f"two mentions get the id {m.id!r}", path=path, record=m.id,
                             field="id", fix="record ids must be unique within a file")
+            if on_bad != "skip":  # predictions are keyed by id: two rows cannot share one
+                raise err
+            report.bad.add(err)
+            continue
         seen.add(m.id)
         if is_nil(m):
             report.nil += 1
@@ -94,16 +102,20 @@ def read_release(path: str | os.PathLike, fmt: str = "auto", split: str | None =
 def read_mentions(path: str | os.PathLike, fmt: str = "auto", split: str | None = None,
                   splits_path: str | os.PathLike | None = None,
                   images_dir: str | os.PathLike | None = None, limit: int | None = None,
-                  nil: str = "keep") -> list[Mention]:
+                  nil: str = "keep", on_bad: str = "raise") -> list[Mention]:
     """Mentions from our JSONL or a public release (see :func:`read_release`).
 
     Logs one warning when images named by the records are not found (the mentions are kept,
-    text only) and when split ids have no record.
+    text only), one naming the first bad records (``on_bad`` "skip" or "row"), and when split
+    ids have no record.
     """
-    mentions, report = read_release(path, fmt, split, splits_path, images_dir, limit, nil)
-    message = report.missing_images_message()
-    if message:
-        log.warning(message)
+    mentions, report = read_release(path, fmt, split, splits_path, images_dir, limit, nil,
+                                    on_bad=on_bad)
+    for message in (report.missing_images_message(),
+                    report.bad.message("records", "made error rows" if on_bad == "row"
+                                       else "skipped")):
+        if message:
+            log.warning(message)
     if report.split_ids_absent:
         log.info("%s: %d of the %d ids listed for split %r have no record in the file",
                  path, report.split_ids_absent, report.split_ids, split)

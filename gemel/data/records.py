@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gemel.data.nil import NIL
+from gemel.data.report import ReadReport
 from gemel.errors import DataError
+from gemel.types import BadMention, Mention
 
 # Gold answers that mean "not in the KB" in the public releases (MIMIC drops them; we keep them).
 NIL_ANSWERS = frozenset({"nil", "none", ""})
@@ -85,3 +87,16 @@ def gold(answer: object, title: object, path: Path, record: object,
         raise DataError(f"expected an entity title (string), got {type(title).__name__}",
                         path=path, record=record, field=title_field)
     return str(answer).strip(), (title if title else None)
+
+
+def guarded(produce: Callable[[], list[Mention]], report: ReadReport, on_bad: str, where: str,
+            rid: str | None) -> list[Mention]:
+    """The mentions of one release record, or what ``on_bad`` makes of its DataError: raised,
+    skipped (counted in ``report.bad``), or one :class:`BadMention` row for the whole record."""
+    try:
+        return produce()
+    except DataError as err:
+        if on_bad == "raise":
+            raise
+        report.bad.add(err)
+        return [BadMention(rid or f"<{where}>", "", error=str(err))] if on_bad == "row" else []

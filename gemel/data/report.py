@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from gemel.errors import BadRecords
+
 
 @dataclass
 class ReadReport:
@@ -25,9 +27,13 @@ class ReadReport:
     empty_records: int = 0  # records with no mention at all (kept out)
     limited: bool = False  # reading stopped at `limit`
     notes: list[str] = field(default_factory=list)
+    bad: BadRecords = field(default_factory=BadRecords)  # bad records skipped or made error rows
+
+    def __post_init__(self) -> None:
+        self.bad.path = self.path
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "bad": self.bad.to_json()}
 
     def missing_images_message(self) -> str | None:
         """A one-line warning when some images were not found, else None."""

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from gemel.errors import DataError
+from gemel.textfile import iter_lines, read_text
 
 FORMATS = ("native", "wikidiverse", "wikimel", "mimic", "vpwiki")
 
@@ -15,10 +16,7 @@ _FIX = ("pass the format explicitly (fmt=..., CLI --format) if the file is one o
 
 def load_json(path: Path) -> Any:
     """The parsed JSON document, or a DataError naming the file and the position."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise DataError(f"cannot read the file: {err.strerror}", path=path) from err
+    text = read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -32,13 +30,10 @@ def is_jsonl(path: Path) -> bool:
     """True when the file is JSON lines (our native mentions) rather than one JSON document."""
     if path.suffix.lower() == ".jsonl":
         return True
+    first = next((raw for _, raw in iter_lines(path) if raw.strip()), b"")
     try:
-        with path.open(encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), "")
-    except OSError as err:
-        raise DataError(f"cannot read the file: {err.strerror}", path=path) from err
-    try:
-        rec = json.loads(first)
+        # only the shape matters here: a bad byte is named later, with its line, by the reader
+        rec = json.loads(first.decode("utf-8", errors="replace"))
     except json.JSONDecodeError:
         return False  # a multi-line JSON document
     return isinstance(rec, dict) and "text" in rec

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from gemel.errors import DataError
+from gemel.textfile import read_text
 
 _EVAL = ("val", "dev", "valid", "validation")
 # Lower number wins a record listed in two splits.
@@ -30,9 +31,7 @@ def load_split(path: str | Path, split: str) -> tuple[set[str], int, int]:
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise DataError(f"cannot read the split file: {err.strerror}", path=path) from err
+        data = json.loads(read_text(path, "split file"))
     except json.JSONDecodeError as err:
         raise DataError(f"not valid JSON ({err.msg}, line {err.lineno})", path=path) from err
     if not isinstance(data, dict):

@@ -9,47 +9,65 @@ One Mention per item of ``mention``, id ``f"{sentence_id}-{i}"`` (i from 0), gol
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Iterator
 
 from gemel.data.images import ImageFinder
-from gemel.data.records import gold, id_field, list_or_str, same_lengths, text_field
+from gemel.data.records import (gold, guarded, id_field, list_or_str, same_lengths,
+                                text_field)
 from gemel.data.report import ReadReport
 from gemel.errors import DataError
 from gemel.types import Mention
 
 
 def read_wikidiverse(path: Path, data: Any, select: set[str] | None, images: ImageFinder,
-                     report: ReadReport) -> Iterator[Mention]:
+                     report: ReadReport, on_bad: str = "raise") -> Iterator[Mention]:
     if not isinstance(data, list):
         raise DataError(f"expected a JSON list of sentences, got a {type(data).__name__}",
                         path=path,
                         fix="is this WikiMEL (an object keyed by id)? pass fmt='wikimel'")
     for index, rec in enumerate(data):
-        if not isinstance(rec, dict):
-            raise DataError(f"expected an object, got {type(rec).__name__}", path=path,
-                            record=f"index {index}")
-        sid = id_field(rec, "id", path, f"index {index}")
-        sid = str(index) if sid is None else sid
+        sid = rec.get("id") if isinstance(rec, dict) else None
+        sid = str(index) if sid is None else str(sid)
         if select is not None and sid not in select:
             continue
-        where = f"index {index} (id {sid})"
-        text = text_field(rec, "sentence", path, where)
-        words, _ = list_or_str(rec, "mention", path, where)
-        answers, _ = list_or_str(rec, "answer", path, where)
-        titles, _ = list_or_str(rec, "entity", path, where, required=False)
-        n = same_lengths({"mention": words, "answer": answers,
-                          "entity": titles if "entity" in rec else None}, path, where)
         report.records += 1
-        if n == 0:
-            report.empty_records += 1
-            continue
-        img_path = text_field(rec, "imgPath", path, where, required=False)
-        image = images.find([img_path], n_mentions=n) if img_path else None
-        for i in range(n):
-            mention = words[i]
-            if not isinstance(mention, str):
-                raise DataError(f"item {i} is a {type(mention).__name__}, expected a string",
-                                path=path, record=where, field="mention")
-            entity_id, title = gold(answers[i], titles[i] if titles else None, path, where)
-            yield Mention(f"{sid}-{i}", text, mention, image, None, None, entity_id, title)
+        yield from guarded(lambda: _sentence(path, index, rec, images, report), report, on_bad,
+                           f"index {index}", sid)
+
+
+def _sentence(path: Path, index: int, rec: object, images: ImageFinder,
+              report: ReadReport) -> list[Mention]:
+    if not isinstance(rec, dict):
+        raise DataError(f"expected an object, got {type(rec).__name__}", path=path,
+                        record=f"index {index}")
+    sid = id_field(rec, "id", path, f"index {index}")
+    sid = str(index) if sid is None else sid
+    where = f"index {index} (id {sid})"
+    text = text_field(rec, "sentence", path, where)
+    words, _ = list_or_str(rec, "mention", path, where)
+    answers, _ = list_or_str(rec, "answer", path, where)
+    titles, _ = list_or_str(rec, "entity", path, where, required=False)
+    n = same_lengths({"mention": words, "answer": answers,
+                      "entity": titles if "entity" in rec else None}, path, where)
+    if n == 0:
+        report.empty_records += 1
+        return []
+    img_path = text_field(rec, "imgPath", path, where, required=False)
+    out = []
+    for i in range(n):
+        mention = words[i]
+        if not isinstance(mention, str) or not mention.strip():
+            got = (f"a {type(mention).__name__}" if not isinstance(mention, str)
+                   else f"{mention!r} (blank)")
+            raise DataError(f"item {i} is {got}, expected the mention string", path=path,
+                            record=where, field="mention",
+                            fix="give each mention its words in the sentence, or drop the item "
+                            "from the mention, entity and answer lists")
+        entity_id, title = gold(answers[i], titles[i] if titles else None, path, where)
+        out.append(Mention(f"{sid}-{i}", text, mention, None, None, None, entity_id, title))
+    image = images.find([img_path], n_mentions=n) if img_path else None
+    if image is not None:
+        out = [dataclasses.replace(m, image=image) for m in out]
+    return out

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from gemel.data.images import ImageFinder
-from gemel.data.records import gold, id_field, list_or_str, same_lengths, text_field
+from gemel.data.records import (gold, guarded, id_field, list_or_str, same_lengths,
+                                text_field)
 from gemel.data.report import ReadReport
 from gemel.errors import DataError
 from gemel.types import Mention
@@ -57,21 +58,28 @@ def record_mentions(rec: dict, rid: str, path: Path, where: str,
 
 
 def read_wikimel(path: Path, data: Any, select: set[str] | None, images: ImageFinder,
-                 report: ReadReport) -> Iterator[Mention]:
+                 report: ReadReport, on_bad: str = "raise") -> Iterator[Mention]:
     if not isinstance(data, dict):
         raise DataError(f"expected a JSON object keyed by record id, got a {type(data).__name__}",
                         path=path, fix="is this WikiDiverse or MIMIC (a list)? pass fmt=")
     for key, rec in data.items():
-        if not isinstance(rec, dict):
-            raise DataError(f"expected an object, got {type(rec).__name__}", path=path,
-                            record=f"id {key}")
-        rid = id_field(rec, "id", path, f"id {key}") or key
+        rid = rec.get("id") if isinstance(rec, dict) else None
+        rid = key if rid is None else str(rid)
         if select is not None and rid not in select:
             continue
-        where = f"id {rid}"
         report.records += 1
-        found = record_mentions(rec, rid, path, where,
-                                lambda n: images.find([f"{rid}.jpg"], n_mentions=n))
-        if not found:
-            report.empty_records += 1
-        yield from found
+        yield from guarded(lambda: _record(path, key, rec, images, report), report, on_bad,
+                           f"id {key}", rid)
+
+
+def _record(path: Path, key: str, rec: object, images: ImageFinder,
+            report: ReadReport) -> list[Mention]:
+    if not isinstance(rec, dict):
+        raise DataError(f"expected an object, got {type(rec).__name__}", path=path,
+                        record=f"id {key}")
+    rid = id_field(rec, "id", path, f"id {key}") or key
+    found = record_mentions(rec, rid, path, f"id {rid}",
+                            lambda n: images.find([f"{rid}.jpg"], n_mentions=n))
+    if not found:
+        report.empty_records += 1
+    return found

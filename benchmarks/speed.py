@@ -1,0 +1,423 @@
+"""Linking speed: seconds per mention, achieved prefill GFLOP/s against a matmul peak measured in
+the same run, and where the time goes — per model, per number of demonstrations, pure generation
+and fused.
+
+    python benchmarks/speed.py                                  # SmolLM2 + Qwen 1.5B, 0/4/16 demos
+    python benchmarks/speed.py --models smollm2-135m-instruct --demos 16 --limit 20
+    python benchmarks/speed.py --dtype fp32 --limit 50 --demos 4 --save-reference ref.jsonl
+    python benchmarks/speed.py --dtype fp32 --limit 50 --demos 4 --check ref.jsonl
+
+Data: the first ``--limit`` WikiDiverse test mentions, demonstrations retrieved (simcse) from the
+train split, KB = every gold title (``gemel convert --data WikiDiverse.json --out wd_all.jsonl
+--kb-out wd_kb.jsonl``). Each cell is timed ``--repeats`` times after a warm-up batch; the table
+shows the repeat with the median total, and its phases:
+
+  retrieval  demonstrations (simcse) + KB candidates and similarities (fusion)
+  prompt     building the prompt text, tokenizing and embedding it
+  prefill    the prompts' forward pass (one per batch)
+  decode     the beam search's model steps
+  search     the beam search's own work (trie, top-k) outside the model
+  scoring    fusion's teacher-forced scoring of the titles the beams did not reach
+  other      the rest (fusion features, results)
+
+Prefill GFLOP/s counts the useful work only: 2 x non-embedding parameters per real prompt token,
+plus causal attention (2 x L^2 x attention width per layer) and one LM-head row per prompt;
+padding is waste, not work. The machine is shared: every figure is an upper bound on the time an
+idle machine needs (the load average is printed beside it).
+
+``--save-reference`` writes, per mention, the pure-generation candidates and the fused pool's LLM
+scores; ``--check`` compares a run with such a file: same top-1 (generation and fused) and every
+score within ``--tolerance`` (1e-4; meaningful in fp32). Both use the largest ``--demos`` value.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikidiverse"
+DEFAULT_MODELS = ["smollm2-135m-instruct", "/work/models/qwen2.5-coder-1.5b-instruct.gguf"]
+PHASES = ("retrieval", "prompt", "prefill", "decode", "search", "scoring", "other")
+# The issue's targets (for a 2-core AMX machine, bf16)
+TARGET_PREFILL_SHARE = 0.5
+TARGET_S_PER_MENTION = {("smollm2", 16): 0.25, ("qwen2.5-coder-1.5b", 4): 1.0}
+TARGET_FUSED_RATIO = 1.3
+
+
+# -- machine ---------------------------------------------------------------------------------------
+def cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore")
+    except OSError:
+        return []
+    return sorted(set(re.findall(r"\b(avx2|avx512f|avx512_bf16|avx512_vnni|amx_bf16|amx_tile)\b",
+                                 text)))
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 7) -> float:
+    """Median GFLOP/s of an n x n x n matmul in ``dtype`` on this CPU, now."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# -- where the time goes ----------------------------------------------------------------------------
+class PhaseClock:
+    """Exclusive time per phase: a wrapped call's time minus the wrapped calls inside it."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.stack: list[float] = []  # child time accumulated by each open call
+        self.prefill_tokens = 0  # real prompt tokens prefilled
+        self.padded_tokens = 0  # prompt positions computed, padding included
+        self.prefill_lengths: list[int] = []
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def wrap(self, phase: str, fn):
+        def timed(*args, **kwargs):
+            self.stack.append(0.0)
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                total = time.perf_counter() - t
+                children = self.stack.pop()
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + total - children
+                if self.stack:
+                    self.stack[-1] += total
+        return timed
+
+
+@contextmanager
+def instrumented(linker, clock: PhaseClock):
+    """Time the linker's phases (patches instance methods and the HF stepper; undone on exit)."""
+    from gemel.backends import hf
+
+    patched = []
+
+    def patch(obj, name, phase):
+        if obj is None or not hasattr(obj, name):
+            return
+        original = getattr(obj, name)
+        patched.append((obj, name, original, name in vars(obj)))
+        setattr(obj, name, clock.wrap(phase, original))
+
+    start = hf.HFStepper.start
+
+    def counted_start(stepper):
+        mask = stepper.mask
+        clock.prefill_tokens += int(mask.sum())
+        clock.padded_tokens += mask.numel()
+        clock.prefill_lengths.extend(mask.sum(-1).tolist())
+        return start(stepper)
+
+    hf.HFStepper.start = clock.wrap("prefill", counted_start)
+    patch(hf.HFStepper, "advance", "decode")
+    patch(hf.HFStepper, "score", "scoring")
+    patch(linker.backend, "search", "search")
+    patch(linker.builder, "build", "prompt")
+    patch(linker.model, "embed", "prompt")
+    patch(linker.retriever, "query_batch", "retrieval")
+    patch(linker.candidate_retriever, "top", "retrieval")
+    patch(linker.candidate_retriever, "similarity", "retrieval")
+    try:
+        yield clock
+    finally:
+        hf.HFStepper.start = start
+        for obj, name, original, own in reversed(patched):
+            if own or isinstance(obj, type):
+                setattr(obj, name, original)
+            else:
+                delattr(obj, name)
+
+
+def prefill_flops(config, lengths: list[int], n_params_body: int) -> float:
+    """Useful FLOPs of prefilling prompts of these real lengths (see the module docstring)."""
+    text = getattr(config, "text_config", None) or config
+    layers = text.num_hidden_layers
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    width = heads * head_dim
+    lm_head = 2 * text.hidden_size * text.vocab_size
+    return sum(2 * n_params_body * n + 2 * layers * n * n * width + lm_head for n in lengths)
+
+
+def body_parameters(model) -> int:
+    """Parameters that every token passes through: all but the input embeddings and the LM head."""
+    skip = {id(model.get_input_embeddings().weight)}
+    out = model.get_output_embeddings()
+    if out is not None:
+        skip.add(id(out.weight))
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+# -- one cell ----------------------------------------------------------------------------------------
+def time_cell(linker, mentions, repeats: int) -> dict:
+    clock = PhaseClock()
+    runs = []
+    with instrumented(linker, clock):
+        linker.link(mentions[:linker.config.batch_size])  # warm-up: kernels, allocator, caches
+        for _ in range(repeats):
+            clock.reset()
+            t = time.perf_counter()
+            results = linker.link(mentions)
+            total = time.perf_counter() - t
+            phases = {p: clock.seconds.get(p, 0.0) for p in PHASES if p != "other"}
+            phases["other"] = max(total - sum(phases.values()), 0.0)
+            runs.append({"total": total, "phases": phases, "tokens": clock.prefill_tokens,
+                         "padded": clock.padded_tokens, "lengths": list(clock.prefill_lengths),
+                         "results": results})
+    runs.sort(key=lambda r: r["total"])
+    median = runs[len(runs) // 2]
+    median["all_totals"] = [r["total"] for r in runs]
+    return median
+
+
+def make_linker(base, backend, config, kb, train, trie, fused: bool):
+    from gemel.fusion import FEATURES, FusionModel
+    from gemel.linker import Linker
+
+    linker = Linker(config, kb, backend, trie=trie, train=train, retriever=base.retriever,
+                    candidate_retriever=base.candidate_retriever)
+    if fused:  # weights do not change the work; a fitted model would rank differently, as fast
+        linker.fusion = FusionModel({f: float(f == "llm_logprob") for f in FEATURES},
+                                    {"note": "speed benchmark: timing only"})
+        linker.keep_pool = True
+    return linker
+
+
+def reference_rows(pure, fused) -> list[dict]:
+    out = []
+    for p, f in zip(pure, fused):
+        pool = f.extra["pool"]
+        out.append({"id": p.mention_id,
+                    "generated": [[c.title, c.score] for c in p.candidates],
+                    "fused_top1": f.candidates[0].title if f.candidates else None,
+                    "pool": [[t, v[0]] for t, v in zip(pool["titles"], pool["values"])]})
+    return out
+
+
+def compare(rows: list[dict], reference: list[dict], tolerance: float) -> dict:
+    """Top-1 agreement and the largest score difference against a reference file."""
+    ref = {r["id"]: r for r in reference}
+    top1 = fused_top1 = n = 0
+    worst = 0.0
+    missing = 0
+    for r in rows:
+        if r["id"] not in ref:
+            missing += 1
+            continue
+        e, n = ref[r["id"]], n + 1
+        top1 += bool(r["generated"]) and bool(e["generated"]) and \
+            r["generated"][0][0] == e["generated"][0][0]
+        fused_top1 += r["fused_top1"] == e["fused_top1"]
+        ours = dict(map(tuple, r["generated"]))
+        for title, score in e["generated"]:
+            worst = max(worst, abs(ours.get(title, float("inf")) - score))
+        ours = dict(map(tuple, r["pool"]))
+        for title, score in e["pool"]:
+            worst = max(worst, abs(ours.get(title, float("inf")) - score))
+    ok = n > 0 and not missing and top1 == n and fused_top1 == n and worst <= tolerance
+    return {"mentions": n, "missing": missing, "same_top1": top1, "same_fused_top1": fused_top1,
+            "max_abs_score_diff": worst, "tolerance": tolerance, "identical": ok}
+
+
+# -- report --------------------------------------------------------------------------------------------
+def target_key(model: str) -> str:
+    name = Path(model).name.lower()
+    return "smollm2" if "smollm2" in name else "qwen2.5-coder-1.5b" if "1.5b" in name else name
+
+
+def verdict(value: float, floor: float, lower_is_better: bool = True) -> str:
+    ok = value <= floor if lower_is_better else value >= floor
+    return f"{'PASS' if ok else 'FAIL'} ({value:.3g} vs {floor:g}: {value / floor:.2f}x)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                    help="comma-separated model names or GGUF paths")
+    ap.add_argument("--demos", default="0,4,16", help="comma-separated demonstration counts")
+    ap.add_argument("--limit", type=int, default=20, help="first N WikiDiverse test mentions")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="auto", help="auto | fp32 | bf16")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the LinkerConfig's")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
+    ap.add_argument("--no-fused", action="store_true", help="time pure generation only")
+    ap.add_argument("--data", default=str(DATA / "WikiDiverse.json"))
+    ap.add_argument("--splits", default=str(DATA / "splits.json"))
+    ap.add_argument("--kb", default="/tmp/speed/wd_kb.jsonl",
+                    help="gemel convert --data WikiDiverse.json --out X --kb-out THIS")
+    ap.add_argument("--save-reference", default=None)
+    ap.add_argument("--check", default=None)
+    ap.add_argument("--tolerance", type=float, default=1e-4)
+    ap.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    args = ap.parse_args()
+
+    from gemel.backends.hf import HFBackend, pick_dtype
+    from gemel.data import read_mentions
+    from gemel.kb import KnowledgeBase
+    from gemel.linker import Linker, LinkerConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    demos = [int(x) for x in args.demos.split(",")]
+    kb = KnowledgeBase.from_jsonl(args.kb)
+    mentions = read_mentions(args.data, split="test", splits_path=args.splits, limit=args.limit)
+    test_sentences = {m.id.split("-")[0] for m in read_mentions(args.data, split="test",
+                                                                 splits_path=args.splits)}
+    # sentences listed in both train and test stay out of train (see the data README)
+    train = [m for m in read_mentions(args.data, split="train", splits_path=args.splits)
+             if m.id.split("-")[0] not in test_sentences]
+    dtype = pick_dtype("cpu", args.dtype)
+    flags = cpu_flags()
+    machine = {"cpu_flags": flags, "dtype": str(dtype).replace("torch.", ""),
+               "dtype_requested": args.dtype, "torch_threads": torch.get_num_threads(),
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
+               "python": platform.python_version(), "load_average_start": load_average()}
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    peak = peaks["bf16" if dtype == torch.bfloat16 else "fp32"]
+    print(f"CPU flags: {' '.join(flags)} | dtype {machine['dtype']} (--dtype {args.dtype}) | "
+          f"torch threads {machine['torch_threads']} | OMP_NUM_THREADS "
+          f"{machine['OMP_NUM_THREADS']} | load average {machine['load_average_start']}")
+    print(f"matmul peak (2048^3, median of 7): fp32 {peaks['fp32']:.1f} GFLOP/s, "
+          f"bf16 {peaks['bf16']:.1f} GFLOP/s; --dtype auto picks "
+          f"{pick_dtype('cpu').__repr__().replace('torch.', '')} "
+          "(bf16 when the CPU has AMX or AVX512-BF16, else fp32)")
+    print(f"{len(mentions)} WikiDiverse test mentions, KB {len(kb.titles)} titles, "
+          f"{len(train)} training mentions\n")
+
+    cells, report = [], {"machine": machine, "matmul_gflops": peaks}
+    base_linker = None
+    for model_name in args.models.split(","):
+        t = time.perf_counter()
+        backend = HFBackend.from_name(model_name, device="cpu", dtype=args.dtype)
+        load_s = time.perf_counter() - t
+        body = body_parameters(backend.model)
+        overrides = {"demos": max(demos), "model": model_name}
+        if args.batch_size:
+            overrides["batch_size"] = args.batch_size
+        config = replace(LinkerConfig(), **overrides)
+        # one fitted retriever pair for every model (sentence embeddings do not depend on the LLM)
+        if base_linker is None:
+            base_linker = Linker(config, kb, backend, train=train)
+            base_linker.kb_retriever()
+        trie = Linker(config, kb, backend, train=train, retriever=base_linker.retriever,
+                      candidate_retriever=base_linker.candidate_retriever).trie
+        for k in demos:
+            cfg = replace(config, demos=k)
+            row = {"model": model_name, "demos": k, "load_s": round(load_s, 1),
+                   "body_params": body, "batch_size": cfg.batch_size}
+            modes = [("pure", False)] + ([] if args.no_fused else [("fused", True)])
+            results = {}
+            for mode, fused in modes:
+                linker = make_linker(base_linker, backend, cfg, kb, train, trie, fused)
+                run = time_cell(linker, mentions, args.repeats)
+                results[mode] = run["results"]
+                flops = prefill_flops(backend.model.config, run["lengths"], body)
+                n = len(mentions)
+                row[mode] = {"s_per_mention": run["total"] / n,
+                             "totals": [round(x, 3) for x in run["all_totals"]],
+                             "phases_s_per_mention": {p: v / n for p, v in run["phases"].items()},
+                             "prompt_tokens_mean": run["tokens"] / max(len(run["lengths"]), 1),
+                             "padding_share": 1 - run["tokens"] / max(run["padded"], 1),
+                             "prefill_gflops": flops / max(run["phases"]["prefill"], 1e-9) / 1e9}
+                row[mode]["prefill_share_of_peak"] = row[mode]["prefill_gflops"] / peak
+            row["load_average"] = load_average()
+            cells.append(row)
+            print_row(row)
+            if k == max(demos) and (args.save_reference or args.check) and "fused" in results:
+                rows = reference_rows(results["pure"], results["fused"])
+                if args.save_reference:
+                    Path(args.save_reference).write_text(
+                        "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+                    print(f"  reference written: {args.save_reference}")
+                if args.check:
+                    ref = [json.loads(x) for x in Path(args.check).read_text().splitlines() if x]
+                    row["check"] = compare(rows, ref, args.tolerance)
+                    print(f"  check against {args.check}: {row['check']}")
+        del backend
+    report["cells"] = cells
+    print()
+    print_table(cells, peak, machine)
+    report["targets"] = targets(cells, peak)
+    for line in report["targets"]:
+        print(line)
+    print(f"load average at the end: {load_average()} (a shared machine: figures are upper bounds)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+
+def print_row(row: dict) -> None:
+    for mode in ("pure", "fused"):
+        if mode not in row:
+            continue
+        r = row[mode]
+        phases = " ".join(f"{p} {v:.3f}" for p, v in r["phases_s_per_mention"].items())
+        print(f"{Path(row['model']).name} demos={row['demos']} {mode}: {r['s_per_mention']:.3f} "
+              f"s/mention (repeats {r['totals']} s) | {r['prompt_tokens_mean']:.0f} prompt tokens, "
+              f"padding {100 * r['padding_share']:.0f}% | prefill {r['prefill_gflops']:.1f} GFLOP/s | "
+              f"{phases} | load {row['load_average']}", flush=True)
+
+
+def print_table(cells: list[dict], peak: float, machine: dict) -> None:
+    head = ("| model | demos | mode | s/mention | prompt tok | pad % | prefill GFLOP/s | % peak | "
+            + " | ".join(PHASES) + " |")
+    print(f"dtype {machine['dtype']}, CPU flags {' '.join(machine['cpu_flags'])}, torch threads "
+          f"{machine['torch_threads']}; phases in s/mention; median of repeats")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for row in cells:
+        for mode in ("pure", "fused"):
+            if mode not in row:
+                continue
+            r = row[mode]
+            print(f"| {Path(row['model']).name} | {row['demos']} | {mode} | "
+                  f"{r['s_per_mention']:.3f} | {r['prompt_tokens_mean']:.0f} | "
+                  f"{100 * r['padding_share']:.0f} | {r['prefill_gflops']:.1f} | "
+                  f"{100 * r['prefill_share_of_peak']:.0f} | "
+                  + " | ".join(f"{r['phases_s_per_mention'][p]:.3f}" for p in PHASES) + " |")
+
+
+def targets(cells: list[dict], peak: float) -> list[str]:
+    out = []
+    for row in cells:
+        key = (target_key(row["model"]), row["demos"])
+        name = f"{Path(row['model']).name} {row['demos']}-shot"
+        pure = row["pure"]
+        out.append(f"target prefill >= {TARGET_PREFILL_SHARE:.0%} of peak, {name}: "
+                   + verdict(pure["prefill_share_of_peak"], TARGET_PREFILL_SHARE, False))
+        if key in TARGET_S_PER_MENTION:
+            out.append(f"target s/mention, {name}: "
+                       + verdict(pure["s_per_mention"], TARGET_S_PER_MENTION[key]))
+        if "fused" in row:
+            out.append(f"target fused <= {TARGET_FUSED_RATIO}x pure, {name}: "
+                       + verdict(row["fused"]["s_per_mention"] / pure["s_per_mention"],
+                                 TARGET_FUSED_RATIO))
+    return out
+
+
+if __name__ == "__main__":
+    main()
