@@ -24,9 +24,8 @@ checkpoint, and how many top-1 answers training's evaluation and the link run sh
 the emblem test items (box only), against a run over the text mentions alone: both kinds are
 linked, and the text mentions' top-1 answers must be the same.
 
-``--only photos``: box-only mentions on the real WikiMEL photos (../shared/data/wikimel/images),
-boxes written by hand below around the pictured person; the caption is kept, the mention string
-dropped. A mapper is trained on the photos of the train split and linked on all of them.
+``--only probe``: no LLM — a logistic-regression probe reads the marked emblem from the frozen
+features of each (variant, vp-mode, layout): what each layout hands the mapper, in seconds.
 
 Models: the real ``dinov2-small`` encoder and SmolLM2-135M-Instruct, fp32 (``--dtype``).
 """
@@ -53,9 +52,6 @@ DISTRACTORS = ["Blue Triangle", "Green Circle", "Yellow Square", "Purple Star", 
                "Cyan Diamond", "Pink Ring", "Brown Hexagon"]
 TEXT = "A picture of two emblems side by side."
 SIZE = (320, 200)
-
-# real photos: WikiMEL id -> a box around the pictured person (x0, y0, x1, y1), written by hand
-PHOTO_BOXES: dict[str, list[float]] = {}
 
 
 def regular(cx: float, cy: float, r: float, n: int, start: float = -90.0,
@@ -213,6 +209,39 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
     return row
 
 
+def linear_probe(task: dict[str, Path], vp_mode: str, layout: str, cache_dir: Path) -> float:
+    """Test accuracy (%) of a logistic regression that reads the marked emblem from the frozen
+    features (train items -> test items): what the layout hands the mapper, without the LLM."""
+    import torch
+
+    from gemel.data import read_mentions
+    from gemel.vision import FeatureCache, VisionEncoder
+    from gemel.visual_prompt import VisualPrompt
+
+    enc = VisionEncoder.from_name("dinov2-small", layout=layout)
+    cache, prompt = FeatureCache(cache_dir), VisualPrompt(vp_mode)
+    xs, ys = [], []
+    for split in ("train", "test"):
+        ms = read_mentions(task[split])
+        xs.append(enc.encode_mentions(ms, prompt, cache=cache).flatten(1))
+        ys.append(torch.tensor([int(m.entity_id[1:]) for m in ms]))
+    mu, sd = xs[0].mean(0), xs[0].std(0) + 1e-6
+    xtr, xte = (xs[0] - mu) / sd, (xs[1] - mu) / sd
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(xtr.shape[1], len(EMBLEMS) + len(DISTRACTORS))
+    opt = torch.optim.LBFGS(probe.parameters(), max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(probe(xtr), ys[0]) + 1e-3 * probe.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return round(100.0 * float((probe(xte).argmax(1) == ys[1]).float().mean()), 1)
+
+
 def run_mixed(base: Path, cell_dir: Path, args) -> None:
     """WikiDiverse text mentions + emblem box-only items in one run, against the text alone."""
     from gemel.data import convert, read_mentions, write_mentions
@@ -273,7 +302,12 @@ def main() -> None:
                     "polygon:overlay:global,polygon:overlay:region,polygon:crop:global,"
                     "offcentre:overlay:global,offcentre:overlay:region,offcentre:crop:global",
                     help="variant:vp-mode:layout, comma-separated")
-    ap.add_argument("--only", choices=["cells", "mixed", "photos"], default=None)
+    ap.add_argument("--only", choices=["cells", "mixed", "probe"], default=None)
+    ap.add_argument("--probes", default="box:overlay:global,box:overlay:grid:2,box:overlay:grid:4,"
+                    "box:overlay:region,box:crop:global,box:overlay+crop:region,"
+                    "polygon:overlay:global,polygon:overlay:region,polygon:crop:global,"
+                    "offcentre:overlay:global,offcentre:overlay:region,offcentre:crop:global",
+                    help="variant:vp-mode:layout cells of the linear probe (no LLM)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--eval-every", type=int, default=0,
@@ -296,6 +330,13 @@ def main() -> None:
           f"batch {args.batch_size}, lr {args.lr}, beams {args.beams}, template {args.template}")
     base = Path(args.out)
     rows = []
+    if args.only in (None, "probe"):
+        print(f"\nlinear probe on the frozen features (which emblem is marked; train -> test):")
+        for cell in args.probes.split(","):
+            variant, vp_mode, layout = cell.split(":", 2)
+            task = make_emblem_task(base / f"task-{variant}", variant)
+            acc = linear_probe(task, vp_mode, layout, base / "features")
+            print(f"  {variant:<10} {vp_mode:<13} {layout:<8} {acc:>6.1f}", flush=True)
     if args.only in (None, "cells"):
         for cell in args.cells.split(","):
             variant, vp_mode, layout = cell.split(":", 2)

@@ -269,13 +269,16 @@ def checkpoint_template(folder: str | os.PathLike, config: dict):
         shipped = load_template(name)
     except GemelError:
         shipped = None
-    if block is None or (shipped is not None and shipped.block == block):
+    forms = config.get("template_forms") or {}  # one block per kind of mention, when it has them
+    if block is None or (shipped is not None and shipped.block == block
+                         and shipped.forms == (forms or shipped.forms)):
         if shipped is None:
             raise DataError(f"the checkpoint's template {name!r} is neither saved in it nor "
                             "shipped", path=Path(folder) / CONFIG, field="template")
         return shipped
     chat = config.get("template_chat", shipped.chat if shipped is not None else False)
-    return Template(name=name, block=block, chat=bool(chat), source=str(Path(folder) / CONFIG))
+    return Template(name=name, block=block, chat=bool(chat), source=str(Path(folder) / CONFIG),
+                    forms=dict(forms))
 
 
 def has_lora(folder: str | os.PathLike) -> bool:

@@ -637,6 +637,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None, 
             "llm": base_identity,
             "vp_mode": config.vp_mode, "template": template.name,
             "template_block": template.block, "template_chat": template.chat,
+            "template_forms": template.forms,
             "train": dataclasses.asdict(config)}
     mapper = LinearMapper(vision.feature_dim, base_identity["hidden_size"], n_tokens,
                           images_per_mention=prompt.n_images, meta=meta, out_dtype=emb_dtype)
