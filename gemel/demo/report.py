@@ -54,7 +54,10 @@ def plot_examples(path: Path, test, rows: list[dict], data_folder: Path, n: int 
     from matplotlib.patches import Rectangle
     from PIL import Image
 
-    chosen = [(m, r) for m, r in zip(test, rows) if m.image][:n]
+    # half photos named in the text, half box-only mentions: both kinds of visual input
+    with_image = [(m, r) for m, r in zip(test, rows) if m.image]
+    boxes = [(m, r) for m, r in with_image if m.bbox or m.polygon]
+    chosen = [x for x in with_image if x not in boxes][:n // 2] + boxes[:n - n // 2]
     cols = 4
     fig, axes = plt.subplots((len(chosen) + cols - 1) // cols, cols, figsize=(4 * cols, 3.4 *
                              ((len(chosen) + cols - 1) // cols)), squeeze=False)
