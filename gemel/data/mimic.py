@@ -24,7 +24,7 @@ from typing import Any, Iterator
 from urllib.parse import unquote
 
 from gemel.data.images import ImageFinder
-from gemel.data.records import guarded, id_field, text_field
+from gemel.data.records import id_field, release_records, text_field
 from gemel.data.report import ReadReport
 from gemel.data.wikimel import record_mentions
 from gemel.errors import DataError
@@ -47,14 +47,8 @@ def read_mimic(path: Path, data: Any, select: set[str] | None, images: ImageFind
         raise DataError(f"expected a JSON list of mention records, got a {type(data).__name__}",
                         path=path,
                         fix="is this WikiMEL (an object keyed by id)? pass fmt='wikimel'")
-    for index, rec in enumerate(data):
-        rid = rec.get("id") if isinstance(rec, dict) else None
-        rid = str(index) if rid is None else str(rid)
-        if select is not None and rid not in select:
-            continue
-        report.records += 1
-        yield from guarded(lambda: _record(path, index, rec, images, report), report, on_bad,
-                           f"index {index}", rid)
+    yield from release_records(enumerate(data), select, report, on_bad, "index",
+                               lambda key, rec: _record(path, key, rec, images, report))
 
 
 def _record(path: Path, index: int, rec: object, images: ImageFinder,

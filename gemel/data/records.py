@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from gemel.data.nil import NIL
 from gemel.data.report import ReadReport
@@ -100,3 +100,21 @@ def guarded(produce: Callable[[], list[Mention]], report: ReadReport, on_bad: st
             raise
         report.bad.add(err)
         return [BadMention(rid or f"<{where}>", "", error=str(err))] if on_bad == "row" else []
+
+
+def release_records(items: Iterable[tuple[Any, object]], select: set[str] | None,
+                    report: ReadReport, on_bad: str, label: str,
+                    parse: Callable[[Any, object], list[Mention]]) -> Iterator[Mention]:
+    """The mentions of a release's records, the loop every release reader shares.
+
+    ``items`` yields (key, record): the list index or the dict key, which is also the record's id
+    when it names none. Records whose id is not in ``select`` are passed over; ``parse(key,
+    record)`` turns one record into mentions, its DataError handled by :func:`guarded`.
+    """
+    for key, rec in items:
+        rid = rec.get("id") if isinstance(rec, dict) else None
+        rid = str(key) if rid is None else str(rid)
+        if select is not None and rid not in select:
+            continue
+        report.records += 1
+        yield from guarded(lambda: parse(key, rec), report, on_bad, f"{label} {key}", rid)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from gemel.data.images import ImageFinder
-from gemel.data.records import (gold, guarded, id_field, list_or_str, same_lengths,
+from gemel.data.records import (gold, release_records, id_field, list_or_str, same_lengths,
                                 text_field)
 from gemel.data.report import ReadReport
 from gemel.errors import DataError
@@ -27,14 +27,8 @@ def read_wikidiverse(path: Path, data: Any, select: set[str] | None, images: Ima
         raise DataError(f"expected a JSON list of sentences, got a {type(data).__name__}",
                         path=path,
                         fix="is this WikiMEL (an object keyed by id)? pass fmt='wikimel'")
-    for index, rec in enumerate(data):
-        sid = rec.get("id") if isinstance(rec, dict) else None
-        sid = str(index) if sid is None else str(sid)
-        if select is not None and sid not in select:
-            continue
-        report.records += 1
-        yield from guarded(lambda: _sentence(path, index, rec, images, report), report, on_bad,
-                           f"index {index}", sid)
+    yield from release_records(enumerate(data), select, report, on_bad, "index",
+                               lambda key, rec: _sentence(path, key, rec, images, report))
 
 
 def _sentence(path: Path, index: int, rec: object, images: ImageFinder,

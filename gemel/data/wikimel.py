@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from gemel.data.images import ImageFinder
-from gemel.data.records import (gold, guarded, id_field, list_or_str, same_lengths,
+from gemel.data.records import (gold, release_records, id_field, list_or_str, same_lengths,
                                 text_field)
 from gemel.data.report import ReadReport
 from gemel.errors import DataError
@@ -62,14 +62,8 @@ def read_wikimel(path: Path, data: Any, select: set[str] | None, images: ImageFi
     if not isinstance(data, dict):
         raise DataError(f"expected a JSON object keyed by record id, got a {type(data).__name__}",
                         path=path, fix="is this WikiDiverse or MIMIC (a list)? pass fmt=")
-    for key, rec in data.items():
-        rid = rec.get("id") if isinstance(rec, dict) else None
-        rid = key if rid is None else str(rid)
-        if select is not None and rid not in select:
-            continue
-        report.records += 1
-        yield from guarded(lambda: _record(path, key, rec, images, report), report, on_bad,
-                           f"id {key}", rid)
+    yield from release_records(data.items(), select, report, on_bad, "id",
+                               lambda key, rec: _record(path, key, rec, images, report))
 
 
 def _record(path: Path, key: str, rec: object, images: ImageFinder,
