@@ -815,7 +815,6 @@ def _build_levels(paths: dict, n_titles: int) -> dict:
     row_title = paths.pop("title")
     n = len(row_start)
     tbits = max(int(flat.max()) + 1 if len(flat) else 1, 1).bit_length()
-    tmask = np.uint64((1 << tbits) - 1)
     idx_dtype = np.int32 if len(flat) + 1 < 2 ** 31 else np.int64
     at = row_start.astype(idx_dtype, copy=False)  # each active row's position in flat at depth d
     last = row_last.astype(idx_dtype, copy=False)  # ... and of its last token
@@ -842,37 +841,8 @@ def _build_levels(paths: dict, n_titles: int) -> dict:
         start = level_start[-1]  # the first node id of depth d + 1
         tok = flat[at]  # the one random gather per level; at and rows move with the sort
         any_end = bool((at == last).any())
-        ibits = max(k - 1, 1).bit_length()
-        pbits = max(count - 1, 1).bit_length()
-        if pbits + tbits + ibits <= _KEY_BITS:
-            key = prank
-            key <<= np.uint64(tbits + ibits)
-            t64 = tok.astype(np.uint64)
-            del tok
-            t64 <<= np.uint64(ibits)
-            key |= t64
-            del t64
-            key |= positions[:k]
-            key.sort()
-            order = (key & np.uint64((1 << ibits) - 1)).view(np.int64)
-            key >>= np.uint64(ibits)  # (parent rank, token)
-            new = np.empty(k, dtype=bool)
-            new[0] = True
-            np.not_equal(key[1:], key[:-1], out=new[1:])
-            first = np.flatnonzero(new)
-            kf = key[first]
-            new_par = (kf >> np.uint64(tbits)).astype(np.int64)
-            new_tok = (kf & tmask).astype(np.int32)
-            del kf, key
-        else:  # too many bits to pack: an argsort-based (slower) path, same result
-            order = np.lexsort((tok, prank))
-            par_s, tok_s = prank[order], tok[order]
-            new = np.empty(k, dtype=bool)
-            new[0] = True
-            new[1:] = (par_s[1:] != par_s[:-1]) | (tok_s[1:] != tok_s[:-1])
-            first = np.flatnonzero(new)
-            new_par, new_tok = par_s[first].astype(np.int64), tok_s[first].astype(np.int32)
-            del tok, par_s, tok_s
+        order, new, new_par, new_tok = _group_level(prank, tok, positions[:k], count, tbits)
+        del tok
         rows, at, last = rows[order], at[order], last[order]
         del order
         ends = at == last if any_end else None
@@ -888,7 +858,7 @@ def _build_levels(paths: dict, n_titles: int) -> dict:
         cs -= counts
         cs += start
         edge[start:start + n_new] = new_tok
-        del cs, counts, first, new_tok
+        del cs, counts, new_tok
         if any_end:
             # rows of one node are adjacent: a node where one path ends and another goes on
             # shows as two neighbours of one group that disagree
@@ -940,6 +910,45 @@ def _build_levels(paths: dict, n_titles: int) -> dict:
                   title_leaf=title_leaf, title_ids=None, alt_leaf=alt.reshape(-1, 2),
                   duplicates=np.unique(dups, axis=0).reshape(-1, 2))
     return arrays
+
+
+def _group_level(prank: np.ndarray, tok: np.ndarray, positions: np.ndarray, count: int,
+                 tbits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sort one level's k active rows by (parent rank, token) and find where new nodes start.
+
+    prank: uint64 [k], each row's node rank at depth d (consumed: the fast path shifts it in
+    place); tok: [k] each row's token d; positions: uint64 [k] = 0..k-1; count: nodes at depth d.
+    Returns order [k] (rows in sorted order), new: bool [k] (a row that starts a node), and the
+    new nodes' parent ranks (int64) and tokens (int32).
+    """
+    k = len(tok)
+    ibits = max(k - 1, 1).bit_length()
+    pbits = max(count - 1, 1).bit_length()
+    new = np.empty(k, dtype=bool)
+    new[0] = True
+    if pbits + tbits + ibits <= _KEY_BITS:
+        # ONE np.sort of packed keys (parent | token | position) instead of an argsort
+        key = prank
+        key <<= np.uint64(tbits + ibits)
+        t64 = tok.astype(np.uint64)
+        t64 <<= np.uint64(ibits)
+        key |= t64
+        del t64
+        key |= positions
+        key.sort()
+        order = (key & np.uint64((1 << ibits) - 1)).view(np.int64)
+        key >>= np.uint64(ibits)  # (parent rank, token)
+        np.not_equal(key[1:], key[:-1], out=new[1:])
+        kf = key[np.flatnonzero(new)]
+        del key
+        return (order, new, (kf >> np.uint64(tbits)).astype(np.int64),
+                (kf & np.uint64((1 << tbits) - 1)).astype(np.int32))
+    # too many bits to pack: an argsort-based (slower) path, same result
+    order = np.lexsort((tok, prank))
+    par_s, tok_s = prank[order], tok[order]
+    new[1:] = (par_s[1:] != par_s[:-1]) | (tok_s[1:] != tok_s[:-1])
+    first = np.flatnonzero(new)
+    return order, new, par_s[first].astype(np.int64), tok_s[first].astype(np.int32)
 
 
 def _tuple_hash(seq: Sequence[int]) -> int:
