@@ -5,14 +5,16 @@ generation and fused, in one run (run it in the vLLM virtual environment; see RE
         [/work/models/qwen2.5-coder-1.5b-instruct.gguf] --out runs/backends
 
 Per model: both backends load the same weights in the same dtype (``--dtype``, default auto),
-share one trie and one bm25 demonstration retriever (``--demos`` 4), and link the first
+share one trie and one demonstration retriever (``--retriever`` simcse, ``--demos`` 4), and link the first
 ``--limit`` test mentions (KB = every gold title of the release) after a one-batch warm-up, once
 for pure generation and once fused (a fusion model fitted with the HF backend on the first
 ``--fit-val`` val mentions, or ``--fusion F.json``). Each backend runs at its own batch size
 (``--hf-batch-size``, ``--vllm-batch-size``: vLLM gains from large batches, HF pads). Printed:
-mentions/s, H@1/H@5, the speed-up, and how far the two agree (top-1 equal, |score difference|
-where it is), with the CPU flags and dtype; written to ``<out>/backends.json`` and ``.md``.
-Timings on a shared machine are upper bounds.
+mentions per wall second and per CPU second (this process and its children: vLLM's engine;
+on a shared machine the fairer figure), H@1/H@5, the speed-ups, vLLM's engine requests, calls,
+seconds inside ``generate`` and prompt tokens computed vs found in the prefix cache, and how far
+the two agree (top-1 equal, |score difference| where it is), with the CPU flags and dtype;
+written to ``<out>/backends.json`` and ``.md``. Timings on a shared machine are upper bounds.
 """
 from __future__ import annotations
 
@@ -32,21 +34,30 @@ def cpu_flags() -> str:
     return " ".join(sorted(set(re.findall(r"\b(avx2|avx512f|avx512_bf16|amx_bf16)\b", text))))
 
 
-def timed_link(linker, mentions) -> tuple[list, float]:
-    linker.link(mentions[:linker.config.batch_size])  # warm-up: kernels, caches, allocator
-    t0 = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and all its descendants that are
+    alive (vLLM's engine processes): on a shared machine wall time depends on the other jobs,
+    CPU time much less."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:  # a helper that ended meanwhile
+            continue
+        total += t.user + t.system
+    return total
+
+
+def timed_link(linker, mentions) -> tuple[list, float, float]:
+    """Link ``mentions`` after a one-batch warm-up (kernels, caches, allocator) -> (results,
+    wall seconds, CPU seconds)."""
+    linker.link(mentions[:linker.config.batch_size])
+    t0, c0 = time.perf_counter(), cpu_seconds()
     results = linker.link(mentions)
-    return results, time.perf_counter() - t0
-
-
-def agreement(a: list, b: list) -> dict:
-    """Top-1 agreement of two runs over the same mentions, and the top-1 score gaps where equal."""
-    same = [(x, y) for x, y in zip(a, b) if x.candidates and y.candidates
-            and x.candidates[0].entity_id == y.candidates[0].entity_id]
-    gaps = [abs(x.candidates[0].score - y.candidates[0].score) for x, y in same]
-    return {"top1_agree_pct": round(100.0 * len(same) / max(len(a), 1), 2),
-            "max_score_gap": round(max(gaps), 4) if gaps else None,
-            "mean_score_gap": round(sum(gaps) / len(gaps), 4) if gaps else None}
+    return results, time.perf_counter() - t0, cpu_seconds() - c0
 
 
 def main() -> None:
@@ -57,6 +68,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["smollm2-135m-instruct"])
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--demos", type=int, default=4)
+    ap.add_argument("--retriever", default="simcse", help="demonstration retriever [simcse]")
     ap.add_argument("--beams", type=int, default=5)
     ap.add_argument("--hf-batch-size", type=int, default=4)
     ap.add_argument("--vllm-batch-size", type=int, default=32)
@@ -71,11 +83,10 @@ def main() -> None:
     from gemel.backends.base import get_backend
     from gemel.data import read_mentions
     from gemel.data.kbsources import build_kb
-    from gemel.eval.metrics import hits_at_k
+    from gemel.eval.metrics import hits_at_k, top1_agreement
     from gemel.fusion import fit_on_mentions
     from gemel.kb import KnowledgeBase
     from gemel.linker import Linker, LinkerConfig
-    from gemel.retrieval import get_retriever
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,7 +96,7 @@ def main() -> None:
     test = read_mentions(args.data, split="test", limit=args.limit, **split)
     val = read_mentions(args.data, split="val", limit=args.fit_val, **split)
     train = [m for m in read_mentions(args.data, split="train", **split) if m.entity_id]
-    retriever = get_retriever("bm25").fit(train)
+    retriever = None  # fitted by the first Linker, then shared
     report = {"cpu_flags": cpu_flags(), "mentions": len(test), "kb_titles": len(kb.titles),
               "demos": args.demos, "beams": args.beams, "models": {}}
     rows_md = []
@@ -96,8 +107,10 @@ def main() -> None:
             backends[name] = get_backend(name, model, device="auto", dtype=args.dtype)
             load[name] = round(time.perf_counter() - t0, 1)
         dtype = str(backends["hf"].dtype).replace("torch.", "")
-        base = LinkerConfig(model=model, demos=args.demos, retriever="bm25", num_beams=args.beams)
+        base = LinkerConfig(model=model, demos=args.demos, retriever=args.retriever,
+                            num_beams=args.beams)
         hf0 = Linker(base, kb, backends["hf"], train=train, retriever=retriever)
+        retriever = hf0.retriever
         fusion = args.fusion
         if "fused" in args.modes and fusion is None:
             fusion = str(out / f"fusion-{Path(model).stem}.json")
@@ -114,30 +127,44 @@ def main() -> None:
                     fusion=fusion if mode == "fused" else None)
                 linker = Linker(config, kb, backends[name], trie=hf0.trie, train=train,
                                 retriever=retriever)
-                got, seconds = timed_link(linker, test)
+                got, seconds, cpu = timed_link(linker, test)
                 hits = hits_at_k([r.to_json() for r in got], (1, 5))
                 results[name] = (got, {"mentions_per_s": round(len(test) / seconds, 3),
                                        "seconds": round(seconds, 1),
+                                       "mentions_per_cpu_s": round(len(test) / cpu, 3),
+                                       "cpu_seconds": round(cpu, 1),
                                        "batch_size": config.batch_size,
                                        "H@1": hits["H@1"], "H@5": hits["H@5"]})
-                if name == "vllm":
-                    results[name][1]["engine_requests"] = backends[name].requests
+                if name == "vllm":  # where vLLM's time goes: engine calls vs gemel's own work
+                    stats = backends[name].stats
+                    results[name][1]["engine"] = {k: round(v, 1) if isinstance(v, float) else v
+                                                  for k, v in stats.items()}
+                    stats.update(dict.fromkeys(stats, 0))
             mode_entry = {name: r for name, (_, r) in results.items()}
             mode_entry["speedup"] = round(mode_entry["vllm"]["mentions_per_s"]
                                           / mode_entry["hf"]["mentions_per_s"], 2)
-            mode_entry["agreement"] = agreement(results["vllm"][0], results["hf"][0])
+            mode_entry["cpu_speedup"] = round(mode_entry["vllm"]["mentions_per_cpu_s"]
+                                              / mode_entry["hf"]["mentions_per_cpu_s"], 2)
+            mode_entry["agreement"] = top1_agreement([r.to_json() for r in results["hf"][0]],
+                                                [r.to_json() for r in results["vllm"][0]])
             entry["modes"][mode] = mode_entry
             rows_md.append(f"| {model} | {dtype} | {mode} | {mode_entry['hf']['mentions_per_s']} "
                            f"| {mode_entry['vllm']['mentions_per_s']} | {mode_entry['speedup']}x "
+                           f"| {mode_entry['hf']['mentions_per_cpu_s']} "
+                           f"| {mode_entry['vllm']['mentions_per_cpu_s']} "
+                           f"| {mode_entry['cpu_speedup']}x "
                            f"| {mode_entry['hf']['H@1']} / {mode_entry['vllm']['H@1']} "
                            f"| {mode_entry['agreement']['top1_agree_pct']} |")
             print(json.dumps({model: {mode: mode_entry}}), flush=True)
         report["models"][model] = entry
         backends.clear()
-    table = ("| model | dtype | mode | hf mentions/s | vllm mentions/s | speed-up | H@1 hf / vllm "
-             "| top-1 agree % |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows_md))
+    table = ("| model | dtype | mode | hf mentions/s | vllm mentions/s | speed-up "
+             "| hf mentions/CPU-s | vllm mentions/CPU-s | CPU speed-up | H@1 hf / vllm "
+             "| top-1 agree % |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+             + "\n".join(rows_md))
     note = (f"\nCPU flags: {report['cpu_flags']}; {len(test)} WikiDiverse test mentions, "
-            f"{args.demos} bm25 demonstrations, {args.beams} beams; batch hf {args.hf_batch_size}"
+            f"{args.demos} {args.retriever} demonstrations, {args.beams} beams; "
+            f"batch hf {args.hf_batch_size}"
             f", vllm {args.vllm_batch_size}; timings on a shared machine are upper bounds.\n")
     (out / "backends.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "backends.md").write_text(table + "\n" + note, encoding="utf-8")

@@ -45,6 +45,18 @@ def generation_rows(rows: Iterable[dict]) -> list[dict]:
 _BLOCK = 1 << 22  # resampled indices drawn per block (~32 MiB of int64): caps memory for large n
 
 
+def top1_agreement(a: Sequence[dict], b: Sequence[dict]) -> dict:
+    """How far two runs over the same mentions (prediction rows, same order) agree: top-1 equal
+    in % of the mentions, and the |top-1 score difference| (nats) where it is."""
+    same = [(x, y) for x, y in zip(a, b) if x.get("candidates") and y.get("candidates")
+            and x["candidates"][0]["entity_id"] == y["candidates"][0]["entity_id"]]
+    gaps = [abs(x["candidates"][0]["score"] - y["candidates"][0]["score"]) for x, y in same]
+    return {"mentions": len(a), "top1_agree": len(same),
+            "top1_agree_pct": round(100.0 * len(same) / max(len(a), 1), 2),
+            "max_score_gap": round(max(gaps), 6) if gaps else None,
+            "mean_score_gap": round(sum(gaps) / len(gaps), 6) if gaps else None}
+
+
 def _resampled_means(values: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
     """Means of ``n_resamples`` bootstrap resamples of ``values`` (shape [n]) -> shape [n_resamples]."""
     rng = np.random.default_rng(seed)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gemel.errors import GemelError
-from gemel.eval.metrics import bootstrap_interval, paired_bootstrap
+from gemel.eval.metrics import bootstrap_interval, paired_bootstrap, top1_agreement
 
 
 def test_bootstrap_interval_covers_true_mean_at_about_the_stated_rate():
@@ -180,3 +180,17 @@ def test_read_predictions_and_bad_rows(tmp_path):
         evaluate_files([("x", [{"id": "zz", "candidates": []}])], MENTIONS)
     with pytest.raises(DataError, match="gold"):
         evaluate_files([("x", [{"id": "a", "candidates": [], "gold_id": "Q3"}])], MENTIONS)
+
+
+def test_top1_agreement_known_answers():
+    """Two runs (e.g. hf vs vllm): top-1 equal on 2 of 4 mentions (an empty run never agrees),
+    score gaps measured only where the top-1 is the same."""
+    def row(eid, score):
+        return {"candidates": [{"entity_id": eid, "title": eid, "score": score}] if eid else []}
+
+    a = [row("Q1", -1.0), row("Q2", -2.0), row("Q3", -0.5), row(None, 0)]
+    b = [row("Q1", -1.25), row("Q9", -2.0), row("Q3", -0.5), row(None, 0)]
+    got = top1_agreement(a, b)
+    assert got == {"mentions": 4, "top1_agree": 2, "top1_agree_pct": 50.0,
+                   "max_score_gap": 0.25, "mean_score_gap": 0.125}
+    assert top1_agreement([row(None, 0)], [row("Q1", -1.0)])["max_score_gap"] is None

@@ -10,9 +10,11 @@ How it maps onto vLLM (0.32), and why:
 * A step must know the *raw* log-probability of every token the trie allows (not the renormalised
   ones ``allowed_token_ids`` would give, nor the top few ``logprobs=k`` reports, which may lie
   outside the trie). ``SamplingParams(logprob_token_ids=...)`` returns the raw log-probs of exactly
-  the given ids (at most ``MAX_LOGPROB_TOKEN_IDS`` = 128 per request): a row whose trie node allows
-  more (the root: ~1,260 first tokens for the 7,643 WikiDiverse titles with SmolLM2's tokenizer) is
-  asked in chunks, each a request of the same prompt. The search is therefore exact, as ``hf``'s.
+  the given ids (at most ``MAX_LOGPROB_TOKEN_IDS`` = 128 per request). A row whose trie node allows
+  more (the root: ~1,260 first tokens for the 7,643 WikiDiverse titles with SmolLM2's tokenizer)
+  asks for the whole distribution instead (``logprobs=-1``, returned flat): one request, where
+  128-id chunks took ten, each recomputing the prompt's uncached tail (measured: 35 -> 26
+  requests a mention on WikiDiverse). The search is therefore exact, as ``hf``'s.
 * Which tokens a row allows is what the search gathers: the stepper hands back a lazy
   :class:`_Pending` block that the search indexes as ``logprobs[rows, tokens]`` like a
   ``[rows, vocab]`` tensor, and only then asks vLLM for exactly those (row, token) pairs.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -114,7 +117,10 @@ class VLLMBackend(Backend):
 
         self._params = SamplingParams
         self.max_ids = int(getattr(sampling_params, "MAX_LOGPROB_TOKEN_IDS", MAX_IDS))
-        self.requests = 0  # engine requests sent (for benchmarks)
+        # engine requests sent, generate calls, seconds inside them, prompt tokens sent and how
+        # many of them the prefix cache held (the rest were computed): for benchmarks
+        self.stats = {"requests": 0, "calls": 0, "seconds": 0.0, "prompt_tokens": 0,
+                      "cached_tokens": 0}
 
     @classmethod
     def from_name(cls, name: str, device: str = "auto", dtype: str = "auto",
@@ -122,7 +128,8 @@ class VLLMBackend(Backend):
         """Start a vLLM engine on model ``name`` (offline name, folder, .gguf or hub id).
 
         ``engine_args`` go to ``vllm.LLM`` (e.g. ``max_model_len``, ``gpu_memory_utilization``).
-        On CPU the KV cache gets ``$VLLM_CPU_KVCACHE_SPACE`` GiB (2 unless set). The caller needs
+        On CPU the KV cache gets ``$VLLM_CPU_KVCACHE_SPACE`` GiB (2 unless set) and the model runs
+        eagerly (no torch.compile) unless ``enforce_eager=False``. The caller needs
         an ``if __name__ == "__main__":`` guard: vLLM spawns its engine process.
         """
         from transformers import AutoTokenizer
@@ -141,12 +148,15 @@ class VLLMBackend(Backend):
         model = embedding_shell(path, torch_dtype, device)
         options = dict(model=str(path), dtype=str(torch_dtype).replace("torch.", ""),
                        enable_prefix_caching=True, enable_prompt_embeds=True,
-                       skip_tokenizer_init=True, max_logprobs=MAX_IDS, disable_log_stats=True,
+                       skip_tokenizer_init=True, max_logprobs=-1, disable_log_stats=True,
                        max_model_len=min(4096, int(getattr(model.config, "max_position_embeddings",
                                                            4096) or 4096)), seed=0)
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
             options["block_size"] = 32
+            # eager: torch.compile of the model took 4-9 minutes of engine start on our 2-core
+            # CPU (eager: ~1 minute); pass enforce_eager=False to compile
+            options["enforce_eager"] = True
         options.update(engine_args)
         return cls(LLM(**options), tokenizer, model, device)
 
@@ -211,11 +221,14 @@ class VLLMBackend(Backend):
         ids, wanted token ids [k_i])``; returns one float64 array [k_i] per row, in the order of
         its wanted ids.
 
-        Rows that want more ids than a request may carry are split; their first chunk goes in a
-        first call so that the other chunks find the prompt in the prefix cache.
+        A row that wants at most ``max_ids`` ids is one request naming them
+        (``logprob_token_ids``); a row that wants more is one request for the whole distribution.
+        The two kinds go in separate ``generate`` calls (vLLM gives a batch with any
+        ``logprob_token_ids`` request only those), the whole-distribution one first, so that the
+        other finds its prompts in the prefix cache.
         """
         table = self.input_embeddings()
-        first, rest = [], []
+        full, some = [], []
         for r, (p, cont, wanted) in enumerate(rows):
             base = prompts[p]
             if isinstance(base, list):
@@ -225,24 +238,32 @@ class VLLMBackend(Backend):
                 prompt = {"prompt_embeds": torch.cat([base, tail.to("cpu", self.dtype)])}
             else:
                 prompt = {"prompt_embeds": base}
-            for lo in range(0, len(wanted), self.max_ids):
-                (first if lo == 0 else rest).append((r, prompt, wanted[lo:lo + self.max_ids]))
-        out = [np.empty(len(w)) for _, _, w in rows]
-        filled = [0] * len(rows)
-        for batch in (first, rest):
-            if not batch:
-                continue
+            (full if len(wanted) > self.max_ids else some).append((r, prompt))
+        out: list[np.ndarray] = [np.empty(0)] * len(rows)
+        if full:
+            params = self._params(max_tokens=1, temperature=0.0, detokenize=False, logprobs=-1,
+                                  flat_logprobs=True)
+            for (r, _), res in zip(full, self._generate([pr for _, pr in full], params)):
+                out[r] = _whole_distribution(res.outputs[0].logprobs)[rows[r][2]]
+        if some:
             params = [self._params(max_tokens=1, temperature=0.0, detokenize=False,
-                                   logprob_token_ids=[int(t) for t in ids]) for _, _, ids in batch]
-            results = self.llm.generate([prompt for _, prompt, _ in batch], params,
-                                        use_tqdm=False)
-            self.requests += len(batch)
-            for (r, _, ids), res in zip(batch, results):
+                                   logprob_token_ids=[int(t) for t in rows[r][2]])
+                      for r, _ in some]
+            for (r, _), res in zip(some, self._generate([pr for _, pr in some], params)):
                 found = res.outputs[0].logprobs[0]  # {token id: Logprob}, plus the sampled token
-                lo = filled[r]
-                out[r][lo:lo + len(ids)] = [found[int(t)].logprob for t in ids]
-                filled[r] = lo + len(ids)
+                out[r] = np.array([found[int(t)].logprob for t in rows[r][2]], dtype=np.float64)
         return out
+
+    def _generate(self, prompts: list, params) -> list:
+        """One ``LLM.generate`` call, counted and timed in ``stats``."""
+        t0 = time.perf_counter()
+        results = self.llm.generate(prompts, params, use_tqdm=False)
+        self.stats["seconds"] += time.perf_counter() - t0
+        self.stats["calls"] += 1
+        self.stats["requests"] += len(prompts)
+        self.stats["prompt_tokens"] += sum(len(next(iter(p.values()))) for p in prompts)
+        self.stats["cached_tokens"] += sum(int(r.num_cached_tokens or 0) for r in results)
+        return results
 
     # -- the Backend interface ---------------------------------------------------------------------
     def search(self, inputs_embeds, attention_mask, tries, *, num_beams=5, top_k=5,
@@ -270,6 +291,23 @@ class VLLMBackend(Backend):
             found.update({(p, prefix, int(t)): float(v) for t, v in zip(ids, lps)})
         return [[sum(found[(p, tuple(seq[:j]), int(tok))] for j, tok in enumerate(seq))
                  for seq in seqs] for p, seqs in enumerate(sequences)]
+
+
+def _whole_distribution(logprobs) -> np.ndarray:
+    """A one-token ``logprobs=-1`` answer (FlatLogprobs, or a list of one {id: Logprob} dict)
+    -> float64 [vocab] raw log-probabilities indexed by token id."""
+    if hasattr(logprobs, "start_indices"):  # FlatLogprobs: plain lists, no per-token objects
+        lo, hi = logprobs.start_indices[0], logprobs.end_indices[0]
+        ids = np.asarray(logprobs.token_ids[lo:hi], dtype=np.int64)
+        values = np.asarray(logprobs.logprobs[lo:hi], dtype=np.float64)
+    else:
+        found = logprobs[0]
+        ids = np.fromiter(found.keys(), dtype=np.int64, count=len(found))
+        values = np.fromiter((v.logprob for v in found.values()), dtype=np.float64,
+                             count=len(found))
+    dist = np.full(int(ids.max()) + 1, -np.inf)
+    dist[ids] = values
+    return dist
 
 
 def _row_keys(x: torch.Tensor, coef: torch.Tensor) -> np.ndarray:

@@ -149,29 +149,29 @@ def test_candidate_subtries_and_nil(hf_backend, vllm_backend):
 
 @pytest.mark.slow
 def test_wikidiverse_100_agrees_with_hf(hf_backend, vllm_backend):
-    """First 100 WikiDiverse test mentions, KB = every gold title, 4 bm25 demonstrations, 5 beams,
-    fp32 on both: top-1 equal on >= 95%, every candidate a KB title, scores within 0.05 where
-    the top-1 agrees."""
+    """First 100 WikiDiverse test mentions, KB = every gold title (7,643), 4 simcse (MiniLM)
+    demonstrations, 5 beams, fp32 on both: top-1 equal on >= 95%, every candidate a KB title,
+    top-1 scores within 0.05 where the top-1 agrees (the `gemel link` comparison of the README
+    on 100 mentions)."""
     from gemel.data import read_mentions
     from gemel.data.kbsources import build_kb
-    from gemel.retrieval import get_retriever
+    from gemel.eval.metrics import top1_agreement
 
     data = needs_data("wikidiverse", "WikiDiverse.json")
     splits = needs_data("wikidiverse", "splits.json")
     every = read_mentions(data, fmt="wikidiverse")
     kb = KnowledgeBase.from_entities(build_kb(every, "gold")[0])
     test = read_mentions(data, fmt="wikidiverse", split="test", splits_path=splits, limit=100)
-    train = read_mentions(data, fmt="wikidiverse", split="train", splits_path=splits)
-    retriever = get_retriever("bm25").fit([m for m in train if m.entity_id is not None])
-    config = LinkerConfig(model="smollm2", demos=4, retriever="bm25", batch_size=16)
-    hf = Linker(config, kb, hf_backend, retriever=retriever)
-    vl = Linker(config, kb, vllm_backend, trie=hf.trie, retriever=retriever)
-    want, got = hf.link(test), vl.link(test)
+    train = [m for m in read_mentions(data, fmt="wikidiverse", split="train", splits_path=splits)
+             if m.entity_id is not None]
+    config = LinkerConfig(model="smollm2", demos=4, retriever="simcse", batch_size=16)
+    hf = Linker(config, kb, hf_backend, train=train)
+    vl = Linker(config, kb, vllm_backend, trie=hf.trie, train=train, retriever=hf.retriever)
+    want = [r.to_json() for r in hf.link(test)]
+    got = [r.to_json() for r in vl.link(test)]
     titles = set(kb.titles)
-    agree = 0
-    for a, b in zip(got, want):
-        assert a.candidates and all(c.title in titles for c in a.candidates)
-        if a.candidates[0].entity_id == b.candidates[0].entity_id:
-            agree += 1
-            assert abs(a.candidates[0].score - b.candidates[0].score) <= 0.05
-    assert agree >= 95, f"top-1 agrees on {agree}/100"
+    for row in got:
+        assert row["candidates"] and all(c["title"] in titles for c in row["candidates"]), row
+    report = top1_agreement(want, got)
+    assert report["top1_agree"] >= 95, report
+    assert report["max_score_gap"] <= 0.05, report
