@@ -16,7 +16,7 @@ from gemel.eval.baselines import KINDS as BASELINE_KINDS
 # the flags live in gemel.options (one definition each); imported here under their old names
 from gemel.options import (DATA_FORMATS, backend_option, data_options, echo_err, fusion_option,  # noqa: F401
                            linker_options, progress_option, prompt_options, read_data, read_kb,
-                           read_train, shard_option, strict_option)
+                           read_train, shard_option, strict_option, training_options)
 
 # exit codes (README "Exit codes"): 0 done; 1 unexpected error (a bug: please report the
 # traceback); 2 bad usage or bad input, nothing linked; 3 finished, but some mentions are error
@@ -564,13 +564,30 @@ def demo(out, epochs, demos):
     run_demo(settings, echo=click.echo)
 
 
-def _register_train() -> None:
-    from gemel.train import train_command  # the training options live beside the training code
+@cli.command("train")
+@click.option("--kb", "kb", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Knowledge base JSONL.")
+@click.option("--data", "data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Training mentions: our JSONL or a public release file.")
+@click.option("--dev", "dev", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Dev mentions (default: --data with --dev-split).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Checkpoint folder (best/, last/, train_log.jsonl); an existing run in it is "
+              "continued with --resume, never overwritten.")
+@training_options
+def train_command(config_path, resume, cpu, fmt, splits_path, images_dir, **flags):
+    """Train the linear mapper (frozen LLM and vision encoder) and keep the best by dev H@1."""
+    from gemel.config import from_dict, load_yaml
+    from gemel.train import TrainConfig, train
 
-    cli.add_command(train_command)
-
-
-_register_train()
+    values = load_yaml(config_path) if config_path else {}
+    values.update({k: v for k, v in dict(flags, format=fmt, splits=splits_path, images=images_dir,
+                                         resume=resume or None, cpu=cpu or None).items()
+                   if v is not None})
+    config = from_dict(TrainConfig, values, source=config_path or "<flags>")
+    summary = train(config)
+    if summary["process_index"] == 0:
+        click.echo(json.dumps(summary, indent=2))
 
 
 def main() -> None:

@@ -354,6 +354,7 @@ def test_cli_flags_reach_the_config(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     import gemel.train as train_module
+    from gemel.cli import train_command
 
     captured = {}
     monkeypatch.setattr(train_module, "train",
@@ -365,7 +366,7 @@ def test_cli_flags_reach_the_config(tmp_path, monkeypatch):
             "--vp-mode", "overlay+crop", "--epochs", "2", "--lr", "0.01", "--batch-size", "3",
             "--grad-accum", "4", "--warmup", "10", "--eval-every", "50", "--seed", "7",
             "--resume", "--lora-r", "8", "--format", "native", "--dev-split", "val"]
-    result = CliRunner().invoke(train_module.train_command, args)
+    result = CliRunner().invoke(train_command, args)
     assert result.exit_code == 0, result.output
     c = captured["config"]
     assert (c.model, c.vision, c.feature, c.n_visual_tokens, c.vp_mode) == (
