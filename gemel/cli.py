@@ -79,9 +79,6 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
 
     Under `torchrun --nproc_per_node N -m gemel.cli link ...` each process links its shard of
     the mentions into OUT.shard-R-of-N.jsonl, and process 0 merges them into --out."""
-    from gemel.eval.baselines import exact_match
-    from gemel.eval.summary import evaluate_files, format_summary
-    from gemel.kb import KnowledgeBase
     from gemel.linker import Linker, linker_config
     from gemel.runs import (check_output, merge_parts, open_output, run, select_shard,
                             shard_part_path)
@@ -130,7 +127,6 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
         rows = merge_parts(parts, everything, out_path, source=str(data_path))
         click.echo(f"merged {len(parts)} parts into {out_path}")
         mentions = everything
-    k = linker.config.top_k
     if linker.box_only_from_text:
         click.echo(f"{linker.box_only_from_text} box-only mention(s) (no mention string) linked "
                    f"from their text alone: --no-image ablation")
@@ -143,31 +139,44 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
                "trie_terminator_merged": len(getattr(linker.trie, "terminator_merged", [])),
                "box_only_from_text": linker.box_only_from_text, **kb_notes}
     if any(m.entity_id is not None for m in mentions):
-        # the one summary of `gemel eval`, beside the exact-match baseline on the same mentions
-        result = evaluate_files([(str(out_path), rows), ("exact-match baseline", [
-            r.to_json() for r in exact_match(kb, mentions)])], mentions, train=train, kb=kb)
-        summary["gemel"], summary["exact_match"] = result["files"]
-        summary["paired"] = result["paired"]
-        if linker.config.candidates:
-            summary["gemel"]["candidates"] = linker.config.candidates  # C of recall@C
-        click.echo("gemel beside the exact-match baseline, on the same mentions:")
-        click.echo(format_summary(result))
-    images = linker.model.image_embedder
-    if images is not None:
-        encoded = images.encoder.stats
-        summary["images"] = {"encoded": encoded["images"],
-                             "seconds_per_encoded_image": round(encoded["seconds"] / encoded["images"], 4)
-                             if encoded["images"] else None}
-        if images.cache is not None:
-            summary["images"]["feature_cache"] = {**images.cache.stats,
-                                                  "hit_rate": round(images.cache.hit_rate, 4)}
-            click.echo(images.cache.summary())
-        click.echo(f"images encoded: {encoded['images']} "
-                   f"({summary['images']['seconds_per_encoded_image'] or 0:.3f} s/image)")
+        summary.update(evaluation_summary(linker, kb, rows, mentions, train, out_path))
+    if linker.model.image_embedder is not None:
+        summary["images"] = image_summary(linker.model.image_embedder)
     metrics_path = Path(out_path).with_suffix(".metrics.json")
     write_atomic(metrics_path, json.dumps(summary, indent=2) + "\n")
     click.echo(f"predictions: {out_path}\nmetrics: {metrics_path}")
     end_of_run(ctx, rows, out_path)
+
+
+def evaluation_summary(linker, kb, rows: list[dict], mentions, train, out_path) -> dict:
+    """The one summary of `gemel eval` for --out beside the exact-match baseline on the same
+    mentions (echoed), as the metrics file's ``gemel``, ``exact_match`` and ``paired`` entries."""
+    from gemel.eval.baselines import exact_match
+    from gemel.eval.summary import evaluate_files, format_summary
+
+    result = evaluate_files([(str(out_path), rows), ("exact-match baseline", [
+        r.to_json() for r in exact_match(kb, mentions)])], mentions, train=train, kb=kb)
+    gemel_metrics, exact = result["files"]
+    if linker.config.candidates:
+        gemel_metrics["candidates"] = linker.config.candidates  # C of recall@C
+    click.echo("gemel beside the exact-match baseline, on the same mentions:")
+    click.echo(format_summary(result))
+    return {"gemel": gemel_metrics, "exact_match": exact, "paired": result["paired"]}
+
+
+def image_summary(images) -> dict:
+    """Images encoded, seconds per encoded image and the feature cache's counts (echoed);
+    ``images``: the linker's :class:`gemel.image_tokens.ImageTokens`."""
+    encoded = images.encoder.stats
+    summary = {"encoded": encoded["images"],
+               "seconds_per_encoded_image": round(encoded["seconds"] / encoded["images"], 4)
+               if encoded["images"] else None}
+    if images.cache is not None:
+        summary["feature_cache"] = {**images.cache.stats, "hit_rate": round(images.cache.hit_rate, 4)}
+        click.echo(images.cache.summary())
+    click.echo(f"images encoded: {encoded['images']} "
+               f"({summary['seconds_per_encoded_image'] or 0:.3f} s/image)")
+    return summary
 
 
 def report_kb(kb, linker, mentions, strict: bool) -> dict:
