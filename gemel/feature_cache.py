@@ -68,15 +68,15 @@ class FeatureCache:
 
     def file_hash(self, path: str | Path, record: object = None) -> str:
         """sha256 of the file's bytes, remembered per (path, size, mtime) for this session."""
-        p = Path(path)
+        file = Path(path)
         try:
-            st = p.stat()
+            stat = file.stat()
         except FileNotFoundError:
             raise DataError("image file not found", path=path, record=record, field="image",
                             fix="check the dataset's image folder") from None
-        memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        memo = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
         if memo not in self._hashes:
-            self._hashes[memo] = file_sha256(p)
+            self._hashes[memo] = file_sha256(file)
         return self._hashes[memo]
 
     # ---- reading ------------------------------------------------------------------------------
@@ -170,8 +170,8 @@ class FeatureCache:
         return self.stats["hits"] / total if total else 0.0
 
     def summary(self) -> str:
-        s = self.stats
-        return (f"feature cache {self.folder}: {s['hits']} hits, {s['misses']} misses "
+        stats = self.stats
+        return (f"feature cache {self.folder}: {stats['hits']} hits, {stats['misses']} misses "
                 f"({100 * self.hit_rate:.1f}% hit rate), {len(self)} entries")
 
     def __repr__(self) -> str:

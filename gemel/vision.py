@@ -263,14 +263,14 @@ class VisionEncoder:
         """Hash of a strided sample of every parameter (cheap even for ViT-L): a randomly
         initialised or fine-tuned model never shares cached features with another. Values are
         rounded to bfloat16 first, so the same weights loaded in fp32 or bf16 agree."""
-        h = hashlib.sha256()
-        for name, p in self.model.state_dict().items():
-            flat = p.detach().reshape(-1)
+        digest = hashlib.sha256()
+        for name, tensor in self.model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
             step = max(1, flat.numel() // 256)
-            h.update(name.encode())
-            h.update(str(tuple(p.shape)).encode())
-            h.update(flat[::step][:256].to(torch.bfloat16).float().cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(flat[::step][:256].to(torch.bfloat16).float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def check_identity(self, saved: dict, source: object = None) -> None:
         """Raise :class:`MismatchError` when features from ``saved`` (an :attr:`identity` stored
