@@ -393,3 +393,13 @@ def test_bf16_autocast_run_after_an_fp32_run_in_one_process(tmp_path, sp_tokeniz
     assert all(math.isfinite(r["loss"]) for r in log if r["event"] == "step")
     saved = LinearMapper.load(tmp_path / "bf16" / "last")
     assert saved.proj.weight.dtype == torch.float32  # the mapper's weights stay fp32
+
+
+def test_auto_mixed_precision_follows_the_backend_dtype_choice():
+    """Training autocasts in the dtype the hf backend would load the LLM in (one precision rule)."""
+    from gemel.backends.hf import pick_dtype
+    from gemel.train.launch import mixed_precision
+
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
+    assert mixed_precision("auto", "cpu") == names[pick_dtype("cpu")]
+    assert mixed_precision("fp16", "cpu") == "fp16" and mixed_precision("no", "cuda") == "no"

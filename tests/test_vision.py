@@ -351,3 +351,14 @@ def test_image_retriever_finds_the_same_picture_and_reuses_the_cache(tmp_path, c
     forwards = count_forwards(clip)
     get_retriever("image", encoder=clip, cache_dir=tmp_path / "features").fit(train)
     assert forwards[0] == 0  # second fit: every feature from the cache
+
+
+def test_open_feature_cache_resolves_the_setting(tmp_path, monkeypatch):
+    """One place turns --feature-cache into a cache: auto, none, or a folder."""
+    from gemel.feature_cache import open_feature_cache
+
+    monkeypatch.setenv("GEMEL_CACHE", str(tmp_path / "gemel-cache"))
+    assert open_feature_cache("none") is None and open_feature_cache(None) is None
+    assert open_feature_cache(tmp_path / "mine").folder == tmp_path / "mine"
+    assert open_feature_cache("auto").folder == tmp_path / "gemel-cache" / "features"
+    assert (tmp_path / "gemel-cache" / "features" / "shards").is_dir()
