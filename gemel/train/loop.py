@@ -76,6 +76,7 @@ def train(config: TrainConfig, *, llm: nn.Module | None = None, tokenizer=None,
                 and progress.last_eval_step != progress.step):
             evaluate_and_checkpoint(run)  # after every epoch
     final = None
+    # the last step not evaluated yet, or a resumed run with nothing left to train: evaluate it
     if progress.last_eval_step != progress.step or progress.resumed_from == progress.step:
         final = evaluate_and_checkpoint(run)
     run.log.close()
