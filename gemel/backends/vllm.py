@@ -117,9 +117,10 @@ class VLLMBackend(Backend):
 
         self._params = SamplingParams
         self.max_ids = int(getattr(sampling_params, "MAX_LOGPROB_TOKEN_IDS", MAX_IDS))
-        # engine requests sent, generate calls, seconds inside them, prompt tokens sent and how
-        # many of them the prefix cache held (the rest were computed): for benchmarks
-        self.stats = {"requests": 0, "calls": 0, "seconds": 0.0, "prompt_tokens": 0,
+        # for benchmarks and the sweep: engine requests, generate calls, seconds inside them,
+        # prompt tokens computed (prefilled) and found in the prefix cache. Every request is a
+        # prompt (one token is generated), so its computed tokens are all prefill.
+        self.stats = {"requests": 0, "calls": 0, "prefill_seconds": 0.0, "prefill_tokens": 0,
                       "cached_tokens": 0}
 
     @classmethod
@@ -258,11 +259,12 @@ class VLLMBackend(Backend):
         """One ``LLM.generate`` call, counted and timed in ``stats``."""
         t0 = time.perf_counter()
         results = self.llm.generate(prompts, params, use_tqdm=False)
-        self.stats["seconds"] += time.perf_counter() - t0
+        self.stats["prefill_seconds"] += time.perf_counter() - t0
         self.stats["calls"] += 1
         self.stats["requests"] += len(prompts)
-        self.stats["prompt_tokens"] += sum(len(next(iter(p.values()))) for p in prompts)
-        self.stats["cached_tokens"] += sum(int(r.num_cached_tokens or 0) for r in results)
+        cached = sum(int(r.num_cached_tokens or 0) for r in results)
+        self.stats["cached_tokens"] += cached
+        self.stats["prefill_tokens"] += sum(len(next(iter(p.values()))) for p in prompts) - cached
         return results
 
     # -- the Backend interface ---------------------------------------------------------------------
