@@ -283,6 +283,20 @@ def cell_name(variant: str, vp_mode: str, layout: str, args) -> str:
             f"lr{args.lr:g}")
 
 
+def save_row(base: Path, row: dict) -> list[dict]:
+    """Add one cell's row to ``results.json`` / ``results.md`` under ``base`` (a rerun of a cell
+    with the same settings replaces its row); returns all rows."""
+    def key(r: dict) -> tuple:
+        return tuple(r.get(k) for k in ("variant", "vp_mode", "layout", "epochs", "batch_size", "lr"))
+
+    path = base / "results.json"
+    rows = [r for r in (json.loads(path.read_text()) if path.exists() else [])
+            if key(r) != key(row)] + [row]
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    (base / "results.md").write_text(results_table(rows) + "\n")
+    return rows
+
+
 def results_table(rows: list[dict]) -> str:
     """The rows as a markdown table."""
     lines = ["| variant | vp-mode | layout | H@1 image | --no-image | train-dev H@1 | same top-1 "
@@ -435,21 +449,9 @@ def main() -> None:
             out = base / cell_name(variant, vp_mode, layout, args)
             out.mkdir(parents=True, exist_ok=True)
             row = {"variant": variant, **run_cell(task, out, vp_mode, layout, args)}
-            rows.append(row)
             print(json.dumps(row), flush=True)
-        # rows of earlier invocations under --out are kept (a rerun of a cell replaces its row)
-        path = base / "results.json"
-        old = json.loads(path.read_text()) if path.exists() else []
-        def key(r: dict) -> tuple:
-            return tuple(r.get(k) for k in ("variant", "vp_mode", "layout", "epochs", "batch_size",
-                                            "lr"))
-
-        mine = {key(r) for r in rows}
-        rows = [r for r in old if key(r) not in mine] + rows
-        path.write_text(json.dumps(rows, indent=1) + "\n")
-        table = results_table(rows)
-        (base / "results.md").write_text(table + "\n")
-        print("\n" + table)
+            rows = save_row(base, row)
+        print("\n" + results_table(rows))
     if args.only in (None, "mixed"):
         from gemel.train import DEFAULT_LAYOUT
 

@@ -109,7 +109,7 @@ class TrainConfig:
     model: str = "smollm2-135m-instruct"
     vision: str = "dinov2-small"
     feature: str = "pooled"  # pooled | cls | mean | layers:4,10,11,12
-    layout: str = "auto"  # global | grid:N | region; auto: DEFAULT_LAYOUT of the vp_mode
+    layout: str = "auto"  # global | grid:N | region | region:L; auto: DEFAULT_LAYOUT of the vp_mode
     n_visual_tokens: int = 4
     vp_mode: str = "none"  # none | overlay | crop | overlay+crop
     template: str = "gemel"
@@ -153,9 +153,11 @@ MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 DemosFor = Callable[[Mention], Sequence[Mention]]
 
 # the feature layout `--layout auto` takes per visual-prompt mode: a drawn box is lost in one pooled
-# vector of the whole image (two-emblem task: H@1 65 with the pooled feature), the patch tokens
-# under it are not (benchmarks/visual_prompts.py); a crop is the region already
-DEFAULT_LAYOUT = {"none": "global", "crop": "global", "overlay": "region", "overlay+crop": "region"}
+# vector of the whole image (two-emblem task: H@1 65 with the pooled feature); the last layer's
+# patch tokens under it get 75, those of hidden state -4, layer-normed, 95
+# (benchmarks/visual_prompts.py); a crop is the region already
+DEFAULT_LAYOUT = {"none": "global", "crop": "global", "overlay": "region:-4",
+                  "overlay+crop": "region:-4"}
 
 
 def resolve_layout(config: TrainConfig) -> str:
@@ -909,8 +911,8 @@ def _log_eval(metrics: dict, step: int, jlog: _JsonlLog, accelerator, trackers) 
 @click.option("--vision", default=None, help="Vision encoder [dinov2-small].")
 @click.option("--feature", default=None, help="pooled | cls | mean | layers:4,10,11,12 [pooled].")
 @click.option("--layout", default=None,
-              help="Feature layout: global | grid:N | region [auto: region for overlay modes, "
-                   "else global].")
+              help="Feature layout: global | grid:N | region | region:L (patch tokens of hidden "
+                   "state L) [auto: region:-4 for overlay modes, else global].")
 @click.option("--n-visual-tokens", type=options.AT_LEAST_1, default=None,
               help="Soft tokens per image [4].")
 @click.option("--vp-mode", type=click.Choice(VP_MODES), default=None, help="Visual prompt [none].")
