@@ -196,8 +196,9 @@ def run_cell(out: Path, name: str, config, backend, kb, train, mentions, dev, fu
     """Link one cell's mentions (fused: fit on dev first). Returns its measurements (timing
     accumulated over resumed runs) and how many mentions this call linked. ``fixed``: the input,
     dev, KB and train identities the predictions files record (gemel.runs)."""
-    from gemel.fusion import FEATURES, fit_on_mentions
+    from gemel.fusion import fit_on_mentions
     from gemel.linker import Linker, fit_retriever
+    from gemel.rerank import FEATURES
     from gemel.runs import open_output, read_done, run, settings_identity
     from gemel.trie import tokenizer_identity
 
@@ -272,7 +273,7 @@ def fusion_paths(out: Path, name: str) -> tuple[Path, Path]:
 
 def no_llm_model(out: Path, name: str, fusion: FusionSpec | None):
     """The cell's fusion refitted without the LLM's features (None when the sweep fuses not)."""
-    from gemel.fusion import FusionModel
+    from gemel.rerank import FusionModel
 
     return FusionModel.load(fusion_paths(out, name)[1]) if fusion is not None else None
 

@@ -90,7 +90,7 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
     config = linker_config(config_path, model=model, num_beams=num_beams, top_k=top_k,
                            batch_size=batch_size, template=template, dtype=dtype, device=device,
                            trie=trie, length_penalty=length_penalty, demos=demos,
-                           retriever=retriever, candidates=candidates, fusion=fusion,
+                           retriever=retriever, num_candidates=candidates, fusion=fusion,
                            max_prompt_tokens=max_prompt_tokens, mapper=mapper, no_image=no_image,
                            feature_cache=feature_cache, nil=nil, backend=backend)
     ranks = distributed_ranks()
@@ -148,8 +148,8 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
             r.to_json() for r in exact_match(kb, mentions)])], mentions, train=train, kb=kb)
         summary["gemel"], summary["exact_match"] = result["files"]
         summary["paired"] = result["paired"]
-        if linker.config.candidates:
-            summary["gemel"]["candidates"] = linker.config.candidates  # C of recall@C
+        if linker.config.num_candidates:
+            summary["gemel"]["candidates"] = linker.config.num_candidates  # C of recall@C
         click.echo("gemel beside the exact-match baseline, on the same mentions:")
         click.echo(format_summary(result))
     images = linker.model.image_embedder
@@ -433,7 +433,7 @@ def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, drop, fusion_pool,
         config = linker_config(config_path, model=model, num_beams=num_beams, top_k=top_k,
                                batch_size=batch_size, template=template, dtype=dtype,
                                device=device, trie=trie, length_penalty=length_penalty,
-                               demos=demos, retriever=retriever, candidates=candidates,
+                               demos=demos, retriever=retriever, num_candidates=candidates,
                                max_prompt_tokens=max_prompt_tokens, fusion_pool=fusion_pool,
                                mapper=mapper, no_image=no_image, feature_cache=feature_cache,
                                nil=nil)

@@ -38,6 +38,9 @@ LinkFn = Callable[[Sequence[Mention]], list[LinkResult]]
 SIDECAR_FORMAT = "gemel-predictions"
 # LinkerConfig fields that do not change what is predicted (only how fast, or where)
 RESULT_NEUTRAL = ("device", "batch_size", "feature_cache", "trie")
+# LinkerConfig fields renamed after runs were written (gemel.linker.RENAMED): a run's identity
+# keeps the old name, so that those runs still resume
+IDENTITY_NAMES = {"num_candidates": "candidates"}
 
 
 def sidecar_path(out: str | Path) -> Path:
@@ -72,7 +75,7 @@ def settings_identity(config, **extra) -> dict:
     keeps the old behaviour, does not block resuming older runs); files they name (fusion model,
     mapper) by content, so moving a file does not block a resume either."""
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
-    settings = {k: v for k, v in dataclasses.asdict(config).items()
+    settings = {IDENTITY_NAMES.get(k, k): v for k, v in dataclasses.asdict(config).items()
                 if k not in RESULT_NEUTRAL and v != defaults[k]}
     for key in ("fusion", "mapper"):
         if settings.get(key):
