@@ -200,7 +200,7 @@ def run_cell(out: Path, name: str, config, backend, kb, train, mentions, dev, fu
     from gemel.linker import Linker, fit_retriever
     from gemel.rerank import FEATURES
     from gemel.runs import open_output, read_done, run, settings_identity
-    from gemel.trie import tokenizer_identity
+    from gemel.title_tokens import tokenizer_identity
 
     def identity(data: dict, cfg) -> dict:
         return {"input": data, "settings": settings_identity(cfg, kb=fixed["kb"],

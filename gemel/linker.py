@@ -32,7 +32,8 @@ from gemel.kb import KnowledgeBase
 from gemel.model import GemelModel
 from gemel.prompting import PromptBuilder, load_template
 from gemel.sources import cache_dir, default_template
-from gemel.trie import EntityTrie, tokenizer_identity
+from gemel.title_tokens import tokenizer_identity
+from gemel.trie import EntityTrie
 from gemel.types import Candidate, LinkResult, Mention
 
 log = logging.getLogger(__name__)

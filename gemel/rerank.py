@@ -72,7 +72,7 @@ def list_feature(fn: ListFeature) -> ListFeature:
     return fn
 
 
-# -- candidate features (kept in prediction rows) --------------------------------------------------
+# -- candidate features (kept in prediction rows) -------------------------------------------------
 @candidate_feature
 def llm_logprob(facts: MentionFacts, t: int, ids) -> float:
     """Sequence log-probability of the title under the prompt (teacher-forced when no beam)."""
@@ -142,7 +142,7 @@ def popularity(facts: MentionFacts, t: int, ids) -> float:
     return facts.prior.popularity(ids)
 
 
-# -- list features (computed from those within a pool when scoring) ---------------------------------
+# -- list features (computed from those within a pool when scoring) -------------------------------
 @list_feature
 def llm_top1(columns: dict[str, np.ndarray]) -> np.ndarray:
     """1 if the title has the pool's highest llm_logprob."""
@@ -180,7 +180,7 @@ def with_list_features(values: np.ndarray) -> np.ndarray:
     return np.concatenate([values, np.stack([columns[n] for n in LIST_FEATURES], 1)], 1)
 
 
-# -- the model ---------------------------------------------------------------------------------------
+# -- the model ------------------------------------------------------------------------------------
 @dataclass
 class FusionModel:
     """One weight per feature (fitted by :func:`gemel.fusion.fit`), saved as JSON."""
@@ -206,12 +206,13 @@ class FusionModel:
             raise DataError(f"cannot read fusion model: {err}", path=path,
                             fix="fit one with `gemel fit-fusion`") from err
         if sorted(data.get("weights", {})) != sorted(FEATURES):
-            raise MismatchError(f"{path}: fusion features {sorted(data.get('weights', {}))} differ "
-                                f"from this gemel's {sorted(FEATURES)}; refit with gemel fit-fusion")
+            raise MismatchError(f"{path}: fusion features {sorted(data.get('weights', {}))} "
+                                f"differ from this gemel's {sorted(FEATURES)}; refit with "
+                                "gemel fit-fusion")
         return cls(data["weights"], data.get("meta", {}))
 
 
-# -- pools -------------------------------------------------------------------------------------------
+# -- pools ----------------------------------------------------------------------------------------
 @dataclass
 class Pool:
     """One mention's candidates: title indices [n], the entity ids behind each, and their
@@ -233,7 +234,8 @@ class Pool:
         return pool_json([names[t] for t in self.titles], self.ids, self.values)
 
 
-def answer_ids(kb: KnowledgeBase, title_index: int, nil_index: int | None = None) -> list[str | None]:
+def answer_ids(kb: KnowledgeBase, title_index: int,
+               nil_index: int | None = None) -> list[str | None]:
     """The entity ids behind an answer's title index; ``[None]`` for the NIL answer."""
     if title_index == nil_index:
         return [None]
@@ -298,8 +300,9 @@ def mention_facts(m: Mention, kb: KnowledgeBase, prior: MentionPrior, nearest: l
                         not prior.seen(m.mention))
 
 
-# -- pools kept in prediction rows -------------------------------------------------------------------
-def pool_json(titles: Sequence[str], ids: Sequence[Sequence[str | None]], values: np.ndarray) -> dict:
+# -- pools kept in prediction rows ----------------------------------------------------------------
+def pool_json(titles: Sequence[str], ids: Sequence[Sequence[str | None]],
+              values: np.ndarray) -> dict:
     """A mention's candidate pool as kept in its prediction row under "pool"."""
     return {"features": list(POOL_FEATURES), "titles": list(titles), "ids": [list(i) for i in ids],
             "values": np.round(np.asarray(values, dtype=np.float64), 6).tolist()}

@@ -30,17 +30,16 @@ loaded memory-mapped; no pickle.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from gemel.errors import DataError, MismatchError
+from gemel.title_tokens import lengths_to_offsets, tokenize_titles, tokenizer_identity
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +62,6 @@ _OPTIONAL = ("title_ids", "duplicates", "alt_leaf")
 _CHUNK = 1 << 20  # elements per chunk where a full-size temporary would cost memory
 _KEY_BITS = 64  # a level's (parent, token, row) sort key must fit; else the argsort path
 _LOAD = 0.75  # entries per slot of the prefix table (mean probe ~1.5 entries, in one cache line)
-
-
-def tokenizer_identity(tokenizer) -> dict:
-    """What makes token ids mean the same thing: name, vocabulary size and a hash of the vocab.
-
-    ``vocab_sha256`` is the part that matters; ``name_or_path`` makes a mismatch readable.
-    """
-    vocab = tokenizer.get_vocab()
-    digest = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
-    return {"name_or_path": str(getattr(tokenizer, "name_or_path", "") or ""),
-            "vocab_size": len(vocab), "vocab_sha256": digest.hexdigest()[:16]}
 
 
 class EntityTrie:
@@ -151,8 +139,9 @@ class EntityTrie:
             index = sorted(natural)
             extra = (np.asarray(index, dtype=np.int64),
                      np.fromiter((t for i in index for t in natural[i]), dtype=np.int64),
-                     _offsets(np.fromiter((len(natural[i]) for i in index), dtype=np.int64)))
-        return cls.build_flat(tokens, _offsets(lengths), terminator, meta, natural=extra)
+                     lengths_to_offsets(np.fromiter((len(natural[i]) for i in index),
+                                                    dtype=np.int64)))
+        return cls.build_flat(tokens, lengths_to_offsets(lengths), terminator, meta, natural=extra)
 
     @classmethod
     def build_flat(cls, tokens: np.ndarray, offsets: np.ndarray, terminator: int,
@@ -224,7 +213,7 @@ class EntityTrie:
                   "terminator_merged": [titles[i] for i in tok.terminator_merged]}
         natural = (np.asarray(tok.terminator_merged, dtype=np.int64),
                    np.fromiter((t for p in tok.natural_paths for t in p), dtype=np.int64),
-                   _offsets(np.fromiter(map(len, tok.natural_paths), dtype=np.int64)))
+                   lengths_to_offsets(np.fromiter(map(len, tok.natural_paths), dtype=np.int64)))
         try:
             return cls.build_flat(tok.tokens, tok.offsets, tok.terminator, meta, report=report,
                                   natural=natural)
@@ -539,204 +528,7 @@ class EntityTrie:
         return cls(arrays, info)
 
 
-# -- tokenization ----------------------------------------------------------------------------------
-@dataclass
-class TokenizedTitles:
-    """Titles as the model emits them after the answer prefix, concatenated (no terminator),
-    and the natural paths of the titles whose last token merges with the terminator text."""
-
-    tokens: np.ndarray  # int32 [total]
-    offsets: np.ndarray  # int64 [n + 1]: title i is tokens[offsets[i]:offsets[i + 1]]
-    terminator: int
-    terminator_text: str
-    boundary_merged: list[int] = field(default_factory=list)  # title indices
-    terminator_merged: list[int] = field(default_factory=list)
-    # natural_paths[j]: the tokens after the prefix of `prefix + title + terminator_text`, up to
-    # the token merged with the terminator, for title terminator_merged[j]
-    natural_paths: list[list[int]] = field(default_factory=list)
-
-
-def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
-def _batch_encoder(tokenizer, probe: list[str]):
-    """The fastest batch encoder that gives ``tokenizer(texts)``'s ids: a fast tokenizer's Rust
-    ``encode_batch_fast`` (no offsets; ~1.7x faster) if it agrees on ``probe``, else the call."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    fast = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
-    if fast is not None:
-        def encode(texts: list[str]) -> list[list[int]]:
-            return [e.ids for e in fast(texts, add_special_tokens=False)]
-        try:
-            if encode(probe) == _encode(tokenizer, probe):
-                return encode
-        except (TypeError, ValueError):  # another backend signature: use the plain call
-            pass
-    return lambda texts: _encode(tokenizer, texts)
-
-
-def resolve_terminator(tokenizer, answer_prefix: str,
-                       terminator: int | str) -> tuple[int, list[int]]:
-    """(terminator id, tokens of the terminator text in context after an answer).
-
-    A string is tokenized after ``answer_prefix + "x"``; its first token there is the terminator
-    (for a one-token text such as ``"\\n"``, the last token of the encoding, which must decode
-    back to the text). An int is taken as the id; its context is itself.
-    """
-    if not isinstance(terminator, str):
-        term = int(terminator)
-        if not 0 <= term < len(tokenizer):
-            raise DataError(f"terminator id {term} is outside the vocabulary "
-                            f"(0..{len(tokenizer) - 1})", field="terminator",
-                            fix="pass a token id of this tokenizer")
-        return term, [term]
-    if not terminator:
-        raise DataError("empty terminator text", field="terminator",
-                        fix="pass the text the template puts after the answer, e.g. '\\n'")
-    base = _encode(tokenizer, [answer_prefix + "x"])[0]
-    full = _encode(tokenizer, [answer_prefix + "x" + terminator])[0]
-    tail = full[len(base):]
-    if full[:len(base)] != base or not tail:
-        raise DataError(f"the terminator text {terminator!r} merges with the answer's last token "
-                        "when tokenized", field="terminator",
-                        fix="pass the terminator as a token id instead")
-    if len(tail) == 1 and tokenizer.decode(tail) != terminator:
-        raise DataError(f"the terminator text {terminator!r} tokenizes to {tail} which decodes to "
-                        f"{tokenizer.decode(tail)!r}", field="terminator",
-                        fix="pass the terminator as a token id instead")
-    return int(tail[0]), [int(t) for t in tail]
-
-
-def tokenize_titles(titles: Sequence[str], tokenizer, answer_prefix: str,
-                    terminator: int | str = "\n", batch_size: int = 32768) -> TokenizedTitles:
-    """Tokenize ``answer_prefix + title + terminator_text`` for every title (batched) and keep the
-    title's part: exactly the tokens the model emits after the prefix in a demonstration.
-
-    Falls back, and reports, where a merge crosses a boundary: with the prefix (the title is
-    tokenized alone) or with the terminator text (the title's own tokens, then the terminator;
-    the natural, merged path is kept beside them in ``natural_paths``).
-    """
-    term, tail = resolve_terminator(tokenizer, answer_prefix, terminator)
-    term_text = terminator if isinstance(terminator, str) else tokenizer.decode([term])
-    suffix = term_text if isinstance(terminator, str) else ""
-    if not suffix:
-        tail = []  # an id terminator: tokenize the title alone after the prefix, then add it
-    else:  # a title holding the terminator text would end early in every demonstration
-        for i, t in enumerate(titles):
-            if suffix in str(t):
-                raise DataError(f"title {str(t)!r} contains the terminator text {suffix!r}",
-                                record=i, field="title", fix="remove it from the title (a "
-                                "generated answer ends at the terminator) or choose another "
-                                "terminator")
-    pre = _encode(tokenizer, [answer_prefix])[0] if answer_prefix else []
-    lp, lt = len(pre), len(tail)
-    pre_arr, tail_arr = np.asarray(pre, np.int64), np.asarray(tail, np.int64)
-    toks, lens, merged_prefix, merged_term, natural = [], [], [], [], []
-    encode = _batch_encoder(tokenizer, [answer_prefix + str(t) + suffix for t in titles[:64]])
-    for lo in range(0, len(titles), batch_size):
-        chunk = [str(t) for t in titles[lo:lo + batch_size]]
-        ids = encode([answer_prefix + t + suffix for t in chunk])
-        n = len(ids)
-        length = np.fromiter(map(len, ids), dtype=np.int64, count=n)
-        flat = np.fromiter((t for row in ids for t in row), dtype=np.int64, count=int(length.sum()))
-        start = _offsets(length)
-        ok = length >= lp + lt
-        last = max(len(flat) - 1, 0)
-        if lp:
-            got = flat[np.minimum(start[:-1, None] + np.arange(lp), last)] if len(flat) else None
-            ok_pre = ok & ((got == pre_arr).all(1) if got is not None else False)
-        else:
-            ok_pre = ok
-        if lt:
-            ends = np.clip(start[1:, None] - lt + np.arange(lt), 0, last)
-            got = flat[ends] if len(flat) else None
-            ok_term = ok & ((got == tail_arr).all(1) if got is not None else False)
-        else:
-            ok_term = ok
-        good = ok_pre & ok_term
-        # keep, per good row, the tokens between the prefix and the terminator text
-        row_len = np.repeat(length, length)
-        pos = np.arange(len(flat)) - np.repeat(start[:-1], length)
-        keep = (pos >= lp) & (pos < row_len - lt) & np.repeat(good, length)
-        out, out_len = flat[keep], np.where(good, length - lp - lt, 0)
-        del row_len, pos, keep, flat
-        bad = np.flatnonzero(~good)
-        if len(bad):
-            fixed = _boundary_paths(tokenizer, answer_prefix, [chunk[b] for b in bad],
-                                    [ids[b] for b in bad], ok_pre[bad].tolist(), pre, suffix,
-                                    tail, term)
-            for b, (seq, path, in_prefix) in zip(bad.tolist(), fixed):
-                out_len[b] = len(seq)
-                if in_prefix:
-                    merged_prefix.append(lo + b)
-                if path is not None:
-                    merged_term.append(lo + b)
-                    natural.append(path)
-            sizes = [len(f[0]) for f in fixed]
-            where = np.repeat(_offsets(out_len)[bad] - np.concatenate(
-                [[0], np.cumsum(sizes)[:-1]]), sizes)
-            out = np.insert(out, where, np.fromiter((t for f in fixed for t in f[0]), np.int64))
-        del ids
-        toks.append(out.astype(np.int32))
-        lens.append(out_len)
-    tokens = np.concatenate(toks) if toks else np.zeros(0, np.int32)
-    offsets = _offsets(np.concatenate(lens) if lens else np.zeros(0, np.int64))
-    if merged_prefix:
-        log.warning("entity trie: %d title(s) merge with the answer prefix %r when tokenized; "
-                    "they are tokenized alone (e.g. %r)", len(merged_prefix), answer_prefix,
-                    [titles[i] for i in merged_prefix[:3]])
-    if merged_term:
-        log.info("entity trie: %d title(s) merge their last characters with the terminator text "
-                 "%r; they end either way, merged or with the terminator token (e.g. %r)",
-                 len(merged_term), term_text, [titles[i] for i in merged_term[:3]])
-    return TokenizedTitles(tokens, offsets, term, term_text, merged_prefix, merged_term, natural)
-
-
-def _boundary_paths(tokenizer, prefix: str, titles: list[str], in_context: list[list[int]],
-                    prefix_ok: list[bool], pre: list[int], suffix: str, tail: list[int],
-                    term: int) -> list[tuple[list[int], list[int] | None, bool]]:
-    """Per title whose encoding crosses a boundary: (its own tokens, its natural path where it
-    merges with the terminator text or None, whether it merges with the prefix).
-
-    ``in_context``: the encodings of ``prefix + title + suffix``. A title that merges with the
-    prefix is read alone (``title + suffix``); its own tokens come from ``prefix + title``, or
-    from the title alone. Batched: one tokenizer call per kind."""
-    lp, lt = len(pre), len(tail)
-    context = [row[lp:] for row in in_context]
-    alone = [i for i, ok in enumerate(prefix_ok) if not ok]
-    if alone:
-        for i, row in zip(alone, _encode(tokenizer, [titles[i] + suffix for i in alone])):
-            context[i] = row
-    with_prefix = _encode(tokenizer, [prefix + t for t in titles])
-    out = []
-    for i, row in enumerate(context):
-        if not lt or (len(row) >= lt and row[len(row) - lt:] == tail):  # only the prefix merges
-            out.append((row[:len(row) - lt], None, True))
-            continue
-        in_prefix = not prefix_ok[i] or with_prefix[i][:lp] != pre
-        own = _encode(tokenizer, [titles[i]])[0] if in_prefix else with_prefix[i][lp:]
-        path = _natural_path(row, tail, term)
-        out.append((own, path if path and path != own + [term] else None, in_prefix))
-    return out
-
-
-def _natural_path(tokens: list[int], tail: list[int], term: int) -> list[int]:
-    """The tokens of ``title + terminator_text`` (``tokens``) up to the one that starts the
-    terminator text: drop the trailing tokens that are the terminator text's own (its tokens
-    ``tail`` after its first, whose text the merged token took), and stop at a terminator."""
-    drop = 0
-    while drop < len(tail) - 1 and drop < len(tokens) and tokens[-1 - drop] == tail[-1 - drop]:
-        drop += 1
-    path = tokens[:len(tokens) - drop]
-    return path[:path.index(term) + 1] if term in path else path
-
-
 # -- construction internals ------------------------------------------------------------------------
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    off = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=off[1:])
-    return off
 
 
 def _as_ints(prefix) -> list:
@@ -1149,5 +941,4 @@ def _path_hashes(nodes: np.ndarray, edge: np.ndarray, parent: np.ndarray) -> np.
     return np.asarray(out, dtype=np.int64)
 
 
-__all__ = ["EntityTrie", "TokenizedTitles", "resolve_terminator", "tokenize_titles",
-           "tokenizer_identity"]
+__all__ = ["EntityTrie"]

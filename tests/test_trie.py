@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gemel.errors import DataError, MismatchError
-from gemel.trie import (EntityTrie, _tuple_hash, resolve_terminator, tokenize_titles,
-                        tokenizer_identity)
+from gemel.title_tokens import resolve_terminator, tokenize_titles, tokenizer_identity
+from gemel.trie import EntityTrie, _tuple_hash
 
 T = 0  # terminator in the token-level tests
 SEQS = [[5, 6, 7], [5, 6], [5, 8], [9], [5, 6, 7, 1], [2, 3]]  # [5, 6] is a prefix of [5, 6, 7]
