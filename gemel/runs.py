@@ -357,7 +357,7 @@ def merge_parts(parts: Sequence[str | Path], mentions: Sequence[Mention], out: s
                              + "; ".join(diff[:4]) + "; give merge the --data (and --format, "
                              "--split, --splits) the parts were linked from")
     wanted = {m.id for m in mentions}
-    owner: dict[str, Path] = {}
+    part_of: dict[str, Path] = {}  # mention id -> the part holding it
     rows: dict[str, dict] = {}
     overlaps, extra = [], []
     for p in parts:
@@ -366,10 +366,10 @@ def merge_parts(parts: Sequence[str | Path], mentions: Sequence[Mention], out: s
         for i, row in read_done(p).items():
             if i not in wanted:
                 extra.append((i, p))
-            elif i in owner:
-                overlaps.append(f"{i!r} in {owner[i]} and {p}")
+            elif i in part_of:
+                overlaps.append(f"{i!r} in {part_of[i]} and {p}")
             else:
-                owner[i], rows[i] = p, row
+                part_of[i], rows[i] = p, row
     if overlaps:
         raise GemelError(f"{len(overlaps)} mention(s) are in more than one part, e.g. "
                          + "; ".join(overlaps[:3]) + ": parts of one `--shard i/n` split never "

@@ -107,9 +107,10 @@ class EntityTrie:
         self._tok = memoryview(self.edge_token)
         self._cs = memoryview(self.child_start)
         self._par = memoryview(self.parent)
-        # entry e: hash at _ix[2e]; child_lo, child_hi at _ix32[4e + 2], _ix32[4e + 3]
-        self._ix = memoryview(self.prefix_index.reshape(-1))
-        self._ix32 = memoryview(self.prefix_index.view(np.int32).reshape(-1))
+        # the prefix table read two ways: entry e's hash at _hash_at[2e], its child_lo and
+        # child_hi at _range_at[4e + 2] and _range_at[4e + 3]
+        self._hash_at = memoryview(self.prefix_index.reshape(-1))
+        self._range_at = memoryview(self.prefix_index.view(np.int32).reshape(-1))
         self._leaf = memoryview(self.leaf_node)
         self._lval = memoryview(self.leaf_value)
         self._ls = [int(x) for x in self.level_start]
@@ -247,15 +248,15 @@ class EntityTrie:
         """(child_lo, child_hi) of the internal node of a non-empty prefix of Python ints, or
         (-1, -1) if it is not in the trie. Reads the hash's slot and, mostly, nothing more."""
         h = hash(tuple(prefix)) if _NATIVE else _tuple_hash(prefix)
-        ix = self._ix
+        hash_at = self._hash_at
         i = ((((h >> 32) + 2147483648) * self.slots) >> 32) << 1  # the slot's flat offset
-        x = ix[i]
+        x = hash_at[i]
         while x < h:  # rows are sorted by hash; a larger one or an empty row stops the scan
             i += 2
-            x = ix[i]
+            x = hash_at[i]
         if x != h:
             return -1, -1
-        lo, hi = self._ix32[2 * i + 2], self._ix32[2 * i + 3]
+        lo, hi = self._range_at[2 * i + 2], self._range_at[2 * i + 3]
         if lo < 0:  # a hash two nodes share: walk
             node = self._walk(prefix)
             return (self._cs[node], self._cs[node + 1]) if node >= 0 else (-1, -1)
@@ -308,21 +309,21 @@ class EntityTrie:
         if last == self.terminator:
             return self._empty
         h = hash(tuple(prefix)) if _NATIVE else _tuple_hash(prefix)
-        ix = self._ix
+        hash_at = self._hash_at
         i = ((((h >> 32) + 2147483648) * self.slots) >> 32) << 1
-        x = ix[i]
+        x = hash_at[i]
         while x < h:
             i += 2
-            x = ix[i]
+            x = hash_at[i]
         if x != h:
             return self._empty
         i += i
-        ix32 = self._ix32
-        lo = ix32[i + 2]
+        range_at = self._range_at
+        lo = range_at[i + 2]
         d = len(prefix) + 1
         try:
             if self._ls[d] <= lo < self._ls[d + 1]:
-                return self.edge_token[lo:ix32[i + 3]]
+                return self.edge_token[lo:range_at[i + 3]]
         except IndexError:  # longer than any title
             pass
         if lo < 0:  # a hash that two nodes share (~never): exact walk
@@ -621,10 +622,7 @@ def _build_levels(paths: dict, n_titles: int) -> dict:
     parent = np.empty(cap, dtype=idx_dtype)
     edge[0], parent[0] = -1, -1
     level_start = [0, 1]
-    leaf_node = np.empty(n, dtype=idx_dtype)
-    leaf_value = np.empty(n, dtype=idx_dtype)
-    n_leaves, dup_pairs, alt_pairs = 0, [], []
-    title_leaf = np.empty(n_titles, dtype=idx_dtype)
+    leaves = _Leaves(n, n_titles, idx_dtype)
     rows = np.arange(n, dtype=idx_dtype)  # active rows, grouped by their node at depth d
     prank = np.zeros(n, dtype=np.uint64)  # that node's rank within depth d
     count = 1
@@ -652,34 +650,7 @@ def _build_levels(paths: dict, n_titles: int) -> dict:
         edge[start:start + n_new] = new_tok
         del cs, counts, new_tok
         if any_end:
-            # rows of one node are adjacent: a node where one path ends and another goes on
-            # shows as two neighbours of one group that disagree
-            mixed = np.flatnonzero((ends[1:] != ends[:-1]) & ~new[1:])
-            if len(mixed):
-                i = int(mixed[0]) + (0 if ends[mixed[0]] else 1)
-                r = int(rows[i]) if row_title is None else int(row_title[rows[i]])
-                raise DataError(f"a token path of title {r} ends where another "
-                                "title's path goes on", record=r, field="tokens",
-                                fix="a title may not contain the terminator text: choose "
-                                "another terminator")
-            del mixed
-            e = np.flatnonzero(ends)
-            erows, egroup = rows[e], rank[e].astype(np.int64) + start
-            etitle = row_title[erows] if row_title is not None else erows.astype(np.int64)
-            heads = np.flatnonzero(new[e])  # each leaf's first row (a leaf's rows are adjacent)
-            values = np.minimum.reduceat(etitle, heads)
-            leaf_node[n_leaves:n_leaves + len(heads)] = egroup[heads]
-            leaf_value[n_leaves:n_leaves + len(heads)] = values
-            n_leaves += len(heads)
-            natural = erows < n_titles
-            title_leaf[erows[natural]] = egroup[natural]
-            if not natural.all():
-                alt_pairs.append(np.stack([etitle[~natural], egroup[~natural]], axis=1))
-            if len(heads) < len(e):  # a path of several titles: report all but the first
-                kept = np.repeat(values, np.diff(np.append(heads, len(e))))
-                dup = etitle != kept
-                dup_pairs.append(np.stack([etitle[dup], kept[dup]], axis=1).astype(np.int64))
-            del e, erows, egroup, etitle, heads, values, natural
+            leaves.add(ends, new, rows, rank, start, row_title)
             keep = ~ends
             rows, prank, at, last = rows[keep], rank[keep], at[keep], last[keep]
             del keep, rank
@@ -692,16 +663,66 @@ def _build_levels(paths: dict, n_titles: int) -> dict:
     del flat, at, last, positions, prank, rows
     n_nodes = level_start[-1]
     child_start[level_start[-2]:n_nodes + 1] = n_nodes  # the deepest level has no children
-    dups = np.concatenate(dup_pairs) if dup_pairs else np.zeros((0, 2), np.int64)
-    alt = np.concatenate(alt_pairs).astype(np.int64) if alt_pairs else np.zeros((0, 2), np.int64)
-    alt = np.unique(alt[alt[:, 1] != title_leaf[alt[:, 0]]], axis=0)  # same as natural: drop
     # views of the first n_nodes entries: the unused tails were never touched (not resident)
-    arrays = dict(edge_token=edge[:n_nodes], child_start=child_start[:n_nodes + 1],
-                  parent=parent[:n_nodes], level_start=np.asarray(level_start, dtype=np.int64),
-                  leaf_node=leaf_node[:n_leaves], leaf_value=leaf_value[:n_leaves],
-                  title_leaf=title_leaf, title_ids=None, alt_leaf=alt.reshape(-1, 2),
-                  duplicates=np.unique(dups, axis=0).reshape(-1, 2))
-    return arrays
+    return dict(edge_token=edge[:n_nodes], child_start=child_start[:n_nodes + 1],
+                parent=parent[:n_nodes], level_start=np.asarray(level_start, dtype=np.int64),
+                title_ids=None, **leaves.arrays())
+
+
+class _Leaves:
+    """The leaves :func:`_build_levels` finds, level by level, in arrays at their upper bound
+    (a leaf per path row) filled in place."""
+
+    def __init__(self, n_rows: int, n_titles: int, idx_dtype):
+        self.node = np.empty(n_rows, dtype=idx_dtype)  # leaf node ids, ascending
+        self.value = np.empty(n_rows, dtype=idx_dtype)  # each leaf's title index
+        self.count = 0
+        self.n_titles = n_titles
+        self.title_leaf = np.empty(n_titles, dtype=idx_dtype)  # natural leaf of each title
+        self.alt_pairs: list[np.ndarray] = []  # (title, leaf) of the other paths
+        self.dup_pairs: list[np.ndarray] = []  # (title, kept title) sharing a leaf
+
+    def add(self, ends: np.ndarray, new: np.ndarray, rows: np.ndarray, rank: np.ndarray,
+            start: int, row_title: np.ndarray | None) -> None:
+        """Record the rows of one level (sorted by node) that end there. ``ends`` bool [k]: the
+        row ends at this depth; ``new`` bool [k]: the row starts a node; ``rank`` [k]: its node's
+        rank in the level, whose first id is ``start``; ``row_title``: row -> title (None: same)."""
+        # rows of one node are adjacent: a node where one path ends and another goes on
+        # shows as two neighbours of one group that disagree
+        mixed = np.flatnonzero((ends[1:] != ends[:-1]) & ~new[1:])
+        if len(mixed):
+            i = int(mixed[0]) + (0 if ends[mixed[0]] else 1)
+            r = int(rows[i]) if row_title is None else int(row_title[rows[i]])
+            raise DataError(f"a token path of title {r} ends where another "
+                            "title's path goes on", record=r, field="tokens",
+                            fix="a title may not contain the terminator text: choose "
+                            "another terminator")
+        e = np.flatnonzero(ends)
+        erows, egroup = rows[e], rank[e].astype(np.int64) + start
+        etitle = row_title[erows] if row_title is not None else erows.astype(np.int64)
+        heads = np.flatnonzero(new[e])  # each leaf's first row (a leaf's rows are adjacent)
+        values = np.minimum.reduceat(etitle, heads)
+        self.node[self.count:self.count + len(heads)] = egroup[heads]
+        self.value[self.count:self.count + len(heads)] = values
+        self.count += len(heads)
+        natural = erows < self.n_titles
+        self.title_leaf[erows[natural]] = egroup[natural]
+        if not natural.all():
+            self.alt_pairs.append(np.stack([etitle[~natural], egroup[~natural]], axis=1))
+        if len(heads) < len(e):  # a path of several titles: report all but the first
+            kept = np.repeat(values, np.diff(np.append(heads, len(e))))
+            dup = etitle != kept
+            self.dup_pairs.append(np.stack([etitle[dup], kept[dup]], axis=1).astype(np.int64))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """leaf_node, leaf_value, title_leaf, alt_leaf and duplicates (see :class:`EntityTrie`)."""
+        dups = np.concatenate(self.dup_pairs) if self.dup_pairs else np.zeros((0, 2), np.int64)
+        alt = (np.concatenate(self.alt_pairs).astype(np.int64) if self.alt_pairs
+               else np.zeros((0, 2), np.int64))
+        alt = np.unique(alt[alt[:, 1] != self.title_leaf[alt[:, 0]]], axis=0)  # same as natural
+        return dict(leaf_node=self.node[:self.count], leaf_value=self.value[:self.count],
+                    title_leaf=self.title_leaf, alt_leaf=alt.reshape(-1, 2),
+                    duplicates=np.unique(dups, axis=0).reshape(-1, 2))
 
 
 def _group_level(prank: np.ndarray, tok: np.ndarray, positions: np.ndarray, count: int,

@@ -184,9 +184,9 @@ def test_subtrie_equivalence():
                 finished.append(path)
                 assert full.value(full.node_of(path)) >= 0
                 assert seqs[sub.value(node)] + [T] == path and sub.value(node) in chosen
-            for t, kid in zip(*sub.children(node)):
+            for t, child in zip(*sub.children(node)):
                 assert full.step(full.node_of(path), int(t)) >= 0
-                stack.append((int(kid), path + [int(t)]))
+                stack.append((int(child), path + [int(t)]))
             assert sub.allowed(path).tolist() == sub.children(node)[0].tolist()
         assert len(finished) == len({tuple(seqs[i]) for i in chosen})
         nested = sub.subtrie(chosen[: len(chosen) // 2 + 1])  # a sub-trie of a sub-trie
