@@ -148,7 +148,7 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
                        f"split {sweep.train_split}" if sweep.train_split else None)}
     by_id = {m.id: m for m in mentions}  # the gold every cell is scored against
     env = environment()
-    shared: dict = {"retrievers": {}, "tries": {}, "candidates": None}
+    shared: dict = {"retrievers": {}, "tries": {}, "candidate_retriever": None}
     rows, cells = [], {}
     configs = cell_configs(sweep, str(path))
     for _, group in itertools.groupby(configs, key=lambda nc: backend_key(nc[1])):
@@ -185,7 +185,8 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
         del backend  # free this model before the next one loads (the cells hold no reference)
         gc.collect()
     if sweep.baseline and train:
-        preds = [r.to_json() for r in combo_baseline(kb, train, mentions, shared["candidates"])]
+        preds = [r.to_json() for r in combo_baseline(kb, train, mentions,
+                                                     shared["candidate_retriever"])]
         rows.append(metric_row("baseline: prior > exact title > MiniLM", None, preds, by_id, {}))
         write_outputs(out, rows, cells, env)
     return rows
@@ -216,9 +217,10 @@ def run_cell(out: Path, name: str, config, backend, kb, train, mentions, dev, fu
     def linker_for(cfg) -> Linker:
         linker = Linker(cfg, kb, backend, trie=shared["tries"].get(trie_key), train=train,
                         retriever=shared["retrievers"].get(pool),
-                        candidate_retriever=shared["candidates"])
+                        candidate_retriever=shared["candidate_retriever"])
         shared["tries"][trie_key] = linker.trie
-        shared["candidates"] = linker.candidate_retriever or shared["candidates"]
+        shared["candidate_retriever"] = (linker.candidate_retriever
+                                         or shared["candidate_retriever"])
         return linker
 
     stem = out / "cells" / safe(name)

@@ -123,7 +123,8 @@ prompt_options = compose(
     click.option("--demos", type=AT_LEAST_0, default=None,
                  help="Demonstrations per prompt [0]."),
     click.option("--retriever", type=click.Choice(retriever_names()), default=None,
-                 help="Demonstration retriever [simcse]."),
+                 help="Demonstration retriever [simcse: nearest training mentions by "
+                 "sentence-embedding cosine, with MiniLM]."),
     click.option("--candidates", type=AT_LEAST_0, default=None,
                  help="Restrict decoding to the top-C retrieved KB titles per mention."),
     click.option("--max-prompt-tokens", type=AT_LEAST_1, default=None,

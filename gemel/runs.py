@@ -1,8 +1,8 @@
 """Resumable batch runs: predictions are appended as they are made, a rerun skips what is done.
 
-The predictions file is JSONL, one line per mention (ARCHITECTURE.md "Predictions JSONL"). While a
-run is in progress lines are in completion order; once every mention is done the file is rewritten
-atomically in input order, whatever was resumed.
+The predictions file is JSONL, one line per mention (docs/architecture.md "Predictions JSONL").
+While a run is in progress lines are in completion order; once every mention is done the file is
+rewritten atomically in input order, whatever was resumed.
 
 Files are sacred: an output is written only when it is absent, empty, or a predictions file of the
 same run — recognised by its sidecar ``<out>.run.json`` (what was linked: the input's hash; with
