@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -153,10 +154,37 @@ def open_output(out: str | Path, identity: dict | None = None) -> Iterator[Outpu
         check_output(out, identity)  # again under the lock: another writer may have just finished
         from gemel import __version__
 
-        write_atomic(sidecar_path(out), json.dumps(
-            {"format": SIDECAR_FORMAT, "gemel_version": __version__, "identity": identity},
-            indent=1) + "\n")
+        side = {"format": SIDECAR_FORMAT, "gemel_version": __version__, "identity": identity}
+        timing = _read_timing(out)  # a resumed run adds to the time its earlier runs took
+        if timing:
+            side["timing"] = timing
+        write_atomic(sidecar_path(out), json.dumps(side, indent=1) + "\n")
         yield Output(out, identity)
+
+
+def _read_timing(out: Path) -> dict | None:
+    """``{"seconds", "linked"}`` the sidecar of ``out`` has counted so far (None: none yet)."""
+    try:
+        saved = json.loads(sidecar_path(out).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    timing = saved.get("timing") if isinstance(saved, dict) else None
+    return timing if isinstance(timing, dict) else None
+
+
+def add_timing(out: Path, seconds: float, linked: int) -> None:
+    """Add a batch's linking wall time and mention count to the sidecar's ``timing``: what the
+    run took in all, over every resume (reports quote it). A file without a sidecar is left
+    alone."""
+    side = sidecar_path(out)
+    try:
+        saved = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    timing = saved.get("timing") or {"seconds": 0.0, "linked": 0}
+    saved["timing"] = {"seconds": round(timing["seconds"] + seconds, 3),
+                       "linked": timing["linked"] + linked}
+    write_atomic(side, json.dumps(saved, indent=1) + "\n")
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -263,8 +291,10 @@ def _run(link: LinkFn, mentions: Sequence[Mention], path: Path, batch_size: int,
                                                      disable=not progress, unit="mention") as bar:
         for chunk in todo:
             fresh = sum(not ok(m) for m in chunk)
+            began = time.perf_counter()
             rows = [r.to_json() for r in _link_isolating_errors(link, chunk)]
             append_lines(f, _lines(rows))
+            add_timing(path, time.perf_counter() - began, fresh)
             done.update((str(r["id"]), r) for r in rows)
             bar.update(fresh)
     # input order; rows of mentions this run did not ask for (a wider earlier run) stay, after

@@ -135,3 +135,43 @@ def test_report_markdown_names_the_strongest_and_the_command():
     assert "| **exact** |" in text and "| prior |" in text
     assert "| exact | H@1 | 40.0 | 50.00 | +10.00 |" in text  # against the earlier figure
     assert "| prior | -25.00 |" in text  # paired, other - strongest
+
+
+def test_report_shows_a_fused_run_beside_its_pure_generation_with_its_time(tmp_path):
+    """A `gemel link --fusion` file as a --pred row: its `generated` ranking is a row of its own,
+    the paired fused - generation difference is reported, and its sidecar's linking time shown."""
+    from gemel.eval.reports import _run_timing, markdown
+    from gemel.eval.summary import evaluate_files
+    from gemel.runs import run
+
+    exact = [r.to_json() for r in run_baseline("exact", KB, TEST, TRAIN, k=3)]
+    prior = {r["id"]: r for r in (x.to_json() for x in run_baseline("prior", KB, TEST, TRAIN, k=3))}
+    # fused = exact's ranking; generation = prior's ranking (ids only, as a fused run keeps them)
+    fused = [{**r, "generated": [c["entity_id"] for c in prior[r["id"]]["candidates"]]} for r in exact]
+    path = tmp_path / "fused.jsonl"
+    by_id = {r["id"]: r for r in fused}
+    from gemel.types import Candidate, LinkResult
+
+    def link(batch):
+        return [LinkResult(m.id, tuple(Candidate(c["entity_id"], c["title"], c["score"])
+                                       for c in by_id[m.id]["candidates"]), m.entity_id)
+                for m in batch]
+
+    run(link, TEST, path, batch_size=2, progress=False)
+    assert _run_timing(str(path))["linked"] == len(TEST)
+    result = evaluate_files([("exact", exact), ("gemel fused", fused)], TEST, train=TRAIN, kb=KB,
+                            n_resamples=50)
+    report = {"dataset": "toy", "split": "test", "limit": None, "mentions": len(TEST),
+              "train_mentions": len(TRAIN),
+              "runs": [{"label": "exact", "kind": "exact", "seconds": 0.1},
+                       {"label": "gemel fused", "kind": "predictions", "predictions": str(path),
+                        "seconds": 12.0, "settings": {"demos": 4, "model": "m"}}],
+              "kbs": [{"name": "toy", "entities": len(KB), "with_description": 0, "note": "toy"}],
+              "strongest_baseline": "exact", "reference": {},
+              "sentence_model": "minilm-l6-v2", "dtype": "fp32", "top_k": 3, "cpu_flags": "x",
+              "seconds_total": 1.0, **result}
+    text = markdown(report, "python -m gemel.eval.reports toy --pred x")
+    assert text.startswith("# gemel and the baselines on toy test")
+    assert "| gemel fused: pure generation | the fused run's `generated` | 4 | 25.0 [" in text
+    assert "| gemel fused | +25.00 |" in text  # fused (50) - its generation (25), paired
+    assert "demos=4, model=m; linking took 12 s" in text

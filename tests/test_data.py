@@ -145,6 +145,11 @@ def test_wikidiverse_reader(tmp_path):
     assert ms[2].image == str(tmp_path / "images" / "mention_1.jpg")
     assert report.images_found == 1 and report.images_missing == 4 and report.image_records == 1
     assert report.records == 4 and report.empty_records == 1
+    # --limit cuts the first record short: its uncounted mentions are not reported missing
+    first, cut = read_release(src, limit=1)
+    assert len(first) == 1 and cut.limited
+    assert cut.images_missing == 1 and cut.images_found == 0
+    assert "1 of 1 mentions" in cut.missing_images_message()
     # NIL: kept, marked, never a crash; nil="drop" leaves it out.
     assert is_nil(ms[4]) and ms[4].entity_id is None and ms[4].entity == NIL and report.nil == 1
     kept, report = read_release(src, nil="drop")

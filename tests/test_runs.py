@@ -45,6 +45,17 @@ def test_resume_skips_done_and_restores_input_order(tmp_path):
     assert [r["id"] for r in lines] == [m.id for m in MENTIONS] == [r["id"] for r in rows]
 
 
+def test_the_sidecar_counts_the_linking_time_over_resumes(tmp_path):
+    """Reports quote how long a run took: the sidecar adds each session's mentions and seconds."""
+    out = tmp_path / "pred.jsonl"
+    run(CountingLinker(), MENTIONS[:4], out, batch_size=2, progress=False)
+    first = json.loads((tmp_path / "pred.jsonl.run.json").read_text())["timing"]
+    assert first["linked"] == 4 and first["seconds"] >= 0
+    run(CountingLinker(), MENTIONS, out, batch_size=2, progress=False)  # links 4, 5, 6 only
+    timing = json.loads((tmp_path / "pred.jsonl.run.json").read_text())["timing"]
+    assert timing["linked"] == 7 and timing["seconds"] >= first["seconds"]
+
+
 def test_a_partly_written_batch_is_linked_again_whole(tmp_path):
     """Batches are fixed slices of the input: mention 3 shares its batch with 2 whatever was
     resumed, so a resumed run pads and batches every mention as an uninterrupted run does."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Sequence
@@ -43,9 +44,10 @@ class HFStepper:
     """
 
     def __init__(self, model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                 keep_prefill: bool = False):
+                 keep_prefill: bool = False, stats: dict | None = None):
         self.model, self.embeds, self.mask = model, inputs_embeds, attention_mask.long()
         self.keep = keep_prefill
+        self.stats = stats  # the backend's running prefill counters (HFBackend.stats), if given
         self.cache_kwarg = _cache_kwarg(model)
         self.cache = None
         self.next_pos: torch.Tensor | None = None
@@ -59,8 +61,12 @@ class HFStepper:
     def start(self) -> torch.Tensor:
         # Positions count real tokens only, so left padding does not shift them.
         pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        began = time.perf_counter()
         out = self.model(inputs_embeds=self.embeds, attention_mask=self.mask, position_ids=pos,
                          use_cache=True, logits_to_keep=1)
+        if self.stats is not None:  # real prompt tokens only: padding is waste, not throughput
+            self.stats["prefill_tokens"] += int(self.mask.sum())
+            self.stats["prefill_seconds"] += time.perf_counter() - began
         self.cache = _cache_of(out)
         self.next_pos = self.mask.sum(-1)
         # fp32 log-softmax: fp16 logits can overflow and leave every allowed token at -inf.
@@ -237,6 +243,8 @@ class HFBackend(Backend):
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, device
         for p in self.model.parameters():
             p.requires_grad_(False)
+        # running totals over this backend's life; the sweep reads them for its prefill tok/s
+        self.stats = {"prefill_tokens": 0, "prefill_seconds": 0.0}
 
     @classmethod
     def from_name(cls, name: str, device: str = "auto", dtype: str = "auto") -> "HFBackend":
@@ -268,7 +276,7 @@ class HFBackend(Backend):
                max_new_tokens=32, length_penalty=0.0, keep_prefill=False) -> list[list[Hypothesis]]:
         # keep_prefill: score() of these same prompts will reuse the prefill
         stepper = HFStepper(self.model, inputs_embeds.to(self.device), attention_mask.to(self.device),
-                            keep_prefill=keep_prefill)
+                            keep_prefill=keep_prefill, stats=self.stats)
         hyps = beam_search(stepper, tries, inputs_embeds.shape[0], num_beams=num_beams,
                            top_k=top_k, max_new_tokens=max_new_tokens,
                            length_penalty=length_penalty)
@@ -280,6 +288,7 @@ class HFBackend(Backend):
         self._kept = None
         if kept is not None and kept[0] is inputs_embeds and kept[1].prefill is not None:
             return kept[1].score(sequences)
-        stepper = HFStepper(self.model, inputs_embeds.to(self.device), attention_mask.to(self.device))
+        stepper = HFStepper(self.model, inputs_embeds.to(self.device), attention_mask.to(self.device),
+                            stats=self.stats)
         return stepper.score(sequences)
 

@@ -94,6 +94,11 @@ def read_release(path: str | os.PathLike, fmt: str = "auto", split: str | None =
                 continue
         out.append(m)
     report.mentions = len(out)
+    if report.limited:
+        # the finder counted whole records, and the last one may be cut short: count what was kept
+        # (exact where the kept part of that record is all found or all missing, as in releases)
+        report.images_found = sum(m.image is not None for m in out)
+        report.images_missing = min(report.images_missing, len(out) - report.images_found)
     if select is not None and fmt != "native":
         report.split_ids_absent = len(select) - report.records if not report.limited else 0
     return out, report
