@@ -4,6 +4,7 @@
   sit above the core (training, the CLI, the demo and benchmarks may use them).
 * No function in gemel/, retrieval/ or eval/ is longer than 80 lines unless it says why in a
   ``# long:`` comment near its top.
+* The floors of docs/architecture.md's module table hold: imports go down or sideways, never up.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def imported(module: str, path: Path, known: set[str]) -> set[str]:
             names.add(base)
             names.update(f"{base}.{a.name}" for a in node.names)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            names.add(node.value)
+            names.add(node.value.partition(":")[0])  # a module name, or "module:attribute"
     out = set()
     for name in names:
         parts = name.split(".")
@@ -133,3 +134,45 @@ def test_the_length_check_can_fail(tmp_path, monkeypatch):
     monkeypatch.setitem(globals(), "REPO", tmp_path)
     monkeypatch.setitem(globals(), "FOLDERS", {"gemel": "gemel"})
     assert long_functions() == [("gemel/big.py", "big", MAX_LINES + 2)]
+
+
+def doc_floors() -> dict[str, int]:
+    """Module (or package) -> floor, from the table in docs/architecture.md. A cell lists paths
+    in backticks; a bare file name is in the folder of the path before it."""
+    floors, folder = {}, "gemel/"
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    for line in text.split("## Modules, by floor")[1].split("\n## ")[0].splitlines():
+        cells = line.split("|")
+        if len(cells) < 4 or not cells[1].strip().isdigit():
+            continue
+        for path in cells[2].split("`")[1::2]:
+            if not path.endswith((".py", "/", "/*")):  # prompts/*.txt, gemel.eval, ...
+                continue
+            if "/" in path.rstrip("/*"):
+                folder = path.rsplit("/", 1)[0] + "/"
+            else:
+                path = path if path.rstrip("/*") in FOLDERS else folder + path
+            top, _, rest = path.rstrip("/*").removesuffix(".py").partition("/")
+            name = FOLDERS[top] + ("." + rest.replace("/", ".") if rest else "")
+            floors[name] = int(cells[1])
+    return floors
+
+
+def test_modules_import_only_their_floor_or_below():
+    """docs/architecture.md's floors hold: every module has one, and none imports upwards."""
+    floors = doc_floors()
+
+    def floor(module: str) -> int | None:
+        inside = [f for m, f in floors.items() if m.startswith(module + ".")]
+        if module not in floors and inside:  # a package listed by its modules
+            return min(inside)
+        while module not in floors and "." in module:
+            module = module.rpartition(".")[0]
+        return floors.get(module)
+
+    graph = import_graph()
+    missing = sorted(m for m in graph if m != "gemel" and floor(m) is None)
+    assert not missing, f"modules without a floor in docs/architecture.md: {missing}"
+    upward = sorted((m, d) for m, deps in graph.items() for d in deps
+                    if m != "gemel" and d != "gemel" and floor(d) > floor(m))
+    assert not upward, f"imports up the floors: {upward}"
