@@ -49,7 +49,7 @@ def agreement(a: list, b: list) -> dict:
             "mean_score_gap": round(sum(gaps) / len(gaps), 4) if gaps else None}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="../shared/data/wikidiverse/WikiDiverse.json")
     ap.add_argument("--splits", default="../shared/data/wikidiverse/splits.json")
@@ -64,17 +64,14 @@ def main() -> None:
     ap.add_argument("--fit-val", type=int, default=100, help="val mentions to fit fusion on")
     ap.add_argument("--modes", nargs="+", default=["generation", "fused"])
     ap.add_argument("--out", default="runs/backends")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    import dataclasses
 
-    from gemel.backends.base import get_backend
+def main() -> None:
+    args = parse_args()
     from gemel.data import read_mentions
     from gemel.data.kbsources import build_kb
-    from gemel.eval.metrics import hits_at_k
-    from gemel.fusion import fit_on_mentions
     from gemel.kb import KnowledgeBase
-    from gemel.linker import Linker, LinkerConfig
     from gemel.retrieval import get_retriever
 
     out = Path(args.out)
@@ -90,50 +87,8 @@ def main() -> None:
               "demos": args.demos, "beams": args.beams, "models": {}}
     rows_md = []
     for model in args.models:
-        backends, load = {}, {}
-        for name in ("hf", "vllm"):
-            t0 = time.perf_counter()
-            backends[name] = get_backend(name, model, device="auto", dtype=args.dtype)
-            load[name] = round(time.perf_counter() - t0, 1)
-        dtype = str(backends["hf"].dtype).replace("torch.", "")
-        base = LinkerConfig(model=model, demos=args.demos, retriever="bm25", num_beams=args.beams)
-        hf0 = Linker(base, kb, backends["hf"], train=train, retriever=retriever)
-        fusion = args.fusion
-        if "fused" in args.modes and fusion is None:
-            fusion = str(out / f"fusion-{Path(model).stem}.json")
-            if not Path(fusion).exists():
-                fitted, _ = fit_on_mentions(hf0, val, out / f"fusion-{Path(model).stem}.dev.jsonl",
-                                            progress=False)
-                fitted.save(fusion)
-        entry = {"dtype": dtype, "load_seconds": load, "modes": {}}
-        for mode in args.modes:
-            results = {}
-            for name in ("hf", "vllm"):
-                config = dataclasses.replace(
-                    base, batch_size=args.hf_batch_size if name == "hf" else args.vllm_batch_size,
-                    fusion=fusion if mode == "fused" else None)
-                linker = Linker(config, kb, backends[name], trie=hf0.trie, train=train,
-                                retriever=retriever)
-                got, seconds = timed_link(linker, test)
-                hits = hits_at_k([r.to_json() for r in got], (1, 5))
-                results[name] = (got, {"mentions_per_s": round(len(test) / seconds, 3),
-                                       "seconds": round(seconds, 1),
-                                       "batch_size": config.batch_size,
-                                       "H@1": hits["H@1"], "H@5": hits["H@5"]})
-                if name == "vllm":
-                    results[name][1]["engine_requests"] = backends[name].requests
-            mode_entry = {name: r for name, (_, r) in results.items()}
-            mode_entry["speedup"] = round(mode_entry["vllm"]["mentions_per_s"]
-                                          / mode_entry["hf"]["mentions_per_s"], 2)
-            mode_entry["agreement"] = agreement(results["vllm"][0], results["hf"][0])
-            entry["modes"][mode] = mode_entry
-            rows_md.append(f"| {model} | {dtype} | {mode} | {mode_entry['hf']['mentions_per_s']} "
-                           f"| {mode_entry['vllm']['mentions_per_s']} | {mode_entry['speedup']}x "
-                           f"| {mode_entry['hf']['H@1']} / {mode_entry['vllm']['H@1']} "
-                           f"| {mode_entry['agreement']['top1_agree_pct']} |")
-            print(json.dumps({model: {mode: mode_entry}}), flush=True)
-        report["models"][model] = entry
-        backends.clear()
+        report["models"][model] = compare_model(model, args, kb, test, val, train, retriever,
+                                                out, rows_md)
     table = ("| model | dtype | mode | hf mentions/s | vllm mentions/s | speed-up | H@1 hf / vllm "
              "| top-1 agree % |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows_md))
     note = (f"\nCPU flags: {report['cpu_flags']}; {len(test)} WikiDiverse test mentions, "
@@ -142,6 +97,73 @@ def main() -> None:
     (out / "backends.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "backends.md").write_text(table + "\n" + note, encoding="utf-8")
     print(table + "\n" + note)
+
+
+def compare_model(model: str, args: argparse.Namespace, kb, test, val, train, retriever,
+                  out: Path, rows_md: list[str]) -> dict:
+    """Load ``model`` in both backends and compare them in each mode (a markdown row each,
+    appended to ``rows_md``); fit a fusion model on ``val`` first when one is needed."""
+    from gemel.backends.base import get_backend
+    from gemel.fusion import fit_on_mentions
+    from gemel.linker import Linker, LinkerConfig
+
+    backends, load = {}, {}
+    for name in ("hf", "vllm"):
+        started = time.perf_counter()
+        backends[name] = get_backend(name, model, device="auto", dtype=args.dtype)
+        load[name] = round(time.perf_counter() - started, 1)
+    dtype = str(backends["hf"].dtype).replace("torch.", "")
+    base = LinkerConfig(model=model, demos=args.demos, retriever="bm25", num_beams=args.beams)
+    hf_linker = Linker(base, kb, backends["hf"], train=train, retriever=retriever)
+    fusion = args.fusion
+    if "fused" in args.modes and fusion is None:
+        fusion = str(out / f"fusion-{Path(model).stem}.json")
+        if not Path(fusion).exists():
+            fitted, _ = fit_on_mentions(hf_linker, val,
+                                        out / f"fusion-{Path(model).stem}.dev.jsonl",
+                                        progress=False)
+            fitted.save(fusion)
+    entry = {"dtype": dtype, "load_seconds": load, "modes": {}}
+    for mode in args.modes:
+        mode_entry = compare_mode(mode, args, base, kb, backends, hf_linker.trie, train,
+                                  retriever, test, fusion)
+        entry["modes"][mode] = mode_entry
+        rows_md.append(f"| {model} | {dtype} | {mode} | {mode_entry['hf']['mentions_per_s']} "
+                       f"| {mode_entry['vllm']['mentions_per_s']} | {mode_entry['speedup']}x "
+                       f"| {mode_entry['hf']['H@1']} / {mode_entry['vllm']['H@1']} "
+                       f"| {mode_entry['agreement']['top1_agree_pct']} |")
+        print(json.dumps({model: {mode: mode_entry}}), flush=True)
+    backends.clear()
+    return entry
+
+
+def compare_mode(mode: str, args: argparse.Namespace, base, kb, backends: dict, trie, train,
+                 retriever, test, fusion: str | None) -> dict:
+    """Link ``test`` with each backend in one mode (``generation`` or ``fused``): speed, H@k,
+    the speed-up of vllm over hf and their top-1 agreement."""
+    import dataclasses
+
+    from gemel.eval.metrics import hits_at_k
+    from gemel.linker import Linker
+
+    results = {}
+    for name in ("hf", "vllm"):
+        config = dataclasses.replace(
+            base, batch_size=args.hf_batch_size if name == "hf" else args.vllm_batch_size,
+            fusion=fusion if mode == "fused" else None)
+        linker = Linker(config, kb, backends[name], trie=trie, train=train, retriever=retriever)
+        got, seconds = timed_link(linker, test)
+        hits = hits_at_k([r.to_json() for r in got], (1, 5))
+        results[name] = (got, {"mentions_per_s": round(len(test) / seconds, 3),
+                               "seconds": round(seconds, 1), "batch_size": config.batch_size,
+                               "H@1": hits["H@1"], "H@5": hits["H@5"]})
+        if name == "vllm":
+            results[name][1]["engine_requests"] = backends[name].requests
+    mode_entry = {name: figures for name, (_, figures) in results.items()}
+    mode_entry["speedup"] = round(mode_entry["vllm"]["mentions_per_s"]
+                                  / mode_entry["hf"]["mentions_per_s"], 2)
+    mode_entry["agreement"] = agreement(results["vllm"][0], results["hf"][0])
+    return mode_entry
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def link_timed(linker, mentions, out_path: Path) -> tuple[list[dict], float]:
     return rows, seconds
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kb", required=True)
     ap.add_argument("--train", required=True)
@@ -67,29 +67,45 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", default=[], choices=sorted(SHAPES))
     ap.add_argument("--shape-limit", type=int, default=64)
     ap.add_argument("--out", default="runs/device_check")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     import torch
 
-    from gemel.backends.hf import HFBackend
     from gemel.data import read_mentions
-    from gemel.eval.metrics import hits_at_k
     from gemel.kb import KnowledgeBase
-    from gemel.linker import Linker, LinkerConfig
-    from gemel.runs import read_done
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kb = KnowledgeBase.from_jsonl(args.kb)
     train = read_mentions(args.train)
     mentions = read_mentions(args.mentions, limit=args.limit)
-    titles = set(kb.titles)
     report = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device,
               "torch": torch.__version__, "mentions": len(mentions), "model": args.model,
               "demos": args.demos, "retriever": args.retriever, "batch_size": args.batch_size}
     settings = dict(model=args.model, device=args.device, demos=args.demos,
                     retriever=args.retriever, batch_size=args.batch_size, num_beams=5, top_k=5)
-    firsts = {}
+    report.update(check_dtypes(args, kb, train, mentions, settings, out))
+    for name in args.shapes:
+        report[f"shape_{name}"] = time_shape(name, args, kb, train, mentions[:args.shape_limit],
+                                             settings, out)
+    (out / "device_check.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(report, indent=2))
+
+
+def check_dtypes(args: argparse.Namespace, kb, train, mentions, settings: dict, out: Path) -> dict:
+    """Link with the real model in each dtype: H@k, seconds per mention, every candidate a KB
+    title; top-1 agreement between the dtypes and with the reference file."""
+    import torch
+
+    from gemel.eval.metrics import hits_at_k
+    from gemel.linker import Linker
+    from gemel.runs import read_done
+
+    titles = set(kb.titles)
+    report, firsts = {}, {}
     for dtype in args.dtypes:
         linker = Linker.from_config(kb=kb, train=train, dtype=dtype, **settings)
         rows, seconds = link_timed(linker, mentions, out / f"pred_{dtype}.jsonl")
@@ -107,37 +123,42 @@ def main() -> None:
     if args.reference:
         ref = top1(read_done(Path(args.reference)).values())
         report["top1_agreement_with_reference"] = {d: agreement(f, ref) for d, f in firsts.items()}
+    return report
 
-    if args.shapes:
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        from gemel.sources import resolve
+def time_shape(name: str, args: argparse.Namespace, kb, train, shaped, settings: dict,
+               out: Path) -> dict:
+    """Linking time of a randomly initialised LLaMA of the shape ``name`` (bf16, on the device)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve(args.model, "llm"))
-        config = LinkerConfig(**{**settings, "model": "random-shape", "dtype": "bf16"})
-        shaped = mentions[:args.shape_limit]
-        for name in args.shapes:
-            hidden, inter, layers, heads, kv = SHAPES[name]
-            cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter,
-                              num_hidden_layers=layers, num_attention_heads=heads,
-                              num_key_value_heads=kv, max_position_embeddings=8192,
-                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-            torch.manual_seed(0)
-            with torch.device(args.device):
-                model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-            params = sum(p.numel() for p in model.parameters())
-            linker = Linker(config, kb, HFBackend(model, tokenizer, args.device), train=train)
-            rows, seconds = link_timed(linker, shaped, out / f"shape_{name}.jsonl")
-            report[f"shape_{name}"] = {"parameters_b": round(params / 1e9, 2), "mentions": len(rows),
-                                       "s_per_mention": round(seconds / len(rows), 4),
-                                       "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)
-                                       if torch.cuda.is_available() else None}
-            print(name, json.dumps(report[f"shape_{name}"]), flush=True)
-            del linker, model
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    (out / "device_check.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(report, indent=2))
+    from gemel.backends.hf import HFBackend
+    from gemel.linker import Linker, LinkerConfig
+    from gemel.sources import resolve
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(args.model, "llm"))
+    config = LinkerConfig(**{**settings, "model": "random-shape", "dtype": "bf16"})
+    hidden, inter, layers, heads, kv = SHAPES[name]
+    llama_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden,
+                               intermediate_size=inter, num_hidden_layers=layers,
+                               num_attention_heads=heads, num_key_value_heads=kv,
+                               max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
+                               eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = LlamaForCausalLM(llama_config).to(torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    linker = Linker(config, kb, HFBackend(model, tokenizer, args.device), train=train)
+    rows, seconds = link_timed(linker, shaped, out / f"shape_{name}.jsonl")
+    figures = {"parameters_b": round(params / 1e9, 2), "mentions": len(rows),
+               "s_per_mention": round(seconds / len(rows), 4),
+               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)
+               if torch.cuda.is_available() else None}
+    print(name, json.dumps(figures), flush=True)
+    del linker, model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return figures
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikidiverse"
@@ -256,7 +255,7 @@ def verdict(value: float, floor: float, lower_is_better: bool = True) -> str:
     return f"{'PASS' if ok else 'FAIL'} ({value:.3g} vs {floor:g}: {value / floor:.2f}x)"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS),
                     help="comma-separated model names or GGUF paths")
@@ -276,91 +275,26 @@ def main() -> None:
     ap.add_argument("--check", default=None)
     ap.add_argument("--tolerance", type=float, default=1e-4)
     ap.add_argument("--json", default=None, help="also write every figure to this JSON file")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    from gemel.backends.hf import HFBackend, pick_dtype
-    from gemel.data import read_mentions
-    from gemel.kb import KnowledgeBase
-    from gemel.linker import Linker, LinkerConfig
 
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     demos = [int(x) for x in args.demos.split(",")]
-    kb = KnowledgeBase.from_jsonl(args.kb)
-    mentions = read_mentions(args.data, split="test", splits_path=args.splits, limit=args.limit)
-    test_sentences = {m.id.split("-")[0] for m in read_mentions(args.data, split="test",
-                                                                 splits_path=args.splits)}
-    # sentences listed in both train and test stay out of train (see the data README)
-    train = [m for m in read_mentions(args.data, split="train", splits_path=args.splits)
-             if m.id.split("-")[0] not in test_sentences]
-    dtype = pick_dtype("cpu", args.dtype)
-    flags = cpu_flags()
-    machine = {"cpu_flags": flags, "dtype": str(dtype).replace("torch.", ""),
-               "dtype_requested": args.dtype, "torch_threads": torch.get_num_threads(),
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
-               "python": platform.python_version(), "load_average_start": load_average()}
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    peak = peaks["bf16" if dtype == torch.bfloat16 else "fp32"]
-    print(f"CPU flags: {' '.join(flags)} | dtype {machine['dtype']} (--dtype {args.dtype}) | "
-          f"torch threads {machine['torch_threads']} | OMP_NUM_THREADS "
-          f"{machine['OMP_NUM_THREADS']} | load average {machine['load_average_start']}")
-    print(f"matmul peak (2048^3, median of 7): fp32 {peaks['fp32']:.1f} GFLOP/s, "
-          f"bf16 {peaks['bf16']:.1f} GFLOP/s; --dtype auto picks "
-          f"{pick_dtype('cpu').__repr__().replace('torch.', '')} "
-          "(bf16 when the CPU has AMX or AVX512-BF16, else fp32)")
+    kb, mentions, train = load_inputs(args)
+    machine, peaks = describe_machine(args)
+    peak = peaks["bf16" if machine["dtype"] == "bfloat16" else "fp32"]
     print(f"{len(mentions)} WikiDiverse test mentions, KB {len(kb.titles)} titles, "
           f"{len(train)} training mentions\n")
 
     cells, report = [], {"machine": machine, "matmul_gflops": peaks}
     base_linker = None
     for model_name in args.models.split(","):
-        t = time.perf_counter()
-        backend = HFBackend.from_name(model_name, device="cpu", dtype=args.dtype)
-        load_s = time.perf_counter() - t
-        body = body_parameters(backend.model)
-        overrides = {"demos": max(demos), "model": model_name}
-        if args.batch_size:
-            overrides["batch_size"] = args.batch_size
-        config = replace(LinkerConfig(), **overrides)
-        # one fitted retriever pair for every model (sentence embeddings do not depend on the LLM)
-        if base_linker is None:
-            base_linker = Linker(config, kb, backend, train=train)
-            base_linker.kb_retriever()
-        trie = Linker(config, kb, backend, train=train, retriever=base_linker.retriever,
-                      candidate_retriever=base_linker.candidate_retriever).trie
-        for k in demos:
-            cfg = replace(config, demos=k)
-            row = {"model": model_name, "demos": k, "load_s": round(load_s, 1),
-                   "body_params": body, "batch_size": cfg.batch_size}
-            modes = [("pure", False)] + ([] if args.no_fused else [("fused", True)])
-            results = {}
-            for mode, fused in modes:
-                linker = make_linker(base_linker, backend, cfg, kb, train, trie, fused)
-                run = time_cell(linker, mentions, args.repeats, not args.no_warmup)
-                results[mode] = run["results"]
-                flops = prefill_flops(backend.model.config, run["lengths"], body)
-                n = len(mentions)
-                row[mode] = {"s_per_mention": run["total"] / n,
-                             "totals": [round(x, 3) for x in run["all_totals"]],
-                             "phases_s_per_mention": {p: v / n for p, v in run["phases"].items()},
-                             "prompt_tokens_mean": run["tokens"] / max(len(run["lengths"]), 1),
-                             "padding_share": 1 - run["tokens"] / max(run["padded"], 1),
-                             "prefill_gflops": flops / max(run["phases"]["prefill"], 1e-9) / 1e9}
-                row[mode]["prefill_share_of_peak"] = row[mode]["prefill_gflops"] / peak
-            row["load_average"] = load_average()
-            cells.append(row)
-            print_row(row)
-            if k == max(demos) and (args.save_reference or args.check) and "fused" in results:
-                rows = reference_rows(results["pure"], results["fused"])
-                if args.save_reference:
-                    Path(args.save_reference).write_text(
-                        "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-                    print(f"  reference written: {args.save_reference}")
-                if args.check:
-                    ref = [json.loads(x) for x in Path(args.check).read_text().splitlines() if x]
-                    row["check"] = compare(rows, ref, args.tolerance)
-                    print(f"  check against {args.check}: {row['check']}")
-        del backend
+        model_cells, base_linker = time_model(model_name, args, demos, kb, mentions, train,
+                                              base_linker, peak)
+        cells += model_cells
     report["cells"] = cells
     print()
     print_table(cells, peak, machine)
@@ -370,6 +304,114 @@ def main() -> None:
     print(f"load average at the end: {load_average()} (a shared machine: figures are upper bounds)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+
+def load_inputs(args: argparse.Namespace) -> tuple:
+    """The KB, the first --limit WikiDiverse test mentions, and the training mentions (those of
+    sentences that are not also test sentences)."""
+    from gemel.data import read_mentions
+    from gemel.kb import KnowledgeBase
+
+    kb = KnowledgeBase.from_jsonl(args.kb)
+    mentions = read_mentions(args.data, split="test", splits_path=args.splits, limit=args.limit)
+    test_sentences = {m.id.split("-")[0] for m in read_mentions(args.data, split="test",
+                                                                 splits_path=args.splits)}
+    # sentences listed in both train and test stay out of train (see the data README)
+    train = [m for m in read_mentions(args.data, split="train", splits_path=args.splits)
+             if m.id.split("-")[0] not in test_sentences]
+    return kb, mentions, train
+
+
+def describe_machine(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The machine (CPU flags, dtype, threads, load) and its measured matmul peaks, printed."""
+    from gemel.backends.hf import pick_dtype
+
+    dtype = pick_dtype("cpu", args.dtype)
+    flags = cpu_flags()
+    machine = {"cpu_flags": flags, "dtype": str(dtype).replace("torch.", ""),
+               "dtype_requested": args.dtype, "torch_threads": torch.get_num_threads(),
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
+               "python": platform.python_version(), "load_average_start": load_average()}
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"CPU flags: {' '.join(flags)} | dtype {machine['dtype']} (--dtype {args.dtype}) | "
+          f"torch threads {machine['torch_threads']} | OMP_NUM_THREADS "
+          f"{machine['OMP_NUM_THREADS']} | load average {machine['load_average_start']}")
+    print(f"matmul peak (2048^3, median of 7): fp32 {peaks['fp32']:.1f} GFLOP/s, "
+          f"bf16 {peaks['bf16']:.1f} GFLOP/s; --dtype auto picks "
+          f"{pick_dtype('cpu').__repr__().replace('torch.', '')} "
+          "(bf16 when the CPU has AMX or AVX512-BF16, else fp32)")
+    return machine, peaks
+
+
+def time_model(model_name: str, args: argparse.Namespace, demos: list[int], kb, mentions, train,
+               base_linker, peak: float) -> tuple[list[dict], object]:
+    """One row per demonstration count for one model (printed); the first model's linker is
+    returned as ``base_linker``, whose fitted retrievers every later model reuses."""
+    from gemel.backends.hf import HFBackend
+    from gemel.linker import Linker, LinkerConfig
+
+    started = time.perf_counter()
+    backend = HFBackend.from_name(model_name, device="cpu", dtype=args.dtype)
+    load_s = time.perf_counter() - started
+    body = body_parameters(backend.model)
+    overrides = {"demos": max(demos), "model": model_name}
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    config = replace(LinkerConfig(), **overrides)
+    # one fitted retriever pair for every model (sentence embeddings do not depend on the LLM)
+    if base_linker is None:
+        base_linker = Linker(config, kb, backend, train=train)
+        base_linker.kb_retriever()
+    trie = Linker(config, kb, backend, train=train, retriever=base_linker.retriever,
+                  candidate_retriever=base_linker.candidate_retriever).trie
+    cells = []
+    for n_demos in demos:
+        cell_config = replace(config, demos=n_demos)
+        row = {"model": model_name, "demos": n_demos, "load_s": round(load_s, 1),
+               "body_params": body, "batch_size": cell_config.batch_size}
+        modes = [("pure", False)] + ([] if args.no_fused else [("fused", True)])
+        results = {}
+        for mode, fused in modes:
+            linker = make_linker(base_linker, backend, cell_config, kb, train, trie, fused)
+            timed = time_cell(linker, mentions, args.repeats, not args.no_warmup)
+            results[mode] = timed["results"]
+            row[mode] = cell_figures(timed, backend, body, len(mentions), peak)
+        row["load_average"] = load_average()
+        cells.append(row)
+        print_row(row)
+        if n_demos == max(demos) and (args.save_reference or args.check) and "fused" in results:
+            row_check = save_or_check_reference(args, reference_rows(results["pure"],
+                                                                     results["fused"]))
+            if row_check is not None:
+                row["check"] = row_check
+    return cells, base_linker
+
+
+def cell_figures(timed: dict, backend, body: int, n: int, peak: float) -> dict:
+    """Seconds per mention, phases, prompt tokens, padding and prefill throughput of one cell."""
+    flops = prefill_flops(backend.model.config, timed["lengths"], body)
+    figures = {"s_per_mention": timed["total"] / n,
+               "totals": [round(x, 3) for x in timed["all_totals"]],
+               "phases_s_per_mention": {p: v / n for p, v in timed["phases"].items()},
+               "prompt_tokens_mean": timed["tokens"] / max(len(timed["lengths"]), 1),
+               "padding_share": 1 - timed["tokens"] / max(timed["padded"], 1),
+               "prefill_gflops": flops / max(timed["phases"]["prefill"], 1e-9) / 1e9}
+    figures["prefill_share_of_peak"] = figures["prefill_gflops"] / peak
+    return figures
+
+
+def save_or_check_reference(args: argparse.Namespace, rows: list[dict]) -> dict | None:
+    """Write the reference rows (--save-reference) and/or compare them with one (--check)."""
+    if args.save_reference:
+        Path(args.save_reference).write_text("".join(json.dumps(r) + "\n" for r in rows),
+                                             encoding="utf-8")
+        print(f"  reference written: {args.save_reference}")
+    if not args.check:
+        return None
+    ref = [json.loads(x) for x in Path(args.check).read_text().splitlines() if x]
+    check = compare(rows, ref, args.tolerance)
+    print(f"  check against {args.check}: {check}")
+    return check
 
 
 def print_row(row: dict) -> None:

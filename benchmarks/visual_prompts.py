@@ -215,7 +215,8 @@ def linear_probe(task: dict[str, Path], vp_mode: str, layout: str, cache_dir: Pa
     import torch
 
     from gemel.data import read_mentions
-    from gemel.vision import FeatureCache, VisionEncoder
+    from gemel.feature_cache import FeatureCache
+    from gemel.vision import VisionEncoder
     from gemel.visual_prompt import VisualPrompt
 
     enc = VisionEncoder.from_name("dinov2-small", layout=layout)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="../shared/data/wikimel", help="WikiMEL release folder")
     ap.add_argument("--out", default="runs/wikimel_images")
@@ -31,20 +31,27 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--beams", type=int, default=5)
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    from gemel.data import convert, read_mentions, write_mentions
-    from gemel.eval.metrics import hits_at_k
-    from gemel.kb import KnowledgeBase
-    from gemel.linker import Linker
-    from gemel.train import TrainConfig, train
 
-    src, out = Path(args.data), Path(args.out)
+def main() -> None:
+    args = parse_args()
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    release, splits = src / "WikiMEL.json", src / "splits.json"
+    kb, pictured, train_ids = prepare_data(Path(args.data), out)
+    summary, mapper = train_mapper(args, out)
+    runs = link_runs(args, kb, mapper, pictured, out)
+    report(runs, kb, train_ids, summary, args)
 
-    # 1. data: KB from the names list; mentions that have a photo here
-    t0 = time.perf_counter()
+
+def prepare_data(src: Path, out: Path) -> tuple:
+    """1. The KB from the names list; the mentions that have a photo here, split into those of
+    the train split (they train the mapper) and the held-out ones (the dev set)."""
+    from gemel.data import convert, read_mentions, write_mentions
+    from gemel.kb import KnowledgeBase
+
+    release, splits = src / "WikiMEL.json", src / "splits.json"
+    started = time.perf_counter()
     counts = convert(release, out / "all.jsonl", out / "kb.jsonl", kb_from="both",
                      qid2ne=src / "qid2ne.json", qid2abs=src / "qid2abs.json",
                      images_dir=src / "images")
@@ -57,10 +64,15 @@ def main() -> None:
     write_mentions(held, out / "heldout.jsonl")
     write_mentions(pictured, out / "pictured.jsonl")
     print(f"KB {len(kb)} entities; {len(pictured)} mentions with a photo: {len(seen)} train split, "
-          f"{len(held)} held out (dev/test splits); data prep {time.perf_counter() - t0:.1f}s "
+          f"{len(held)} held out (dev/test splits); data prep {time.perf_counter() - started:.1f}s "
           f"({counts.get('mentions')} mentions converted)")
+    return kb, pictured, train_ids
 
-    # 2. train the mapper
+
+def train_mapper(args: argparse.Namespace, out: Path) -> tuple[dict, Path]:
+    """2. Train the mapper; its summary and the checkpoint to link with (best, else last)."""
+    from gemel.train import TrainConfig, train
+
     ckpt = out / "mapper"
     summary = train(TrainConfig(out=str(ckpt), kb=str(out / "kb.jsonl"), data=str(out / "train.jsonl"),
                                 dev=str(out / "heldout.jsonl"), vision="dinov2-small",
@@ -69,18 +81,22 @@ def main() -> None:
                                 feature_cache=str(out / "features-train")))
     print("training:", json.dumps({k: summary.get(k) for k in
                                   ("steps", "seconds_per_step", "best_dev_h1", "best_step")}))
-    mapper = ckpt / "best" if (ckpt / "best").exists() else ckpt / "last"
+    return summary, ckpt / "best" if (ckpt / "best").exists() else ckpt / "last"
 
-    # 3. link: twice with images (cold, then warm feature cache), once without
+
+def link_runs(args: argparse.Namespace, kb, mapper: Path, pictured, out: Path) -> dict:
+    """3. Link twice with images (cold, then warm feature cache), once without."""
+    from gemel.linker import Linker
+
     cache = out / "features-link"
     shutil.rmtree(cache, ignore_errors=True)
     runs = {}
     for name, extra in (("image, run 1", {}), ("image, run 2", {}), ("no image", {"no_image": True})):
         linker = Linker.from_config(kb=kb, mapper=str(mapper), num_beams=args.beams,
                                     batch_size=8, feature_cache=str(cache), **extra)
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         rows = [r.to_json() for r in linker.link(pictured)]
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - started
         images = linker.model.image_embedder
         runs[name] = {"rows": rows, "seconds": seconds,
                       "encoded": dict(images.encoder.stats) if images else None,
@@ -88,24 +104,31 @@ def main() -> None:
                       "hit_rate": images.cache.hit_rate if images else None}
         (out / f"predictions-{name.replace(' ', '').replace(',', '-')}.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return runs
 
-    # 4. report
+
+def report(runs: dict, kb, train_ids: set, summary: dict, args: argparse.Namespace) -> None:
+    """4. H@1/H@5 with and without the image (all, train, held-out), encoding and cache figures."""
+    from gemel.eval.metrics import hits_at_k
+
     titles = set(kb.titles)
     print(f"\n{'run':<14} {'all H@1':>8} {'H@5':>6} {'train H@1':>10} {'held-out H@1':>13} "
           f"{'errors':>6} {'s/mention':>10}")
-    for name, r in runs.items():
-        rows = r["rows"]
-        by = {"all": rows, "train": [x for x in rows if x["id"] in train_ids],
-              "held": [x for x in rows if x["id"] not in train_ids]}
-        h = {k: hits_at_k(v, (1, 5)) for k, v in by.items()}
+    for name, run in runs.items():
+        rows = run["rows"]
+        by_part = {"all": rows, "train": [x for x in rows if x["id"] in train_ids],
+                   "held": [x for x in rows if x["id"] not in train_ids]}
+        hits = {k: hits_at_k(v, (1, 5)) for k, v in by_part.items()}
         assert all(c["title"] in titles for x in rows for c in x["candidates"]), "non-KB title"
-        print(f"{name:<14} {h['all']['H@1']:>8.1f} {h['all']['H@5']:>6.1f} {h['train']['H@1']:>10.1f} "
-              f"{h['held']['H@1'] if h['held']['n'] else float('nan'):>13.1f} "
-              f"{h['all']['errors']:>6} {r['seconds'] / max(len(rows), 1):>10.3f}")
+        print(f"{name:<14} {hits['all']['H@1']:>8.1f} {hits['all']['H@5']:>6.1f} "
+              f"{hits['train']['H@1']:>10.1f} "
+              f"{hits['held']['H@1'] if hits['held']['n'] else float('nan'):>13.1f} "
+              f"{hits['all']['errors']:>6} {run['seconds'] / max(len(rows), 1):>10.3f}")
     cold, warm = runs["image, run 1"], runs["image, run 2"]
-    enc = cold["encoded"]
-    print(f"\nimages encoded in run 1: {enc['images']}, "
-          f"{enc['seconds'] / max(enc['images'], 1):.3f} s/image (read + preprocess + DINOv2-S/14, CPU)")
+    encoded = cold["encoded"]
+    print(f"\nimages encoded in run 1: {encoded['images']}, "
+          f"{encoded['seconds'] / max(encoded['images'], 1):.3f} s/image (read + preprocess + "
+          f"DINOv2-S/14, CPU)")
     print(f"feature cache run 1: {cold['cache']} hit rate {100 * cold['hit_rate']:.1f}%")
     print(f"feature cache run 2: {warm['cache']} hit rate {100 * warm['hit_rate']:.1f}%; "
           f"images encoded in run 2: {warm['encoded']['images']}")

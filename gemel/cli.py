@@ -16,7 +16,7 @@ from gemel.eval.baselines import KINDS as BASELINE_KINDS
 # the flags live in gemel.options (one definition each); imported here under their old names
 from gemel.options import (DATA_FORMATS, backend_option, data_options, echo_err, fusion_option,  # noqa: F401
                            linker_options, progress_option, prompt_options, read_data, read_kb,
-                           read_train, shard_option, strict_option)
+                           read_train, shard_option, strict_option, training_options)
 
 # exit codes (README "Exit codes"): 0 done; 1 unexpected error (a bug: please report the
 # traceback); 2 bad usage or bad input, nothing linked; 3 finished, but some mentions are error
@@ -79,9 +79,6 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
 
     Under `torchrun --nproc_per_node N -m gemel.cli link ...` each process links its shard of
     the mentions into OUT.shard-R-of-N.jsonl, and process 0 merges them into --out."""
-    from gemel.eval.baselines import exact_match
-    from gemel.eval.summary import evaluate_files, format_summary
-    from gemel.kb import KnowledgeBase
     from gemel.linker import Linker, linker_config
     from gemel.runs import (check_output, merge_parts, open_output, run, select_shard,
                             shard_part_path)
@@ -130,7 +127,6 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
         rows = merge_parts(parts, everything, out_path, source=str(data_path))
         click.echo(f"merged {len(parts)} parts into {out_path}")
         mentions = everything
-    k = linker.config.top_k
     if linker.box_only_from_text:
         click.echo(f"{linker.box_only_from_text} box-only mention(s) (no mention string) linked "
                    f"from their text alone: --no-image ablation")
@@ -143,31 +139,44 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
                "trie_terminator_merged": len(getattr(linker.trie, "terminator_merged", [])),
                "box_only_from_text": linker.box_only_from_text, **kb_notes}
     if any(m.entity_id is not None for m in mentions):
-        # the one summary of `gemel eval`, beside the exact-match baseline on the same mentions
-        result = evaluate_files([(str(out_path), rows), ("exact-match baseline", [
-            r.to_json() for r in exact_match(kb, mentions)])], mentions, train=train, kb=kb)
-        summary["gemel"], summary["exact_match"] = result["files"]
-        summary["paired"] = result["paired"]
-        if linker.config.num_candidates:
-            summary["gemel"]["candidates"] = linker.config.num_candidates  # C of recall@C
-        click.echo("gemel beside the exact-match baseline, on the same mentions:")
-        click.echo(format_summary(result))
-    images = linker.model.image_embedder
-    if images is not None:
-        encoded = images.encoder.stats
-        summary["images"] = {"encoded": encoded["images"],
-                             "seconds_per_encoded_image": round(encoded["seconds"] / encoded["images"], 4)
-                             if encoded["images"] else None}
-        if images.cache is not None:
-            summary["images"]["feature_cache"] = {**images.cache.stats,
-                                                  "hit_rate": round(images.cache.hit_rate, 4)}
-            click.echo(images.cache.summary())
-        click.echo(f"images encoded: {encoded['images']} "
-                   f"({summary['images']['seconds_per_encoded_image'] or 0:.3f} s/image)")
+        summary.update(evaluation_summary(linker, kb, rows, mentions, train, out_path))
+    if linker.model.image_embedder is not None:
+        summary["images"] = image_summary(linker.model.image_embedder)
     metrics_path = Path(out_path).with_suffix(".metrics.json")
     write_atomic(metrics_path, json.dumps(summary, indent=2) + "\n")
     click.echo(f"predictions: {out_path}\nmetrics: {metrics_path}")
     end_of_run(ctx, rows, out_path)
+
+
+def evaluation_summary(linker, kb, rows: list[dict], mentions, train, out_path) -> dict:
+    """The one summary of `gemel eval` for --out beside the exact-match baseline on the same
+    mentions (echoed), as the metrics file's ``gemel``, ``exact_match`` and ``paired`` entries."""
+    from gemel.eval.baselines import exact_match
+    from gemel.eval.summary import evaluate_files, format_summary
+
+    result = evaluate_files([(str(out_path), rows), ("exact-match baseline", [
+        r.to_json() for r in exact_match(kb, mentions)])], mentions, train=train, kb=kb)
+    gemel_metrics, exact = result["files"]
+    if linker.config.num_candidates:
+        gemel_metrics["candidates"] = linker.config.num_candidates  # C of recall@C
+    click.echo("gemel beside the exact-match baseline, on the same mentions:")
+    click.echo(format_summary(result))
+    return {"gemel": gemel_metrics, "exact_match": exact, "paired": result["paired"]}
+
+
+def image_summary(images) -> dict:
+    """Images encoded, seconds per encoded image and the feature cache's counts (echoed);
+    ``images``: the linker's :class:`gemel.image_tokens.ImageTokens`."""
+    encoded = images.encoder.stats
+    summary = {"encoded": encoded["images"],
+               "seconds_per_encoded_image": round(encoded["seconds"] / encoded["images"], 4)
+               if encoded["images"] else None}
+    if images.cache is not None:
+        summary["feature_cache"] = {**images.cache.stats, "hit_rate": round(images.cache.hit_rate, 4)}
+        click.echo(images.cache.summary())
+    click.echo(f"images encoded: {encoded['images']} "
+               f"({summary['seconds_per_encoded_image'] or 0:.3f} s/image)")
+    return summary
 
 
 def report_kb(kb, linker, mentions, strict: bool) -> dict:
@@ -564,13 +573,30 @@ def demo(out, epochs, demos):
     run_demo(settings, echo=click.echo)
 
 
-def _register_train() -> None:
-    from gemel.train import train_command  # the training options live beside the training code
+@cli.command("train")
+@click.option("--kb", "kb", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Knowledge base JSONL.")
+@click.option("--data", "data", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Training mentions: our JSONL or a public release file.")
+@click.option("--dev", "dev", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Dev mentions (default: --data with --dev-split).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Checkpoint folder (best/, last/, train_log.jsonl); an existing run in it is "
+              "continued with --resume, never overwritten.")
+@training_options
+def train_command(config_path, resume, cpu, fmt, splits_path, images_dir, **flags):
+    """Train the linear mapper (frozen LLM and vision encoder) and keep the best by dev H@1."""
+    from gemel.config import from_dict, load_yaml
+    from gemel.train import TrainConfig, train
 
-    cli.add_command(train_command)
-
-
-_register_train()
+    values = load_yaml(config_path) if config_path else {}
+    values.update({k: v for k, v in dict(flags, format=fmt, splits=splits_path, images=images_dir,
+                                         resume=resume or None, cpu=cpu or None).items()
+                   if v is not None})
+    config = from_dict(TrainConfig, values, source=config_path or "<flags>")
+    summary = train(config)
+    if summary["process_index"] == 0:
+        click.echo(json.dumps(summary, indent=2))
 
 
 def main() -> None:

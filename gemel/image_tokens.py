@@ -1,7 +1,7 @@
 """The bridge from image slots to soft tokens: frozen vision encoder + trained mapper.
 
     embedder = ImageTokens(VisionEncoder.from_name("dinov2-small"), mapper, vp_mode="overlay",
-                           cache=FeatureCache(cache_dir() / "features"))
+                           cache=open_feature_cache("auto"))
     model = GemelModel(tokenizer, llm.get_input_embeddings(), image_embedder=embedder)
 
 ``ImageTokens(slots)`` opens each slot's ``mention.image``, renders the visual prompt
@@ -25,7 +25,8 @@ from gemel.errors import DataError, MismatchError
 from gemel.mapper import LinearMapper
 from gemel.prompting import ImageSlot
 from gemel.types import Mention
-from gemel.vision import FeatureCache, VisionEncoder
+from gemel.feature_cache import FeatureCache
+from gemel.vision import VisionEncoder
 from gemel.visual_prompt import VisualPrompt
 
 
@@ -33,7 +34,7 @@ class ImageTokens:
     """Callable ``list[ImageSlot] -> Tensor[n_slots, tokens_per_slot, hidden]``.
 
     ``vp_mode``: a mode name (``none`` | ``overlay`` | ``crop`` | ``overlay+crop``) or a
-    :class:`~gemel.visual_prompt.VisualPrompt`. ``cache``: a :class:`~gemel.vision.FeatureCache`
+    :class:`~gemel.visual_prompt.VisualPrompt`. ``cache``: a :class:`~gemel.feature_cache.FeatureCache`
     (or None: encode in memory only). ``memo``: keep features in memory for the session.
     """
 

@@ -75,9 +75,10 @@ def check_llm(saved: dict, mine: dict, source: object = None, warn_rename: bool 
     fix = (f"load LLM {saved.get('name')!r}, or train a mapper for {mine.get('name')!r} "
            f"(gemel train --model ...)")
     hard = [k for k in ("model_type", "hidden_size", "vocab_size") if saved.get(k) != mine.get(k)]
-    a, b = saved.get("embedding_probe"), mine.get("embedding_probe")
-    same_weights = (a is None or b is None or len(a) != len(b)
-                    or all(math.isclose(x, y, rel_tol=2e-2, abs_tol=1e-3) for x, y in zip(a, b)))
+    saved_probe, my_probe = saved.get("embedding_probe"), mine.get("embedding_probe")
+    same_weights = (saved_probe is None or my_probe is None or len(saved_probe) != len(my_probe)
+                    or all(math.isclose(x, y, rel_tol=2e-2, abs_tol=1e-3)
+                           for x, y in zip(saved_probe, my_probe)))
     if hard or not same_weights:
         what = ", ".join(hard) if hard else "the embedding weights"
         raise MismatchError(f"{where}this mapper was trained for LLM {_describe_llm(saved)} but "

@@ -9,9 +9,11 @@ from __future__ import annotations
 import click
 
 from gemel.retrieval.registry import retriever_names
+from gemel.visual_prompt import MODES as VP_MODES
 
 DATA_FORMATS = ["auto", "native", "wikidiverse", "wikimel", "mimic", "vpwiki"]
 DTYPES = ["auto", "fp32", "bf16", "fp16"]
+MIXED_PRECISIONS = ["auto", "no", "bf16", "fp16"]
 AT_LEAST_1 = click.IntRange(min=1)
 AT_LEAST_0 = click.IntRange(min=0)
 
@@ -141,6 +143,44 @@ linker_options = compose(
     progress_option, mapper_option, no_image_option, feature_cache_option)
 linker_options.__doc__ = "How a Linker is built: shared by `link` and `fit-fusion`."
 
+training_options = compose(
+    config_option("TrainConfig"), model_option,
+    click.option("--vision", default=None, help="Vision encoder [dinov2-small]."),
+    click.option("--feature", default=None,
+                 help="pooled | cls | mean | layers:4,10,11,12 [pooled]."),
+    click.option("--layout", default=None,
+                 help="Feature layout: global | grid:N | region [auto: region for overlay modes, "
+                      "else global]."),
+    click.option("--n-visual-tokens", type=AT_LEAST_1, default=None,
+                 help="Soft tokens per image [4]."),
+    click.option("--vp-mode", type=click.Choice(VP_MODES), default=None,
+                 help="Visual prompt [none]."),
+    template_option,
+    click.option("--epochs", type=AT_LEAST_1, default=None),
+    click.option("--lr", type=click.FloatRange(min=0.0, min_open=True), default=None,
+                 help="Peak learning rate [1e-3]."),
+    batch_size_option,
+    click.option("--grad-accum", type=AT_LEAST_1, default=None),
+    click.option("--warmup", type=click.FloatRange(min=0.0), default=None,
+                 help="Fraction (<1) or number of steps."),
+    click.option("--eval-every", type=AT_LEAST_0, default=None,
+                 help="Optimizer steps; 0: every epoch."),
+    click.option("--max-steps", type=AT_LEAST_1, default=None),
+    click.option("--seed", type=int, default=None),
+    click.option("--resume", is_flag=True, default=False, help="Continue from OUT/last."),
+    click.option("--lora-r", type=AT_LEAST_0, default=None,
+                 help="Also train LoRA adapters of this rank."),
+    click.option("--mixed-precision", type=click.Choice(MIXED_PRECISIONS), default=None),
+    dtype_option, beams_option, feature_cache_option,
+    click.option("--cpu", is_flag=True, default=False, help="Train on CPU even with a GPU."),
+    click.option("--log-with", type=click.Choice(["tensorboard"]), default=None),
+    format_option, strict_option, split_option,
+    click.option("--dev-split", default=None, help="Dev split, with --splits."),
+    splits_option, images_option, limit_option,
+    click.option("--dev-limit", type=AT_LEAST_1, default=None),
+)
+training_options.__doc__ = "How `gemel train` trains a mapper (the fields of gemel.train.TrainConfig)."
+
 LINKER_FLAGS = ("config_path", "model", "num_beams", "top_k", "batch_size", "template", "dtype",
                 "device", "trie", "length_penalty", "progress", "mapper", "no_image",
                 "feature_cache")
@@ -179,5 +219,6 @@ def read_kb(kb_path, strict=False):
     return load_kb(kb_path, strict, echo=echo_err)
 
 
-__all__ = ["data_options", "prompt_options", "linker_options", "shard_option", "strict_option",
-           "read_data", "read_kb", "read_train", "echo_err", "compose", "backend_option", "DATA_FORMATS", "DTYPES"]
+__all__ = ["data_options", "prompt_options", "linker_options", "training_options", "shard_option",
+           "strict_option", "read_data", "read_kb", "read_train", "echo_err", "compose",
+           "backend_option", "DATA_FORMATS", "DTYPES", "MIXED_PRECISIONS"]

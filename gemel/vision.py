@@ -1,4 +1,4 @@
-"""The frozen vision encoder (any Hugging Face vision model) and its on-disk feature cache.
+"""The frozen vision encoder (any Hugging Face vision model): images in, feature vectors out.
 
 ``VisionEncoder`` wraps CLIP (``CLIPVisionModel``; GEMEL uses the pooled 1024-d feature of
 ViT-L/14), SigLIP, DINOv2 (``Dinov2Model``) or any model the Auto classes load, and turns images
@@ -23,20 +23,17 @@ concatenated, so the mapper stays one ``nn.Linear``:
   move it exactly as they move the pixels. An image without a region (a crop, or a mention with
   no box) pools all patches.
 
-``FeatureCache`` stores features as ``.npy`` shards plus a JSON index, keyed by (encoder identity,
-sha256 of the image file's bytes, visual-prompt settings string), so a second run over the same
-images encodes nothing. ``encoder.encode_paths`` / ``encoder.encode_mentions`` use it and return
-``[n, k, feature_dim]`` — k images per mention (2 for the ``overlay+crop`` visual prompt); the model
-maps each of the k features to its own image slot.
+``encoder.encode_paths`` / ``encoder.encode_mentions`` read and fill an on-disk
+:class:`gemel.feature_cache.FeatureCache` when given one (a second run over the same images encodes
+nothing) and return ``[n, k, feature_dim]`` — k images per mention (2 for the ``overlay+crop``
+visual prompt); the model maps each of the k features to its own image slot.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -47,6 +44,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from gemel.errors import DataError, GemelError, MismatchError
+from gemel.feature_cache import FeatureCache
 from gemel.types import Mention
 from gemel.visual_prompt import VisualPrompt
 
@@ -265,14 +263,14 @@ class VisionEncoder:
         """Hash of a strided sample of every parameter (cheap even for ViT-L): a randomly
         initialised or fine-tuned model never shares cached features with another. Values are
         rounded to bfloat16 first, so the same weights loaded in fp32 or bf16 agree."""
-        h = hashlib.sha256()
-        for name, p in self.model.state_dict().items():
-            flat = p.detach().reshape(-1)
+        digest = hashlib.sha256()
+        for name, tensor in self.model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
             step = max(1, flat.numel() // 256)
-            h.update(name.encode())
-            h.update(str(tuple(p.shape)).encode())
-            h.update(flat[::step][:256].to(torch.bfloat16).float().cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(flat[::step][:256].to(torch.bfloat16).float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def check_identity(self, saved: dict, source: object = None) -> None:
         """Raise :class:`MismatchError` when features from ``saved`` (an :attr:`identity` stored
@@ -425,68 +423,16 @@ class VisionEncoder:
         ``vp_settings`` must then spell out the region too (``settings_key`` does).
         """
         n = len(paths)
-        if isinstance(vp_settings, str) or vp_settings is None:
-            settings = [vp_settings or "vp1/full"] * n
-        else:
-            settings = list(vp_settings)
-            if len(settings) != n:
-                raise GemelError(f"{n} paths but {len(settings)} visual-prompt settings")
-        if render is not None and vp_settings is None and cache is not None:
+        settings = _settings_per_item(vp_settings, n)
+        unknown_render = render is not None and vp_settings is None
+        if unknown_render and cache is not None:
             raise GemelError("a cache with a render function needs vp_settings describing it "
                              "(gemel.visual_prompt.settings_key), or cached features would mix up")
         ids = list(ids) if ids is not None else [None] * n
-        keys: list[str] = []
-        for i, path in enumerate(paths):
-            if cache is not None:
-                image_hash = cache.file_hash(path, record=ids[i])
-                keys.append(FeatureCache.key(self.identity_key, image_hash, settings[i]))
-            elif render is not None and vp_settings is None:
-                keys.append(f"item {i}")  # unknown rendering: nothing can be shared
-            else:
-                keys.append(f"{Path(path).resolve()}\0{settings[i]}")
-        found: dict[str, np.ndarray] = {}
-        todo: dict[str, int] = {}  # key -> first item needing it
-        for i, key in enumerate(keys):
-            if key in found or key in todo:
-                continue
-            hit = cache.get(key) if cache is not None else None
-            if hit is not None:
-                found[key] = hit
-            else:
-                todo[key] = i
-        if cache is not None:
-            hits = sum(1 for k in keys if k in found)
-            cache.stats["hits"] += hits
-            cache.stats["misses"] += n - hits
-        pending = list(todo.items())
-        k: int | None = None  # images per item, known after the first chunk
-        start = 0
+        keys = self._item_keys(paths, settings, ids, cache, unknown_render)
+        found, todo = _lookup(keys, cache)
         try:
-            while start < len(pending):
-                chunk = pending[start:start + max(1, self.batch_size // (k or 1))]
-                start += len(chunk)
-                t0 = time.perf_counter()
-                images: list[Image.Image] = []
-                masks: list[Image.Image | None] = []
-                counts = set()
-                for _key, i in chunk:
-                    image = _open_image(paths[i], ids[i])
-                    rendered = render(i, image) if render is not None else [image]
-                    counts.add(len(rendered))
-                    images.extend(rendered)
-                    masks.extend(regions(i, image) if regions is not None and
-                                 self.layout_kind == "region" else [None] * len(rendered))
-                if len(counts | ({k} if k else set())) != 1 or 0 in counts:
-                    raise GemelError(f"render returned {sorted(counts)} images per item; it must "
-                                     f"return the same number (>= 1) for every item")
-                k = counts.pop()
-                feats = self.encode(images, masks).numpy().reshape(len(chunk), k, -1)
-                self.stats["images"] += len(chunk)
-                self.stats["seconds"] += time.perf_counter() - t0
-                for (key, _i), f in zip(chunk, feats):
-                    found[key] = f
-                    if cache is not None:
-                        cache.put(key, f)
+            self._encode_missing(todo, paths, ids, render, regions, found, cache)
         finally:  # keep what was encoded, even when a bad image stops the run
             if cache is not None:
                 cache.flush()
@@ -494,11 +440,69 @@ class VisionEncoder:
             log.info("%s", cache.summary())
         if n == 0:
             return torch.zeros(0, 1, self.feature_dim)
-        ks = {found[k].shape[0] for k in keys}
-        if len(ks) != 1:
-            raise GemelError(f"items have {sorted(ks)} features each (a cache shared by visual "
-                             f"prompts with different image counts under equal settings strings?)")
-        return torch.from_numpy(np.stack([found[k] for k in keys]).astype(np.float32, copy=False))
+        per_item = {found[key].shape[0] for key in keys}
+        if len(per_item) != 1:
+            raise GemelError(f"items have {sorted(per_item)} features each (a cache shared by "
+                             f"visual prompts with different image counts under equal settings "
+                             f"strings?)")
+        return torch.from_numpy(np.stack([found[key] for key in keys]).astype(np.float32, copy=False))
+
+    def _item_keys(self, paths: Sequence[str | Path], settings: list[str], ids: list,
+                   cache: FeatureCache | None, unknown_render: bool) -> list[str]:
+        """One key per item; items with equal keys share one encoding (and one cache entry)."""
+        keys: list[str] = []
+        for i, path in enumerate(paths):
+            if cache is not None:
+                image_hash = cache.file_hash(path, record=ids[i])
+                keys.append(FeatureCache.key(self.identity_key, image_hash, settings[i]))
+            elif unknown_render:
+                keys.append(f"item {i}")  # unknown rendering: nothing can be shared
+            else:
+                keys.append(f"{Path(path).resolve()}\0{settings[i]}")
+        return keys
+
+    def _encode_missing(self, todo: dict[str, int], paths: Sequence[str | Path], ids: list,
+                        render, regions, found: dict[str, np.ndarray],
+                        cache: FeatureCache | None) -> None:
+        """Open, render and encode the items of ``todo`` (key -> first item needing it), about
+        ``batch_size`` images at a time; each item's [k, feature_dim] goes to ``found`` (and
+        ``cache``)."""
+        pending = list(todo.items())
+        per_item: int | None = None  # images per item, known after the first chunk
+        start = 0
+        while start < len(pending):
+            chunk = pending[start:start + max(1, self.batch_size // (per_item or 1))]
+            start += len(chunk)
+            t0 = time.perf_counter()
+            images, masks, per_item = self._render_chunk(chunk, paths, ids, render, regions,
+                                                         per_item)
+            feats = self.encode(images, masks).numpy().reshape(len(chunk), per_item, -1)
+            self.stats["images"] += len(chunk)
+            self.stats["seconds"] += time.perf_counter() - t0
+            for (key, _i), item_features in zip(chunk, feats):
+                found[key] = item_features
+                if cache is not None:
+                    cache.put(key, item_features)
+
+    def _render_chunk(self, chunk: list[tuple[str, int]], paths: Sequence[str | Path], ids: list,
+                      render, regions, per_item: int | None
+                      ) -> tuple[list[Image.Image], list[Image.Image | None], int]:
+        """The images to encode for the items of ``chunk``, their region masks, and k (images
+        per item, which must be the same for every item)."""
+        images: list[Image.Image] = []
+        masks: list[Image.Image | None] = []
+        counts = set()
+        for _key, i in chunk:
+            image = _open_image(paths[i], ids[i])
+            rendered = render(i, image) if render is not None else [image]
+            counts.add(len(rendered))
+            images.extend(rendered)
+            masks.extend(regions(i, image) if regions is not None and
+                         self.layout_kind == "region" else [None] * len(rendered))
+        if len(counts | ({per_item} if per_item else set())) != 1 or 0 in counts:
+            raise GemelError(f"render returned {sorted(counts)} images per item; it must "
+                             f"return the same number (>= 1) for every item")
+        return images, masks, counts.pop()
 
     def encode_mentions(self, mentions: Iterable[Mention], prompt: VisualPrompt | None = None,
                         cache: FeatureCache | None = None) -> torch.Tensor:
@@ -535,178 +539,32 @@ def _open_image(path: str | Path, record: object) -> Image.Image:
                         fix="re-download the image or drop the mention's image") from None
 
 
-class FeatureCache:
-    """Vision features on disk: ``shards/*.npy`` (float32 [rows, dim]) plus ``index.json``.
-
-    The index maps a key — :meth:`key` (encoder identity hash, image sha256, visual-prompt
-    settings) — to (shard, first row, number of rows): one mention's k features are k consecutive
-    rows. A shard is written to a temporary name and renamed before the index names it, and the
-    index is replaced atomically under a lock after merging what other processes wrote, so an
-    interrupted or concurrent run never leaves an index naming missing or half-written rows.
-
-    ``stats`` counts ``hits`` and ``misses`` (per requested item) and ``written`` (feature sets
-    stored); :meth:`summary` gives the hit rate.
-    """
-
-    FORMAT = "gemel-feature-cache"
-    VERSION = 1
-
-    def __init__(self, folder: str | Path, flush_rows: int = 4096):
-        self.folder = Path(folder)
-        (self.folder / "shards").mkdir(parents=True, exist_ok=True)
-        self.flush_rows = flush_rows
-        self.stats = {"hits": 0, "misses": 0, "written": 0}
-        self._entries: dict[str, list] = self._read_index()
-        self._pending: dict[str, np.ndarray] = {}
-        self._shards: dict[str, np.ndarray] = {}
-        self._hashes: dict[tuple, str] = {}
-
-    # ---- keys ---------------------------------------------------------------------------------
-    @staticmethod
-    def key(encoder_key: str, image_sha256: str, vp_setting: str) -> str:
-        return hashlib.sha256(f"{encoder_key}\0{image_sha256}\0{vp_setting}".encode()).hexdigest()[:40]
-
-    def file_hash(self, path: str | Path, record: object = None) -> str:
-        """sha256 of the file's bytes, remembered per (path, size, mtime) for this session."""
-        p = Path(path)
-        try:
-            st = p.stat()
-        except FileNotFoundError:
-            raise DataError("image file not found", path=path, record=record, field="image",
-                            fix="check the dataset's image folder") from None
-        memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-        if memo not in self._hashes:
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            self._hashes[memo] = h.hexdigest()
-        return self._hashes[memo]
-
-    # ---- reading ------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(set(self._entries) | set(self._pending))
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._pending or key in self._entries
-
-    def get(self, key: str) -> np.ndarray | None:
-        """The k features stored under ``key`` as float32 [k, dim], or None."""
-        if key in self._pending:
-            return self._pending[key]
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        shard, row, n = entry
-        try:
-            array = self._shard(shard)
-        except FileNotFoundError:  # someone deleted a shard: its rows are simply gone
-            self._entries = {k: e for k, e in self._entries.items() if e[0] != shard}
-            return None
-        return np.array(array[row:row + n], dtype=np.float32)
-
-    def _shard(self, name: str) -> np.ndarray:
-        if name not in self._shards:
-            self._shards[name] = np.load(self.folder / "shards" / name, mmap_mode="r",
-                                         allow_pickle=False)
-        return self._shards[name]
-
-    # ---- writing ------------------------------------------------------------------------------
-    def put(self, key: str, features: np.ndarray | torch.Tensor) -> None:
-        """Store [k, dim] (or [dim]) features under ``key``; written at :meth:`flush`."""
-        if isinstance(features, torch.Tensor):
-            features = features.detach().float().cpu().numpy()
-        array = np.asarray(features, dtype=np.float32)
-        self._pending[key] = array.reshape(1, -1) if array.ndim == 1 else array
-        if sum(a.shape[0] for a in self._pending.values()) >= self.flush_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write pending features as new shards, then merge them into the index."""
-        if not self._pending:
-            return
-        new: dict[str, list] = {}
-        by_dim: dict[int, list[tuple[str, np.ndarray]]] = {}
-        for key, array in self._pending.items():
-            by_dim.setdefault(array.shape[1], []).append((key, array))
-        for group in by_dim.values():
-            name = f"{uuid.uuid4().hex[:16]}.npy"
-            rows = np.concatenate([a for _, a in group])
-            _atomic_write(self.folder / "shards" / name, lambda f, r=rows: np.save(f, r))
-            row = 0
-            for key, array in group:
-                new[key] = [name, row, int(array.shape[0])]
-                row += array.shape[0]
-        with _locked(self.folder / ".lock"):
-            merged = self._read_index()
-            merged.update(new)
-            index = {"format": self.FORMAT, "version": self.VERSION, "entries": merged}
-            _atomic_write(self.folder / "index.json",
-                          lambda f: f.write(json.dumps(index, separators=(",", ":")).encode()))
-        self._entries = merged
-        self.stats["written"] += len(self._pending)
-        self._pending = {}
-
-    def _read_index(self) -> dict[str, list]:
-        path = self.folder / "index.json"
-        if not path.exists():
-            return {}
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"feature cache index is not valid JSON ({exc})", path=path,
-                            fix=f"delete {self.folder} to rebuild the cache") from None
-        if data.get("format") != self.FORMAT or data.get("version") != self.VERSION:
-            raise DataError(f"not a version-{self.VERSION} gemel feature cache", path=path,
-                            fix=f"delete {self.folder} or choose another cache folder")
-        return data["entries"]
-
-    def __enter__(self) -> FeatureCache:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.flush()
-
-    # ---- reporting ----------------------------------------------------------------------------
-    @property
-    def hit_rate(self) -> float:
-        total = self.stats["hits"] + self.stats["misses"]
-        return self.stats["hits"] / total if total else 0.0
-
-    def summary(self) -> str:
-        s = self.stats
-        return (f"feature cache {self.folder}: {s['hits']} hits, {s['misses']} misses "
-                f"({100 * self.hit_rate:.1f}% hit rate), {len(self)} entries")
-
-    def __repr__(self) -> str:
-        return f"FeatureCache({str(self.folder)!r}, entries={len(self)}, stats={self.stats})"
+def _settings_per_item(vp_settings: Sequence[str] | str | None, n: int) -> list[str]:
+    """One visual-prompt settings string per item (one string, or none, stands for all)."""
+    if isinstance(vp_settings, str) or vp_settings is None:
+        return [vp_settings or "vp1/full"] * n
+    settings = list(vp_settings)
+    if len(settings) != n:
+        raise GemelError(f"{n} paths but {len(settings)} visual-prompt settings")
+    return settings
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-@contextmanager
-def _locked(path: Path):
-    """An exclusive advisory lock (POSIX); elsewhere, index merges are last-writer-wins."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _lookup(keys: list[str], cache: FeatureCache | None
+            ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Split distinct keys into those the cache holds (key -> [k, feature_dim]) and those to
+    encode (key -> first item needing it); count hits and misses per item."""
+    found: dict[str, np.ndarray] = {}
+    todo: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key in found or key in todo:
+            continue
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None:
+            found[key] = hit
+        else:
+            todo[key] = i
+    if cache is not None:
+        hits = sum(1 for key in keys if key in found)
+        cache.stats["hits"] += hits
+        cache.stats["misses"] += len(keys) - hits
+    return found, todo

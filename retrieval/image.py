@@ -1,7 +1,7 @@
 """``image``: demonstrations whose images look like the query's (cosine of vision features).
 
 Features come from :class:`gemel.vision.VisionEncoder` through the shared on-disk
-:class:`gemel.vision.FeatureCache`, so a dataset's images are encoded once for training, linking
+:class:`gemel.feature_cache.FeatureCache`, so a dataset's images are encoded once for training, linking
 and retrieval alike. A mention without an image has a zero vector: it is similar to nothing
 (similarity 0), and a query without an image gets training mentions in their file order — mix
 ``image`` into ``hybrid`` with a text retriever when some mentions lack images.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -26,7 +25,8 @@ class ImageRetriever(ScoredRetriever):
         feature: ``pooled`` | ``cls`` | ``mean`` | ``layers:4,10,11,12``.
         vp_mode: visual prompt applied before encoding (``none``: the whole image); with
             ``overlay+crop`` the two features are concatenated.
-        cache_dir: feature cache folder (default ``gemel.sources.cache_dir()/features``).
+        cache_dir: feature cache folder (default ``gemel.sources.cache_dir()/features``;
+            ``"none"``: memory only), read through :func:`gemel.feature_cache.open_feature_cache`.
         encoder: a ready :class:`VisionEncoder` instead of ``model``.
     """
 
@@ -46,10 +46,9 @@ class ImageRetriever(ScoredRetriever):
         self.vectors: np.ndarray | None = None  # [n_train, d] unit rows (zero rows: no image)
 
     def _cache(self):
-        from gemel.sources import cache_dir
-        from gemel.vision import FeatureCache
+        from gemel.feature_cache import open_feature_cache
 
-        return FeatureCache(Path(self.cache_dir) if self.cache_dir else cache_dir() / "features")
+        return open_feature_cache(self.cache_dir or "auto")
 
     def unit_vectors(self, mentions: Sequence[Mention]) -> np.ndarray:
         """[len(mentions), n_images * feature_dim] float32, unit rows; zero rows for no image."""
@@ -58,9 +57,9 @@ class ImageRetriever(ScoredRetriever):
         dim = self.prompt.n_images * self.encoder.feature_dim
         out = np.zeros((len(mentions), dim), dtype=np.float32)
         if with_image:
-            with self._cache() as cache:
-                feats = self.encoder.encode_mentions([mentions[i] for i in with_image],
-                                                     self.prompt, cache=cache)
+            # encode_mentions flushes what it added to the cache, also when an image is bad
+            feats = self.encoder.encode_mentions([mentions[i] for i in with_image], self.prompt,
+                                                 cache=self._cache())
             # [n, n_images, feature_dim] -> [n, n_images * feature_dim]
             flat = feats.reshape(len(with_image), -1).cpu().numpy().astype(np.float32)
             flat /= np.linalg.norm(flat, axis=1, keepdims=True).clip(min=1e-12)

@@ -15,9 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 # installed names of the source folders (pyproject's package-dir)
 FOLDERS = {"gemel": "gemel", "retrieval": "gemel.retrieval", "eval": "gemel.eval"}
 MAX_LINES = 80
-# Functions being shortened on another branch (issue 13); drop each entry once it is.
-BEING_SHORTENED = {("gemel/train.py", "train"), ("gemel/vision.py", "encode_paths"),
-                   ("gemel/cli.py", "link")}
 # Modules above the core that may import gemel.eval: the `gemel` command, mapper training, the
 # fusion model's fitting (it reports generation's H@1 with eval's metric) and the demo.
 MAY_IMPORT_EVAL = {"gemel.cli", "gemel.train", "gemel.fusion", "gemel.demo"}
@@ -121,9 +118,7 @@ def long_functions() -> list[tuple[str, str, int]]:
 
 def test_functions_are_short_or_say_why():
     found = long_functions()
-    unexplained = [f for f in found if f[:2] not in BEING_SHORTENED]
-    assert not unexplained, ("shorten these, or state why at their top in a '# long:' comment: "
-                             f"{unexplained}")
+    assert not found, f"shorten these, or state why at their top in a '# long:' comment: {found}"
 
 
 def test_the_length_check_can_fail(tmp_path, monkeypatch):

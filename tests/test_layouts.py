@@ -11,7 +11,8 @@ from gemel.errors import GemelError, MismatchError
 from gemel.image_tokens import ImageTokens
 from gemel.mapper import LinearMapper
 from gemel.types import Mention
-from gemel.vision import FeatureCache, VisionEncoder, parse_layout
+from gemel.feature_cache import FeatureCache
+from gemel.vision import VisionEncoder, parse_layout
 from gemel.visual_prompt import VisualPrompt, region_masks
 from tests.test_vision import clip_parts
 

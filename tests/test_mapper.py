@@ -12,7 +12,7 @@ from gemel.image_tokens import ImageTokens
 from gemel.mapper import LinearMapper, attach_lora, has_lora, llm_identity
 from gemel.prompting import ImageSlot
 from gemel.types import Mention
-from gemel.vision import FeatureCache
+from gemel.feature_cache import FeatureCache
 from tests.conftest import tiny_llama, tiny_opt
 from tests.test_train import tiny_clip
 

@@ -354,6 +354,7 @@ def test_cli_flags_reach_the_config(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     import gemel.train as train_module
+    from gemel.cli import train_command
 
     captured = {}
     monkeypatch.setattr(train_module, "train",
@@ -365,7 +366,7 @@ def test_cli_flags_reach_the_config(tmp_path, monkeypatch):
             "--vp-mode", "overlay+crop", "--epochs", "2", "--lr", "0.01", "--batch-size", "3",
             "--grad-accum", "4", "--warmup", "10", "--eval-every", "50", "--seed", "7",
             "--resume", "--lora-r", "8", "--format", "native", "--dev-split", "val"]
-    result = CliRunner().invoke(train_module.train_command, args)
+    result = CliRunner().invoke(train_command, args)
     assert result.exit_code == 0, result.output
     c = captured["config"]
     assert (c.model, c.vision, c.feature, c.n_visual_tokens, c.vp_mode) == (
@@ -392,3 +393,13 @@ def test_bf16_autocast_run_after_an_fp32_run_in_one_process(tmp_path, sp_tokeniz
     assert all(math.isfinite(r["loss"]) for r in log if r["event"] == "step")
     saved = LinearMapper.load(tmp_path / "bf16" / "last")
     assert saved.proj.weight.dtype == torch.float32  # the mapper's weights stay fp32
+
+
+def test_auto_mixed_precision_follows_the_backend_dtype_choice():
+    """Training autocasts in the dtype the hf backend would load the LLM in (one precision rule)."""
+    from gemel.backends.hf import pick_dtype
+    from gemel.train.launch import mixed_precision
+
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
+    assert mixed_precision("auto", "cpu") == names[pick_dtype("cpu")]
+    assert mixed_precision("fp16", "cpu") == "fp16" and mixed_precision("no", "cuda") == "no"

@@ -12,7 +12,8 @@ from PIL import Image
 
 from gemel.errors import DataError, GemelError, MismatchError
 from gemel.types import Mention
-from gemel.vision import FeatureCache, VisionEncoder
+from gemel.feature_cache import FeatureCache
+from gemel.vision import VisionEncoder
 from gemel.visual_prompt import VisualPrompt, settings_key
 
 
@@ -281,24 +282,24 @@ def test_bad_inputs_name_the_mention(tmp_path, image_files):
 
 
 def test_interrupted_flush_leaves_a_valid_cache(tmp_path, image_files, monkeypatch):
-    import gemel.vision as vision
+    import gemel.feature_cache as feature_cache
 
     enc = VisionEncoder(*clip_parts(), name="tiny-clip")
     folder = tmp_path / "cache"
     enc.encode_paths(image_files[:2], cache=FeatureCache(folder))
     index_before = (folder / "index.json").read_text()
 
-    real = vision._atomic_write
+    real = feature_cache._atomic_write
 
     def crash_on_index(path, write):
         if path.name == "index.json":
             raise KeyboardInterrupt  # killed between writing the shard and the index
         real(path, write)
 
-    monkeypatch.setattr(vision, "_atomic_write", crash_on_index)
+    monkeypatch.setattr(feature_cache, "_atomic_write", crash_on_index)
     with pytest.raises(KeyboardInterrupt):
         enc.encode_paths(image_files[2:4], cache=FeatureCache(folder))
-    monkeypatch.setattr(vision, "_atomic_write", real)
+    monkeypatch.setattr(feature_cache, "_atomic_write", real)
     assert (folder / "index.json").read_text() == index_before
     assert not list(folder.rglob("*.tmp"))
     reopened = FeatureCache(folder)
@@ -350,3 +351,14 @@ def test_image_retriever_finds_the_same_picture_and_reuses_the_cache(tmp_path, c
     forwards = count_forwards(clip)
     get_retriever("image", encoder=clip, cache_dir=tmp_path / "features").fit(train)
     assert forwards[0] == 0  # second fit: every feature from the cache
+
+
+def test_open_feature_cache_resolves_the_setting(tmp_path, monkeypatch):
+    """One place turns --feature-cache into a cache: auto, none, or a folder."""
+    from gemel.feature_cache import open_feature_cache
+
+    monkeypatch.setenv("GEMEL_CACHE", str(tmp_path / "gemel-cache"))
+    assert open_feature_cache("none") is None and open_feature_cache(None) is None
+    assert open_feature_cache(tmp_path / "mine").folder == tmp_path / "mine"
+    assert open_feature_cache("auto").folder == tmp_path / "gemel-cache" / "features"
+    assert (tmp_path / "gemel-cache" / "features" / "shards").is_dir()
