@@ -73,7 +73,7 @@ def cli(verbose: bool) -> None:
 @click.pass_context
 def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k, batch_size,
          template, dtype, device, trie, length_penalty, progress, mapper, no_image, feature_cache,
-         train_path, train_split, demos, retriever, candidates, fusion, max_prompt_tokens, nil,
+         train_path, train_split, demos, retriever, num_candidates, fusion, max_prompt_tokens, nil,
          shard, fmt, split, splits_path, images_dir, limit, strict, backend):
     """Link every mention in --data to the KB; write ranked candidates to --out.
 
@@ -87,7 +87,7 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
     config = linker_config(config_path, model=model, num_beams=num_beams, top_k=top_k,
                            batch_size=batch_size, template=template, dtype=dtype, device=device,
                            trie=trie, length_penalty=length_penalty, demos=demos,
-                           retriever=retriever, num_candidates=candidates, fusion=fusion,
+                           retriever=retriever, num_candidates=num_candidates, fusion=fusion,
                            max_prompt_tokens=max_prompt_tokens, mapper=mapper, no_image=no_image,
                            feature_cache=feature_cache, nil=nil, backend=backend)
     ranks = distributed_ranks()
@@ -418,7 +418,7 @@ def models(as_json):
 def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, drop, fusion_pool, config_path,
                model, num_beams, top_k, batch_size, template, dtype, device, trie, length_penalty,
                progress, mapper, no_image, feature_cache, train_path, train_split, demos,
-               retriever, candidates, max_prompt_tokens, nil, fmt, split, splits_path, images_dir,
+               retriever, num_candidates, max_prompt_tokens, nil, fmt, split, splits_path, images_dir,
                limit, strict):
     """Fit the fused ranking (LLM log-prob, retriever similarity, prior, exact title) on dev.
 
@@ -442,7 +442,7 @@ def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, drop, fusion_pool,
         config = linker_config(config_path, model=model, num_beams=num_beams, top_k=top_k,
                                batch_size=batch_size, template=template, dtype=dtype,
                                device=device, trie=trie, length_penalty=length_penalty,
-                               demos=demos, retriever=retriever, num_candidates=candidates,
+                               demos=demos, retriever=retriever, num_candidates=num_candidates,
                                max_prompt_tokens=max_prompt_tokens, fusion_pool=fusion_pool,
                                mapper=mapper, no_image=no_image, feature_cache=feature_cache,
                                nil=nil)

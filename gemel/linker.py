@@ -22,7 +22,7 @@ import numpy as np
 
 from gemel.backends.base import Backend, get_backend
 from gemel.beam import score_titles
-from gemel.config import check_values, from_dict, load_yaml
+from gemel.config import DTYPES, check_values, from_dict, load_yaml
 from gemel.data.nil import NIL, is_nil
 from gemel.errors import DataError, GemelError, MismatchError
 from gemel.prior import MentionPrior
@@ -87,7 +87,6 @@ class LinkerConfig:
         check_top_k(self.top_k, self.num_beams, self.fusion)
 
 
-DTYPES = ("auto", "fp32", "bf16", "fp16")
 # LinkerConfig keys renamed since configs were first written: old key -> new key. The old one is
 # still read (with a warning); gemel.runs keeps the old name in a run's identity, so runs written
 # before the rename resume.
@@ -357,7 +356,6 @@ class Linker:
             self.candidate_retriever = CandidateRetriever(self.kb, self.config.sentence_model)
         return self.candidate_retriever
 
-    kb_retriever = get_candidate_retriever  # its old name: benchmarks/speed.py still calls it
 
     def demonstrations(self, mentions: Sequence[Mention]) -> list[list[Mention]]:
         """Per mention, its retrieved demonstrations in prompt order (none without a retriever)."""
@@ -385,10 +383,10 @@ def load_image_embedder(mapper_dir: str | Path, backend: Backend, feature_cache:
                         model_name: str | None = None):
     """Vision encoder + trained mapper from a `gemel train` checkpoint, checked against the LLM.
     ``feature_cache``: "auto" (<gemel cache>/features), a folder, or None / "none"."""
+    from gemel.feature_cache import open_feature_cache
     from gemel.image_tokens import ImageTokens
     from gemel.mapper import LinearMapper, llm_identity
-    from gemel.sources import cache_dir
-    from gemel.vision import FeatureCache, VisionEncoder
+    from gemel.vision import VisionEncoder
 
     saved = LinearMapper.read_config(mapper_dir)
     vision = VisionEncoder.from_name(saved["vision"]["model"], feature=saved["feature"],
@@ -399,10 +397,8 @@ def load_image_embedder(mapper_dir: str | Path, backend: Backend, feature_cache:
     mapper = LinearMapper.load(mapper_dir, expect_llm=llm_identity(backend.model, name=model_name),
                                out_dtype=backend.dtype, expect_vision=vision,
                                device=backend.device)
-    folder = (cache_dir() / "features" if feature_cache == "auto" else
-              None if feature_cache in (None, "none") else Path(feature_cache))
     return ImageTokens(vision, mapper, saved.get("vp_mode", "none"),
-                       cache=FeatureCache(folder) if folder is not None else None)
+                       cache=open_feature_cache(feature_cache))
 
 
 def apply_checkpoint(mapper: str | Path, backend: Backend, model_name: str | None = None) -> Path:
