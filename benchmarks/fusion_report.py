@@ -39,7 +39,8 @@ def main() -> None:
     for path in args.pred:
         done.update(read_done(Path(path)))
     if args.refit:
-        from gemel.fusion import FusionModel, rerank
+        from gemel.fusion import rerank
+        from gemel.rerank import FusionModel
 
         model = FusionModel.load(args.refit)
         done = {i: rerank(r, model, k=max(len(r["candidates"]), 5), where=args.refit)

@@ -196,7 +196,7 @@ def time_cell(linker, mentions, repeats: int, warmup: bool = True) -> dict:
 
 
 def make_linker(base, backend, config, kb, train, trie, fused: bool):
-    from gemel.fusion import FEATURES, FusionModel
+    from gemel.rerank import FEATURES, FusionModel
     from gemel.linker import Linker
 
     linker = Linker(config, kb, backend, trie=trie, train=train, retriever=base.retriever,
@@ -361,7 +361,7 @@ def time_model(model_name: str, args: argparse.Namespace, demos: list[int], kb, 
     # one fitted retriever pair for every model (sentence embeddings do not depend on the LLM)
     if base_linker is None:
         base_linker = Linker(config, kb, backend, train=train)
-        base_linker.kb_retriever()
+        base_linker.get_candidate_retriever()
     trie = Linker(config, kb, backend, train=train, retriever=base_linker.retriever,
                   candidate_retriever=base_linker.candidate_retriever).trie
     cells = []

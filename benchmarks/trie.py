@@ -292,7 +292,7 @@ def tokenize_all(titles: list[str], sizes: list[int], work: Path) -> dict[int, d
     from transformers import AutoTokenizer
 
     from gemel.sources import resolve
-    from gemel.trie import tokenize_titles, tokenizer_identity
+    from gemel.title_tokens import tokenize_titles, tokenizer_identity
 
     tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct", "llm"))
     toks, lens, info, elapsed, merged, lo = [], [], {}, 0.0, 0, 0

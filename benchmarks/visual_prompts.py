@@ -154,6 +154,73 @@ def make_emblem_task(folder: Path, variant: str = "box", seed: int = 0, n_train:
             "test": folder / "test.jsonl"}
 
 
+# Boxes drawn by hand around one person of a real WikiMEL photo (fractions of the image's width
+# and height: x0, y0, x1, y1), for the photos with several people named in the caption, so the box
+# says which of them is meant. Placed by eye from the caption's left-to-right order.
+WIKIMEL_BOXES = {
+    "735": {"Verna Hillie": (0.78, 0.20, 0.98, 0.95)},
+    "848": {"Michelle Obama": (0.04, 0.18, 0.19, 0.90), "Laura Bush": (0.22, 0.18, 0.37, 0.90),
+            "Hillary Clinton": (0.42, 0.18, 0.57, 0.90), "Barbara Bush": (0.64, 0.18, 0.79, 0.90),
+            "Rosalynn Carter": (0.81, 0.18, 0.97, 0.90)},
+    "1342": {"Temer": (0.00, 0.30, 0.21, 1.00), "Modi": (0.20, 0.30, 0.41, 1.00),
+             "Putin": (0.61, 0.30, 0.82, 1.00), "Zuma": (0.80, 0.30, 1.00, 1.00)},
+    "2083": {"Atal Bihari Vajpayee": (0.00, 0.30, 0.21, 1.00), "Sezer": (0.20, 0.30, 0.44, 1.00),
+             "Vladimir Putin": (0.49, 0.30, 0.71, 1.00),
+             "Nursultan Nazarbayev": (0.70, 0.30, 0.92, 1.00)},
+    "2454": {"Victor Isaac": (0.00, 0.15, 0.30, 1.00), "Cameron": (0.27, 0.15, 0.55, 1.00),
+             "Emery Emery": (0.50, 0.10, 0.73, 1.00), "James Randi": (0.72, 0.15, 1.00, 1.00)},
+    "2815": {"Judd": (0.00, 0.20, 0.50, 0.60)},
+    "2888": {"Dan Tobin": (0.29, 0.18, 0.46, 0.97), "Katharine Hepburn": (0.45, 0.18, 0.66, 0.97),
+             "Lenore Lonergan": (0.69, 0.22, 0.92, 0.97)},
+    "2939": {"Ruick": (0.03, 0.10, 0.31, 0.95), "Bob Fosse": (0.30, 0.10, 0.46, 0.95),
+             "Debbie Reynolds": (0.44, 0.10, 0.66, 0.95), "Bobby Van": (0.64, 0.08, 0.92, 0.95)},
+    "3199": {"Nompumelelo Ntuli": (0.26, 0.15, 0.39, 0.95), "Michelle Obama": (0.36, 0.15, 0.51, 0.95),
+             "Zuma": (0.52, 0.15, 0.66, 0.95), "Barack Obama": (0.64, 0.15, 0.79, 0.95)},
+    "3315": {"Hope Solo": (0.12, 0.18, 0.52, 0.68), "Yuki": (0.68, 0.45, 0.88, 1.00)},
+    "3441": {"Pete Duel": (0.12, 0.00, 0.55, 0.45), "Judy Carne": (0.50, 0.08, 0.88, 0.55),
+             "Edith Atwater": (0.00, 0.40, 0.52, 1.00), "Voland": (0.55, 0.42, 1.00, 1.00)},
+}
+WIKIMEL_TEST_PHOTOS = ("1342", "2454", "848", "3441")  # the other photos train the mapper
+
+
+def make_wikimel_task(folder: Path, data: Path) -> dict[str, Path]:
+    """Box-only mentions on real WikiMEL photos: per photo of :data:`WIKIMEL_BOXES`, one mention
+    per boxed person (the caption as text, no mention string). KB: WikiMEL's 18.9k names.
+    Writes ``kb.jsonl``, ``train.jsonl`` (19 mentions) and ``test.jsonl`` (17) under ``folder``."""
+    from gemel.data import convert, write_mentions
+    from gemel.types import Mention
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "kb.jsonl").exists():
+        convert(data / "WikiMEL.json", folder / "all.jsonl", folder / "kb.jsonl", kb_from="both",
+                qid2ne=data / "qid2ne.json", qid2abs=data / "qid2abs.json",
+                images_dir=data / "images")
+    release = json.loads((data / "WikiMEL.json").read_text(encoding="utf-8"))
+    splits: dict[str, list] = {"train": [], "test": []}
+    for photo, boxes in WIKIMEL_BOXES.items():
+        rec, path = release[photo], (data / "images" / f"{photo}.jpg").resolve()
+        w, h = Image.open(path).size
+        gold = dict(zip(rec["mentions"], zip(rec["answer"], rec["entities"])))
+        for name, (x0, y0, x1, y1) in boxes.items():
+            qid, title = gold[name]
+            m = Mention(id=f"wikimel-{photo}-{name.replace(' ', '_')}", text=rec["sentence"],
+                        mention=None, image=str(path),
+                        bbox=(round(x0 * w, 1), round(y0 * h, 1), round(x1 * w, 1), round(y1 * h, 1)),
+                        entity_id=qid, entity=title)
+            splits["test" if photo in WIKIMEL_TEST_PHOTOS else "train"].append(m)
+    for split, ms in splits.items():
+        write_mentions(ms, folder / f"{split}.jsonl")
+    return {"kb": folder / "kb.jsonl", "train": folder / "train.jsonl",
+            "test": folder / "test.jsonl"}
+
+
+def make_task(base: Path, variant: str, data: str) -> dict[str, Path]:
+    """The task of one variant: an emblem task, or ``wikimel`` (real photos, hand-drawn boxes)."""
+    if variant == "wikimel":
+        return make_wikimel_task(base / "task-wikimel", Path(data) / "wikimel")
+    return make_emblem_task(base / f"task-{variant}", variant)
+
+
 def top1(rows: list[dict]) -> dict[str, str | None]:
     return {r["id"]: (r["candidates"][0]["entity_id"] if r["candidates"] else None) for r in rows}
 
@@ -190,7 +257,8 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
         if rec.get("event") == "eval" and rec["step"] == best_step:
             dev_rows = rec["dev"].get("top1") or {}
     test = read_mentions(task["test"])
-    row = {"vp_mode": vp_mode, "layout": layout, "steps": summary["steps"],
+    row = {"vp_mode": vp_mode, "layout": layout, "epochs": args.epochs,
+           "batch_size": args.batch_size, "lr": args.lr, "steps": summary["steps"],
            "s_per_step": summary["seconds_per_step"], "train_s": round(train_s, 1),
            "train_dev_h1": summary["best_dev_h1"]}
     for name, extra in (("image", {}), ("no_image", {"no_image": True})):
@@ -209,6 +277,39 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
     return row
 
 
+def cell_name(variant: str, vp_mode: str, layout: str, args) -> str:
+    """The folder of one cell under --out: its variant, mode, layout and training settings."""
+    return (f"{variant}-{vp_mode}-{layout.replace(':', '')}-e{args.epochs}b{args.batch_size}"
+            f"lr{args.lr:g}")
+
+
+def save_row(base: Path, row: dict) -> list[dict]:
+    """Add one cell's row to ``results.json`` / ``results.md`` under ``base`` (a rerun of a cell
+    with the same settings replaces its row); returns all rows."""
+    def key(r: dict) -> tuple:
+        return tuple(r.get(k) for k in ("variant", "vp_mode", "layout", "epochs", "batch_size", "lr"))
+
+    path = base / "results.json"
+    rows = [r for r in (json.loads(path.read_text()) if path.exists() else [])
+            if key(r) != key(row)] + [row]
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    (base / "results.md").write_text(results_table(rows) + "\n")
+    return rows
+
+
+def results_table(rows: list[dict]) -> str:
+    """The rows as a markdown table."""
+    lines = ["| variant | vp-mode | layout | H@1 image | --no-image | train-dev H@1 | same top-1 "
+             "| training |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['vp_mode']} | {r['layout']} | {r['link_h1_image']:.1f}"
+                     f" | {r['link_h1_no_image']:.1f} | {r['train_dev_h1']:.1f} | "
+                     f"{r.get('top1_agree', '-')} | {r.get('epochs', '?')} epochs, batch "
+                     f"{r.get('batch_size', '?')}, lr {r.get('lr', '?')}: {r['steps']} steps, "
+                     f"{r['s_per_step']:.1f} s/step |")
+    return "\n".join(lines)
+
+
 def linear_probe(task: dict[str, Path], vp_mode: str, layout: str, cache_dir: Path) -> float:
     """Test accuracy (%) of a logistic regression that reads the marked emblem from the frozen
     features (train items -> test items): what the layout hands the mapper, without the LLM."""
@@ -221,15 +322,16 @@ def linear_probe(task: dict[str, Path], vp_mode: str, layout: str, cache_dir: Pa
 
     enc = VisionEncoder.from_name("dinov2-small", layout=layout)
     cache, prompt = FeatureCache(cache_dir), VisualPrompt(vp_mode)
-    xs, ys = [], []
+    xs, ms = [], []
     for split in ("train", "test"):
-        ms = read_mentions(task[split])
-        xs.append(enc.encode_mentions(ms, prompt, cache=cache).flatten(1))
-        ys.append(torch.tensor([int(m.entity_id[1:]) for m in ms]))
+        ms.append(read_mentions(task[split]))
+        xs.append(enc.encode_mentions(ms[-1], prompt, cache=cache).flatten(1))
+    labels = {e: i for i, e in enumerate(sorted({m.entity_id for part in ms for m in part}))}
+    ys = [torch.tensor([labels[m.entity_id] for m in part]) for part in ms]
     mu, sd = xs[0].mean(0), xs[0].std(0) + 1e-6
     xtr, xte = (xs[0] - mu) / sd, (xs[1] - mu) / sd
     torch.manual_seed(0)
-    probe = torch.nn.Linear(xtr.shape[1], len(EMBLEMS) + len(DISTRACTORS))
+    probe = torch.nn.Linear(xtr.shape[1], len(labels))
     opt = torch.optim.LBFGS(probe.parameters(), max_iter=200)
 
     def closure():
@@ -298,17 +400,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/visual_prompts")
     ap.add_argument("--data", default="../shared/data")
-    ap.add_argument("--cells", default="box:overlay:global,box:overlay:grid:2,box:overlay:grid:4,"
-                    "box:overlay:region,box:crop:global,box:overlay+crop:region,"
-                    "polygon:overlay:global,polygon:overlay:region,polygon:crop:global,"
-                    "offcentre:overlay:global,offcentre:overlay:region,offcentre:crop:global",
-                    help="variant:vp-mode:layout, comma-separated")
+    ap.add_argument("--cells", default="box:overlay:global,box:overlay:region,box:overlay:region:-4,"
+                    "box:crop:global,box:overlay+crop:region:-4,polygon:overlay:region:-4,"
+                    "polygon:crop:global,offcentre:overlay:region:-4,offcentre:crop:global,"
+                    "wikimel:overlay:region:-4,wikimel:crop:global",
+                    help="variant:vp-mode:layout, comma-separated (variants: box, polygon, "
+                    "offcentre, wikimel)")
     ap.add_argument("--only", choices=["cells", "mixed", "probe"], default=None)
     ap.add_argument("--probes", default="box:overlay:global,box:overlay:grid:2,box:overlay:grid:4,"
-                    "box:overlay:region,box:crop:global,box:overlay+crop:region,"
-                    "polygon:overlay:global,polygon:overlay:region,polygon:crop:global,"
-                    "offcentre:overlay:global,offcentre:overlay:region,offcentre:crop:global",
-                    help="variant:vp-mode:layout cells of the linear probe (no LLM)")
+                    "box:overlay:region,box:overlay:region:-4,box:crop:global,"
+                    "box:overlay+crop:region:-4,polygon:overlay:global,polygon:overlay:region,"
+                    "polygon:overlay:region:-4,polygon:crop:global,offcentre:overlay:global,"
+                    "offcentre:overlay:region,offcentre:overlay:region:-4,offcentre:crop:global",
+                    help="variant:vp-mode:layout cells of the linear probe (no LLM; emblem "
+                    "variants: the wikimel test photos show other people than the training ones)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--eval-every", type=int, default=0,
@@ -335,32 +440,29 @@ def main() -> None:
         print(f"\nlinear probe on the frozen features (which emblem is marked; train -> test):")
         for cell in args.probes.split(","):
             variant, vp_mode, layout = cell.split(":", 2)
-            task = make_emblem_task(base / f"task-{variant}", variant)
+            task = make_task(base, variant, args.data)
             acc = linear_probe(task, vp_mode, layout, base / "features")
-            print(f"  {variant:<10} {vp_mode:<13} {layout:<8} {acc:>6.1f}", flush=True)
+            print(f"  {variant:<10} {vp_mode:<13} {layout:<10} {acc:>6.1f}", flush=True)
     if args.only in (None, "cells"):
         for cell in args.cells.split(","):
             variant, vp_mode, layout = cell.split(":", 2)
-            task = make_emblem_task(base / f"task-{variant}", variant)
-            out = base / f"{variant}-{vp_mode}-{layout.replace(':', '')}"
+            task = make_task(base, variant, args.data)
+            out = base / cell_name(variant, vp_mode, layout, args)
             out.mkdir(parents=True, exist_ok=True)
             row = {"variant": variant, **run_cell(task, out, vp_mode, layout, args)}
-            rows.append(row)
             print(json.dumps(row), flush=True)
-        (base / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
-        print(f"\n{'variant':<10} {'vp-mode':<13} {'layout':<8} {'H@1 image':>9} {'no image':>9} "
-              f"{'train dev':>9} {'top-1 =':>8} {'s/step':>7}")
-        for r in rows:
-            print(f"{r['variant']:<10} {r['vp_mode']:<13} {r['layout']:<8} {r['link_h1_image']:>9.1f} "
-                  f"{r['link_h1_no_image']:>9.1f} {r['train_dev_h1']:>9.1f} "
-                  f"{r.get('top1_agree', '-'):>8} {r['s_per_step']:>7}")
+            rows = save_row(base, row)
+        print("\n" + results_table(rows))
     if args.only in (None, "mixed"):
+        from gemel.train import DEFAULT_LAYOUT
+
         make_emblem_task(base / "task-box", "box")
-        cell_dir = base / "box-overlay-region"
+        layout = DEFAULT_LAYOUT["overlay"]
+        cell_dir = base / cell_name("box", "overlay", layout, args)
         if not (cell_dir / "mapper" / "best").exists():
             cell_dir.mkdir(parents=True, exist_ok=True)
             run_cell({k: base / "task-box" / f"{k}.jsonl" for k in ("kb", "train", "test")},
-                     cell_dir, "overlay", "region", args)
+                     cell_dir, "overlay", layout, args)
         run_mixed(base, cell_dir, args)
 
 

@@ -8,7 +8,7 @@ Six kinds (``gemel baseline --kind``), each a ranked list of KB entities per men
                  (the candidate retriever of candidate-aware decoding and fusion)
   dense-context  the same, the query being "mention. sentence"
   combo          prior's best, else the exact matches, else the dense ranking (the back-off that
-                 the fused ranking gets as a feature: :func:`backoff_ranking`)
+                 the fused ranking gets as a feature: :func:`gemel.prior.backoff_ranking`)
   combo-context  the same back-off, falling back to dense-context
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 
 from gemel.errors import GemelError
 from gemel.kb import KnowledgeBase
+from gemel.prior import MentionPrior, backoff_ranking
 from gemel.types import Candidate, LinkResult, Mention
 
 KINDS = ("exact", "prior", "dense", "dense-context", "combo", "combo-context")
@@ -38,34 +39,12 @@ def exact_match(kb: KnowledgeBase, mentions: Sequence[Mention]) -> list[LinkResu
     return out
 
 
-def backoff_ranking(kb: KnowledgeBase, prior, mention: Mention, nearest: Sequence[int],
-                    k: int | None = None) -> list[str]:
-    """The back-off order of the strongest non-LLM baseline we know, as entity ids: the train
-    prior's entities for the exact mention string (most frequent first), then case-insensitive
-    exact title/alias matches, then the entities of ``nearest`` (title indices, nearest first).
-
-    The prior part is used only when its most frequent entity is in the KB, so the first answer
-    is exactly the one the fused ranking's ``backoff_top1`` feature was defined with; its
-    runners-up only make the ranking below rank 1 (H@5: 93.4 -> 94.2 on WikiDiverse test).
-    """
-    ranked: list[str] = []
-    best = prior.best(mention.mention)
-    if best is not None and best in kb:
-        ranked += [e for e in prior.entities(mention.mention) if e is not None and e in kb]
-    if mention.mention:
-        ranked += kb.lookup(mention.mention, casefold=True, aliases=True)
-    ranked += [e for i in nearest for e in kb.ids_for_title_index(int(i))]
-    ranked = list(dict.fromkeys(ranked))
-    return ranked[:k] if k is not None else ranked
-
-
 def combo_baseline(kb: KnowledgeBase, train: Sequence[Mention], mentions: Sequence[Mention],
                    candidate_retriever=None, k: int = 5) -> list[LinkResult]:
-    """:func:`backoff_ranking` for every mention, the nearest titles by MiniLM similarity of the
-    mention (the retriever's field) to "title: description"; the ranking continues with them so
-    that H@k is defined. Score: 1 / rank."""
+    """:func:`gemel.prior.backoff_ranking` for every mention, the nearest titles by MiniLM
+    similarity of the mention (the retriever's field) to "title: description"; the ranking
+    continues with them so that H@k is defined. Score: 1 / rank."""
     from gemel.candidates import CandidateRetriever
-    from gemel.fusion import MentionPrior
 
     prior = MentionPrior(train)
     retriever = candidate_retriever or CandidateRetriever(kb)
@@ -79,8 +58,6 @@ def prior_baseline(kb: KnowledgeBase, train: Sequence[Mention], mentions: Sequen
                    k: int = 5) -> list[LinkResult]:
     """The train gold entities of each mention string (casefolded), most frequent first; score =
     P(entity | string) in train. Strings never seen in train get no candidate."""
-    from gemel.fusion import MentionPrior
-
     prior = MentionPrior(train)
     out = []
     for m in mentions:

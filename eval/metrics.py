@@ -1,4 +1,5 @@
-"""Metrics over prediction rows (ARCHITECTURE.md "Predictions JSONL"): hits@k, bootstrap intervals."""
+"""Metrics over prediction rows (docs/architecture.md "Predictions JSONL"): hits@k, bootstrap
+intervals."""
 from __future__ import annotations
 
 from typing import Iterable, Sequence

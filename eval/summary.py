@@ -1,7 +1,7 @@
 """The one evaluation summary: what `gemel eval` prints and writes, and `gemel link` prints at the end.
 
-For each predictions file (ARCHITECTURE.md "Predictions JSONL"), over the mentions that have a
-gold entity (and, in NIL mode, the NIL ones):
+For each predictions file (docs/architecture.md "Predictions JSONL"), over the mentions that
+have a gold entity (and, in NIL mode, the NIL ones):
 
 * n, errors (failed rows, counted as misses), H@1/3/5/10 and MRR in percent, each with a 95%
   percentile-bootstrap interval (``ci95``). MRR is over the listed candidates: 0 when the gold

@@ -148,7 +148,7 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
                        f"split {sweep.train_split}" if sweep.train_split else None)}
     by_id = {m.id: m for m in mentions}  # the gold every cell is scored against
     env = environment()
-    shared: dict = {"retrievers": {}, "tries": {}, "candidates": None}
+    shared: dict = {"retrievers": {}, "tries": {}, "candidate_retriever": None}
     rows, cells = [], {}
     configs = cell_configs(sweep, str(path))
     for _, group in itertools.groupby(configs, key=lambda nc: backend_key(nc[1])):
@@ -185,7 +185,8 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
         del backend  # free this model before the next one loads (the cells hold no reference)
         gc.collect()
     if sweep.baseline and train:
-        preds = [r.to_json() for r in combo_baseline(kb, train, mentions, shared["candidates"])]
+        preds = [r.to_json() for r in combo_baseline(kb, train, mentions,
+                                                     shared["candidate_retriever"])]
         rows.append(metric_row("baseline: prior > exact title > MiniLM", None, preds, by_id, {}))
         write_outputs(out, rows, cells, env)
     return rows
@@ -196,10 +197,11 @@ def run_cell(out: Path, name: str, config, backend, kb, train, mentions, dev, fu
     """Link one cell's mentions (fused: fit on dev first). Returns its measurements (timing
     accumulated over resumed runs) and how many mentions this call linked. ``fixed``: the input,
     dev, KB and train identities the predictions files record (gemel.runs)."""
-    from gemel.fusion import FEATURES, fit_on_mentions
+    from gemel.fusion import fit_on_mentions
     from gemel.linker import Linker, fit_retriever
+    from gemel.rerank import FEATURES
     from gemel.runs import open_output, read_done, run, settings_identity
-    from gemel.trie import tokenizer_identity
+    from gemel.title_tokens import tokenizer_identity
 
     def identity(data: dict, cfg) -> dict:
         return {"input": data, "settings": settings_identity(cfg, kb=fixed["kb"],
@@ -215,9 +217,10 @@ def run_cell(out: Path, name: str, config, backend, kb, train, mentions, dev, fu
     def linker_for(cfg) -> Linker:
         linker = Linker(cfg, kb, backend, trie=shared["tries"].get(trie_key), train=train,
                         retriever=shared["retrievers"].get(pool),
-                        candidate_retriever=shared["candidates"])
+                        candidate_retriever=shared["candidate_retriever"])
         shared["tries"][trie_key] = linker.trie
-        shared["candidates"] = linker.candidate_retriever or shared["candidates"]
+        shared["candidate_retriever"] = (linker.candidate_retriever
+                                         or shared["candidate_retriever"])
         return linker
 
     stem = out / "cells" / safe(name)
@@ -272,7 +275,7 @@ def fusion_paths(out: Path, name: str) -> tuple[Path, Path]:
 
 def no_llm_model(out: Path, name: str, fusion: FusionSpec | None):
     """The cell's fusion refitted without the LLM's features (None when the sweep fuses not)."""
-    from gemel.fusion import FusionModel
+    from gemel.rerank import FusionModel
 
     return FusionModel.load(fusion_paths(out, name)[1]) if fusion is not None else None
 

@@ -64,22 +64,23 @@ def beam_search(stepper: Stepper, tries: EntityTrie | Sequence[EntityTrie], n_pr
     for step in range(max_new_tokens):
         n_tokens = step + 1
         # Gather every allowed continuation of every live row: O(sum of allowed), in numpy.
-        toks, kids, owners, leaves = [], [], [], []
+        # Candidate i: live row cand_row[i] extended by tok[i], reaching trie node cand_node[i].
+        toks, nodes, rows, leaves = [], [], [], []
         for r in range(len(row_node)):
             trie = per_prompt[row_prompt[r]]
-            t, k = trie.children(int(row_node[r]))
-            toks.append(t)
-            kids.append(k)
-            owners.append(np.full(len(t), r, dtype=np.int64))
-            leaves.append(trie.leaf_mask(k))
+            child_tokens, child_nodes = trie.children(int(row_node[r]))
+            toks.append(child_tokens)
+            nodes.append(child_nodes)
+            rows.append(np.full(len(child_tokens), r, dtype=np.int64))
+            leaves.append(trie.leaf_mask(child_nodes))
         tok = np.concatenate(toks).astype(np.int64)
-        kid = np.concatenate(kids).astype(np.int64)
-        owner = np.concatenate(owners)
+        cand_node = np.concatenate(nodes).astype(np.int64)
+        cand_row = np.concatenate(rows)
         ends = np.concatenate(leaves)  # the candidate closes a title
-        rows_t, toks_t = (torch.from_numpy(a).to(logprobs.device) for a in (owner, tok))
+        rows_t, toks_t = (torch.from_numpy(a).to(logprobs.device) for a in (cand_row, tok))
         lp = logprobs[rows_t, toks_t].double().cpu().numpy()  # [n_candidates], one device sync
-        cand = row_score[owner] + lp
-        cand_prompt = row_prompt[owner]
+        cand = row_score[cand_row] + lp
+        cand_prompt = row_prompt[cand_row]
         order = np.lexsort((-cand, cand_prompt))  # by prompt, then best first
         next_parent, next_tok, next_node, next_score, next_prompt = [], [], [], [], []
         bounds = np.searchsorted(cand_prompt[order], np.arange(n_prompts + 1))
@@ -94,16 +95,16 @@ def beam_search(stepper: Stepper, tries: EntityTrie | Sequence[EntityTrie], n_pr
             # token merged with it), whatever its rank among the live ones: a title's other path
             # may only finish later and lower
             for i in mine[ends[mine]].tolist():
-                s, title = cand[i], trie.value(int(kid[i]))
+                s, title = cand[i], trie.value(int(cand_node[i]))
                 rank = s / n_tokens ** length_penalty if length_penalty else s
                 if title not in done or rank > done[title].score:  # the best of its paths
                     done[title] = Hypothesis(title, float(rank), float(s), n_tokens)
             going = mine[~ends[mine]][:num_beams].tolist()  # best first
             live = len(going)
             for i in going:
-                next_parent.append(owner[i])
+                next_parent.append(cand_row[i])
                 next_tok.append(tok[i])
-                next_node.append(kid[i])
+                next_node.append(cand_node[i])
                 next_score.append(cand[i])
                 next_prompt.append(p)
             if len(done) > keep:
@@ -112,8 +113,8 @@ def beam_search(stepper: Stepper, tries: EntityTrie | Sequence[EntityTrie], n_pr
             if live and len(done) >= top_k and _cannot_improve(
                     sorted(h.score for h in done.values())[-top_k], max(next_score[-live:]),
                     n_tokens, length_penalty):
-                for lst in (next_parent, next_tok, next_node, next_score, next_prompt):
-                    del lst[-live:]
+                for column in (next_parent, next_tok, next_node, next_score, next_prompt):
+                    del column[-live:]
         if not next_parent:
             break
         row_prompt = np.array(next_prompt, dtype=np.int64)

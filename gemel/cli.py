@@ -73,7 +73,7 @@ def cli(verbose: bool) -> None:
 @click.pass_context
 def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k, batch_size,
          template, dtype, device, trie, length_penalty, progress, mapper, no_image, feature_cache,
-         train_path, train_split, demos, retriever, candidates, fusion, max_prompt_tokens, nil,
+         train_path, train_split, demos, retriever, num_candidates, fusion, max_prompt_tokens, nil,
          shard, fmt, split, splits_path, images_dir, limit, strict, backend):
     """Link every mention in --data to the KB; write ranked candidates to --out.
 
@@ -87,7 +87,7 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
     config = linker_config(config_path, model=model, num_beams=num_beams, top_k=top_k,
                            batch_size=batch_size, template=template, dtype=dtype, device=device,
                            trie=trie, length_penalty=length_penalty, demos=demos,
-                           retriever=retriever, candidates=candidates, fusion=fusion,
+                           retriever=retriever, num_candidates=num_candidates, fusion=fusion,
                            max_prompt_tokens=max_prompt_tokens, mapper=mapper, no_image=no_image,
                            feature_cache=feature_cache, nil=nil, backend=backend)
     ranks = distributed_ranks()
@@ -157,8 +157,8 @@ def evaluation_summary(linker, kb, rows: list[dict], mentions, train, out_path) 
     result = evaluate_files([(str(out_path), rows), ("exact-match baseline", [
         r.to_json() for r in exact_match(kb, mentions)])], mentions, train=train, kb=kb)
     gemel_metrics, exact = result["files"]
-    if linker.config.candidates:
-        gemel_metrics["candidates"] = linker.config.candidates  # C of recall@C
+    if linker.config.num_candidates:
+        gemel_metrics["candidates"] = linker.config.num_candidates  # C of recall@C
     click.echo("gemel beside the exact-match baseline, on the same mentions:")
     click.echo(format_summary(result))
     return {"gemel": gemel_metrics, "exact_match": exact, "paired": result["paired"]}
@@ -418,7 +418,7 @@ def models(as_json):
 def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, drop, fusion_pool, config_path,
                model, num_beams, top_k, batch_size, template, dtype, device, trie, length_penalty,
                progress, mapper, no_image, feature_cache, train_path, train_split, demos,
-               retriever, candidates, max_prompt_tokens, nil, fmt, split, splits_path, images_dir,
+               retriever, num_candidates, max_prompt_tokens, nil, fmt, split, splits_path, images_dir,
                limit, strict):
     """Fit the fused ranking (LLM log-prob, retriever similarity, prior, exact title) on dev.
 
@@ -442,7 +442,7 @@ def fit_fusion(kb_path, data_path, out_path, rows_paths, l2s, drop, fusion_pool,
         config = linker_config(config_path, model=model, num_beams=num_beams, top_k=top_k,
                                batch_size=batch_size, template=template, dtype=dtype,
                                device=device, trie=trie, length_penalty=length_penalty,
-                               demos=demos, retriever=retriever, candidates=candidates,
+                               demos=demos, retriever=retriever, num_candidates=num_candidates,
                                max_prompt_tokens=max_prompt_tokens, fusion_pool=fusion_pool,
                                mapper=mapper, no_image=no_image, feature_cache=feature_cache,
                                nil=nil)

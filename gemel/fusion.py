@@ -1,136 +1,27 @@
-"""Score fusion (beyond GEMEL): rerank a mention's candidates with a tiny listwise model.
+"""Fitting the fused ranking (beyond GEMEL): the weights of :class:`gemel.rerank.FusionModel`.
 
-A small LLM reads the context well but lacks priors; a retriever and the training data have them.
-For each candidate (the beams plus the top-C retrieved titles) we compute a handful of features and
-rank by ``w . features``; ``w`` is fitted on a dev split by maximising the softmax likelihood of the
-gold candidate within each mention's list (listwise, a few weights, L2-regularised).
+The rerank stage (:mod:`gemel.rerank`) gives every candidate of a mention's pool named features
+(the LLM's log-probability, retriever similarities, the training prior, exact matches, the
+non-LLM back-off's answer ...) and ranks the pool by ``w . features``. Here ``w`` is fitted on a
+dev split by maximising the softmax likelihood of the gold candidate within each mention's pool
+(listwise, a few weights, L2-regularised), from pools linked now (:func:`fit_on_mentions`) or kept
+in prediction rows (:func:`rows_lists`: a refit needs no LLM pass). So a fitted model can
+reproduce the non-LLM baseline and move away from it where the LLM knows better.
 
-Features (per candidate title t of mention m):
-  llm_logprob         sequence log-probability of t under the prompt (teacher-forced when t was
-                      no beam)
-  llm_beam            1 if t was found by the beam search
-  similarity          cosine similarity of the mention to "title: description" (KB retriever)
-  context_similarity  the same for "mention. sentence": the context disambiguates a bare name
-  prior               P(t | mention string) in the training mentions (0 for unseen strings)
-  prior_best          1 if t is the most frequent gold of the mention string in training
-  exact_match         1 if the mention string equals t's title or an alias (case-insensitive)
-  top_retrieved       1 if t is the KB retriever's nearest title
-  backoff_top1        1 if t is the non-LLM baseline's answer (prior > exact match > nearest:
-                      gemel.eval.baselines.backoff_ranking) — the back-off is not linear in the
-                      three features above, so the model gets it whole and learns when to leave it
-  llm_logprob_unseen  llm_logprob when the mention string never occurs in training, else 0: lets
-                      the model trust the LLM more where no prior exists
-  popularity          log(1 + how often t's entities are gold in training), whatever the string
-Derived from those within the list, when scoring (so a new one needs no LLM pass over kept rows):
-  llm_top1            1 if t has the list's highest llm_logprob
-  llm_backoff_agree   llm_top1 * backoff_top1: the LLM and the back-off pick the same title
-  llm_prob            softmax of llm_logprob over the list (bounded, unlike the log-probability)
-So a fitted model can reproduce the non-LLM baseline and move away from it where the LLM knows
-better.
+This is training: it may use :mod:`gemel.runs` and ``gemel.eval`` (the linker never imports it).
 """
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from gemel.errors import DataError, GemelError, MismatchError
+from gemel.errors import DataError, GemelError
+from gemel.rerank import FEATURES, FusionModel, pool_values
 from gemel.types import Mention
-
-# what Linker.fusion_lists computes and prediction rows keep under "pool"
-STORED = ("llm_logprob", "llm_beam", "similarity", "context_similarity", "prior", "prior_best",
-          "exact_match", "top_retrieved", "backoff_top1", "llm_logprob_unseen", "popularity")
-DERIVED = ("llm_top1", "llm_backoff_agree", "llm_prob")
-FEATURES = STORED + DERIVED  # what a FusionModel weighs
-
-
-def derive(stored: np.ndarray) -> np.ndarray:
-    """One list's stored features [n, len(STORED)] -> all features [n, len(FEATURES)]."""
-    stored = np.asarray(stored, dtype=np.float64).reshape(-1, len(STORED))
-    if not len(stored):
-        return np.zeros((0, len(FEATURES)))
-    logprob = stored[:, STORED.index("llm_logprob")]
-    top1 = (logprob == logprob.max()).astype(np.float64)
-    prob = np.exp(logprob - logprob.max())
-    derived = np.stack([top1, top1 * stored[:, STORED.index("backoff_top1")], prob / prob.sum()], 1)
-    return np.concatenate([stored, derived], 1)
-
-
-def mention_key(text: str | None) -> str:
-    return (text or "").strip().casefold()
-
-
-class MentionPrior:
-    """P(entity | mention string) counted over training mentions (casefolded strings).
-
-    NIL training mentions count under ``entity_id=None`` (so ``prob(m, None)`` is the NIL rate).
-    """
-
-    def __init__(self, train: Sequence[Mention]):
-        from gemel.data.nil import is_nil
-
-        self.counts: dict[str, Counter] = defaultdict(Counter)
-        self.entity_counts: Counter = Counter()  # gold entity -> training mentions, any string
-        for m in train:
-            if m.entity_id is not None or is_nil(m):
-                self.entity_counts[m.entity_id] += 1
-                if m.mention:
-                    self.counts[mention_key(m.mention)][m.entity_id] += 1
-
-    def prob(self, mention: str | None, entity_id: str | None) -> float:
-        c = self.counts.get(mention_key(mention))
-        return c[entity_id] / sum(c.values()) if c else 0.0
-
-    def entities(self, mention: str | None) -> list[str | None]:
-        """The gold entities seen for this string in training, most frequent first."""
-        c = self.counts.get(mention_key(mention))
-        return [e for e, _ in c.most_common()] if c else []
-
-    def popularity(self, entity_ids: Sequence[str | None]) -> float:
-        """log(1 + training mentions whose gold is one of ``entity_ids``)."""
-        return float(np.log1p(sum(self.entity_counts[e] for e in entity_ids)))
-
-    def seen(self, mention: str | None) -> bool:
-        return mention_key(mention) in self.counts
-
-    def best(self, mention: str | None) -> str | None:
-        """The most frequent KB entity for this string in training (ties: first seen; NIL never)."""
-        c = self.counts.get(mention_key(mention))
-        ranked = [e for e, _ in c.most_common() if e is not None] if c else []
-        return ranked[0] if ranked else None
-
-
-@dataclass
-class FusionModel:
-    weights: dict[str, float]
-    meta: dict
-
-    def score(self, features: np.ndarray) -> np.ndarray:
-        """features [n_candidates, len(FEATURES)] -> fused scores [n_candidates]."""
-        return features @ np.array([self.weights[f] for f in FEATURES])
-
-    def save(self, path: str | Path) -> None:
-        from gemel.files import write_atomic
-
-        write_atomic(path, json.dumps({"features": list(FEATURES), "weights": self.weights,
-                                       "meta": self.meta}, indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "FusionModel":
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise DataError(f"cannot read fusion model: {err}", path=path,
-                            fix="fit one with `gemel fit-fusion`") from err
-        if sorted(data.get("weights", {})) != sorted(FEATURES):
-            raise MismatchError(f"{path}: fusion features {sorted(data.get('weights', {}))} differ "
-                                f"from this gemel's {sorted(FEATURES)}; refit with gemel fit-fusion")
-        return cls(data["weights"], data.get("meta", {}))
 
 
 def _padded(lists: Sequence[tuple[np.ndarray, int]]):
@@ -200,31 +91,12 @@ def cross_validate(lists: Sequence[tuple[np.ndarray, int]], l2: float, folds: in
     return round(100.0 * hits / max(len(lists), 1), 2)
 
 
-# ---- candidate pools in prediction rows: fit, refit and rerank without another LLM pass ----
+# ---- pools kept in prediction rows: fit, refit and rerank without another LLM pass ----------
 
-def pool_json(titles: Sequence[str], ids: Sequence[Sequence[str | None]], feats: np.ndarray) -> dict:
-    """A mention's candidate pool as kept in its prediction row under "pool"."""
-    return {"features": list(STORED), "titles": list(titles), "ids": [list(i) for i in ids],
-            "values": np.round(np.asarray(feats, dtype=np.float64), 6).tolist()}
-
-
-def pool_values(row: dict, where: str = "<row>") -> np.ndarray:
-    """The kept pool's features [n_candidates, len(FEATURES)] of a prediction row (checked;
-    derived features computed)."""
-    pool = row.get("pool")
-    if pool is None:
-        raise DataError("the row keeps no candidate pool", path=where, record=row.get("id"),
-                        field="pool", fix="use rows written by `gemel fit-fusion` or "
-                        "`gemel link --fusion`")
-    if pool.get("features") != list(STORED):
-        raise MismatchError(f"{where}: row {row.get('id')!r} was written with fusion features "
-                            f"{pool.get('features')}, this gemel keeps {list(STORED)}; run it again")
-    return derive(np.asarray(pool["values"], dtype=np.float64))
-
-
-def row_list(row: dict, where: str = "<row>") -> tuple[np.ndarray, int] | None:
-    """(features [n, F], gold position or -1) of a prediction row with a pool; None when the row
-    has no gold (unlabelled, or NIL outside NIL mode)."""
+def fit_list(row: dict, where: str = "<row>") -> tuple[np.ndarray, int] | None:
+    """A prediction row with a pool as one fit list: (features [n, len(FEATURES)], the gold's
+    position in the pool or -1); None when the row has no gold (unlabelled, or NIL outside NIL
+    mode)."""
     gold = row.get("gold_id")
     if gold is None and not row.get("gold_nil"):
         return None
@@ -238,9 +110,9 @@ def rows_lists(rows: Sequence[dict], where: str = "<rows>") -> list[tuple[np.nda
     out = []
     for row in rows:
         if row.get("error") is None:
-            lst = row_list(row, where)
-            if lst is not None:
-                out.append(lst)
+            labelled = fit_list(row, where)
+            if labelled is not None:
+                out.append(labelled)
     return out
 
 

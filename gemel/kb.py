@@ -1,6 +1,6 @@
 """KnowledgeBase: the entities a mention can link to, and the title index the entity trie uses.
 
-The KB file is JSONL, one entity a line (ARCHITECTURE.md, "Contracts")::
+The KB file is JSONL, one entity a line (docs/architecture.md, "Contracts")::
 
     {"id": "Q90", "title": "Paris", "aliases": [], "description": "", "image": null}
 

@@ -8,29 +8,32 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from gemel.backends.base import Backend, get_backend
-from gemel.config import check_values, from_dict, load_yaml
 import numpy as np
 
-from gemel.beam import Hypothesis, score_titles
+from gemel.backends.base import Backend, get_backend
+from gemel.beam import score_titles
+from gemel.config import DTYPES, check_values, from_dict, load_yaml
 from gemel.data.nil import NIL, is_nil
 from gemel.errors import DataError, GemelError, MismatchError
-from gemel.eval.baselines import backoff_ranking
-from gemel.fusion import FusionModel, MentionPrior, derive, pool_json
+from gemel.prior import MentionPrior
+from gemel.rerank import FusionModel, answer_ids, candidate_pools
 from gemel.retrieval import get_retriever, order_demonstrations
 from gemel.kb import KnowledgeBase
 from gemel.model import GemelModel
 from gemel.prompting import PromptBuilder, load_template
 from gemel.sources import cache_dir, default_template
-from gemel.trie import EntityTrie, tokenizer_identity
+from gemel.title_tokens import tokenizer_identity
+from gemel.trie import EntityTrie
 from gemel.types import Candidate, LinkResult, Mention
 
 log = logging.getLogger(__name__)
@@ -54,12 +57,16 @@ class LinkerConfig:
     max_prompt_tokens: int | None = None
     # in-context demonstrations (needs training mentions)
     demos: int = 0
-    retriever: str = "simcse"  # simcse | bm25 | random | hybrid
+    # simcse | bm25 | random | hybrid | image. "simcse" names the method (nearest training mentions
+    # by sentence-embedding cosine, as GEMEL retrieves): the model is sentence_model, by default
+    # MiniLM (all-MiniLM-L6-v2, offline), not a SimCSE checkpoint
+    retriever: str = "simcse"
     demo_order: str = "ascending"  # GEMEL: least similar first, most similar right before the query
     seed: int = 0
-    # candidate-aware decoding: restrict the trie per mention to the top-C retrieved KB titles
-    candidates: int = 0
-    sentence_model: str = "minilm-l6-v2"  # for simcse demonstrations and KB candidates
+    # candidate-restricted decoding: restrict the trie per mention to the top-C retrieved KB
+    # titles (CLI: --candidates C; YAML: num_candidates, or the old key candidates)
+    num_candidates: int = 0
+    sentence_model: str = "minilm-l6-v2"  # for simcse demonstrations and the candidate retriever
     # score fusion: a fitted FusionModel JSON (gemel fit-fusion)
     fusion: str | None = None
     fusion_pool: int = 16  # top retrieved titles added to the beams, prior and exact matches
@@ -75,12 +82,15 @@ class LinkerConfig:
     def __post_init__(self) -> None:
         check_values(self, minimum={"num_beams": 1, "top_k": 1, "batch_size": 1,
                                     "max_new_tokens": 1, "max_prompt_tokens": 1, "demos": 0,
-                                    "candidates": 0, "fusion_pool": 1, "length_penalty": 0.0},
+                                    "num_candidates": 0, "fusion_pool": 1, "length_penalty": 0.0},
                      choices={"dtype": DTYPES})
         check_top_k(self.top_k, self.num_beams, self.fusion)
 
 
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+# LinkerConfig keys renamed since configs were first written: old key -> new key. The old one is
+# still read (with a warning); gemel.runs keeps the old name in a run's identity, so runs written
+# before the rename resume.
+RENAMED = {"candidates": "num_candidates"}
 
 
 def check_top_k(top_k: int, num_beams: int, fusion: str | None) -> None:
@@ -111,11 +121,25 @@ def linker_config(config: "LinkerConfig | dict | str | Path | None" = None, *,
         raise GemelError(f"a Linker config is a LinkerConfig, a dict or a YAML path, not "
                          f"{type(config).__name__}")
     values.update({k: v for k, v in overrides.items() if v is not None})
+    _rename_old_keys(values, source)
     beams = values.get("num_beams", LinkerConfig.num_beams)
     if ("top_k" not in values and values.get("fusion") is None and isinstance(beams, int)
             and not isinstance(beams, bool) and beams >= 1):
         values["top_k"] = min(LinkerConfig.top_k, beams)
     return from_dict(LinkerConfig, values, source=source)
+
+
+def _rename_old_keys(values: dict, source: str) -> None:
+    """Read the old names of renamed keys (:data:`RENAMED`) under their new ones, with a warning."""
+    for old, new in RENAMED.items():
+        if old not in values:
+            continue
+        if new in values:
+            raise DataError(f"both {old!r} and {new!r} are given; {old!r} is the old name of "
+                            f"{new!r}", path=source, field=old, fix=f"keep only {new!r}")
+        warnings.warn(f"{source}: config key {old!r} is now called {new!r}; rename it (the old "
+                      "name is still read)", FutureWarning, stacklevel=3)
+        values[new] = values.pop(old)
 
 
 class Linker:
@@ -147,9 +171,9 @@ class Linker:
         self.prior = MentionPrior(train or [])
         if self.fusion is not None and not train:
             raise GemelError("score fusion needs the training mentions (--train FILE) for its prior")
-        self.candidate_retriever = candidate_retriever
-        if config.candidates > 0 or self.fusion is not None:
-            self.kb_retriever()
+        self.candidate_retriever = candidate_retriever  # None until needed: see its getter
+        if config.num_candidates > 0 or self.fusion is not None:
+            self.get_candidate_retriever()  # built now, not mid-run
         tokenizer = backend.tokenizer
         image_embedder = None
         checkpoint = None
@@ -252,36 +276,24 @@ class Linker:
             for m, x in zip(mentions, extras):
                 if is_nil(m):
                     x["gold_nil"] = True  # metrics count it: a hit is the NIL answer
-        if not self.keep_pool:
-            return [LinkResult(m.id, self.candidates(h, k), gold_id=m.entity_id, extra=x)
-                    for m, h, x in zip(mentions, hyps, extras)]
-        out = []
-        for m, h, x, (titles, feats) in zip(mentions, hyps, extras,
-                                            self.fusion_lists(mentions, hyps, embeds, mask)):
-            x["pool"] = pool_json([self.titles[t] for t in titles],
-                                  [self.ids_for(t) for t in titles], feats)
-            if self.fusion is None:
-                out.append(LinkResult(m.id, self.candidates(h, k), gold_id=m.entity_id, extra=x))
-                continue
-            x["generated"] = [c.entity_id for c in self.candidates(h, k)]
-            fused = self.fusion.score(derive(feats))  # [n_candidates]
-            ranked = [Hypothesis(titles[i], float(fused[i]), float(feats[i, 0]), 0)
-                      for i in np.argsort(-fused, kind="stable")]
-            out.append(LinkResult(m.id, self.candidates(ranked, k), gold_id=m.entity_id, extra=x))
-        return out
+        if self.keep_pool:
+            hyps = self.rerank(mentions, hyps, embeds, mask, extras, k)
+        return [LinkResult(m.id, self.candidate_list(h, k), gold_id=m.entity_id, extra=x)
+                for m, h, x in zip(mentions, hyps, extras)]
 
     def generate(self, mentions: Sequence[Mention], k: int,
                  demonstrations: Sequence[Sequence[Mention]] | None = None):
         """Prompts -> constrained beam search. Returns (hypotheses per mention, inputs_embeds,
-        attention_mask, extras per mention) so that fusion can score more titles under the same prompts."""
+        attention_mask, extras per mention) so that the rerank stage can score more titles under
+        the same prompts."""
         if demonstrations is None:
             demonstrations = self.demonstrations(mentions)
         prompts = [self.builder.build(m, d) for m, d in zip(mentions, demonstrations)]
         embeds, mask = self.model.embed(prompts)
         self.check_context(mentions, mask)
         tries, extras = self.trie, [{} for _ in mentions]
-        if self.config.candidates > 0:
-            rows, _ = self.candidate_retriever.top(mentions, self.config.candidates)
+        if self.config.num_candidates > 0:
+            rows, _ = self.candidate_retriever.top(mentions, self.config.num_candidates)
             nil = [self.nil_index] if self.config.nil else []  # NIL stays a possible answer
             tries = [self.trie.subtrie(r.tolist() + nil) for r in rows]
             for extra, m, r in zip(extras, mentions, rows):
@@ -315,60 +327,35 @@ class Linker:
         too_long = np.flatnonzero(self.trie.lengths() > self.config.max_new_tokens)
         return [self.titles[i] for i in too_long.tolist()]
 
-    def kb_retriever(self):
-        """The KB-title retriever of candidate-aware decoding and fusion (built when first needed)."""
+    def rerank(self, mentions: Sequence[Mention], hyps, embeds, mask, extras: list[dict],
+               k: int) -> list:
+        """The rerank stage (:mod:`gemel.rerank`): each mention's candidate pool, kept in its
+        extras under "pool" (titles, ids, features). With a fusion model, returns the pools ranked
+        by it (generation's own top k kept under "generated"); without, the beams unchanged."""
+        pools = candidate_pools(mentions, hyps, kb=self.kb, prior=self.prior,
+                                candidate_retriever=self.get_candidate_retriever(),
+                                score_missing=functools.partial(score_titles, self.backend, embeds,
+                                                                mask, self.trie),
+                                size=self.config.fusion_pool, nil_index=self.nil_index)
+        out = []
+        for h, x, pool in zip(hyps, extras, pools):
+            x["pool"] = pool.to_json(self.titles)
+            if self.fusion is not None:
+                x["generated"] = [c.entity_id for c in self.candidate_list(h, k)]
+                h = pool.ranked(self.fusion)
+            out.append(h)
+        return out
+
+    def get_candidate_retriever(self):
+        """The KB-title retriever (:class:`gemel.candidates.CandidateRetriever` over
+        ``config.sentence_model``) of candidate-restricted decoding and of the rerank stage:
+        built on first use, then kept in ``self.candidate_retriever``."""
         if self.candidate_retriever is None:
             from gemel.candidates import CandidateRetriever
 
             self.candidate_retriever = CandidateRetriever(self.kb, self.config.sentence_model)
         return self.candidate_retriever
 
-    def fusion_lists(self, mentions, hyps, embeds, mask) -> list[tuple[list[int], np.ndarray]]:
-        """Per mention: candidate title indices and their stored features [n_candidates,
-        len(STORED)] in gemel.fusion.STORED order. Candidates: the beams, the entities the training
-        prior knows for the mention string, exact title/alias matches, then the top retrieved
-        titles."""
-        rows, _ = self.kb_retriever().top(mentions, self.config.fusion_pool)
-        pools = []
-        for m, h, r in zip(mentions, hyps, rows):
-            beam = {x.title_index: x.logprob for x in h}
-            known = [e for e in self.prior.entities(m.mention) if e is not None and e in self.kb]
-            known += self.kb.lookup(m.mention) if m.mention else []
-            titled = [self.kb.title_index(self.kb[e].title) for e in known]
-            if self.config.nil and None in self.prior.entities(m.mention):
-                titled.append(self.nil_index)
-            pools.append((list(dict.fromkeys([x.title_index for x in h] + titled + r.tolist())),
-                          beam))
-        # one teacher-forced pass scores every retrieved title that the beams did not reach
-        missing = [[t for t in titles if t not in beam] for titles, beam in pools]
-        forced = score_titles(self.backend, embeds, mask, self.trie, missing)  # best of paths
-        # the NIL answer has no text to compare: similarity 0, never an exact match
-        in_kb = [[t for t in titles if t != self.nil_index] for titles, _ in pools]
-        sims, context = ([dict(zip(ts, sim)) for ts, sim in
-                          zip(in_kb, self.candidate_retriever.similarity(mentions, in_kb, field))]
-                         for field in ("mention", "mention+sentence"))
-        out = []
-        for m, r, (titles, beam), miss, lp, sim, ctx in zip(mentions, rows, pools, missing, forced,
-                                                            sims, context):
-            llm = dict(beam)
-            llm.update(zip(miss, lp))
-            best = self.prior.best(m.mention)
-            exact = {self.kb.title_index(self.kb[e].title)
-                     for e in (self.kb.lookup(m.mention) if m.mention else [])}
-            unseen = not self.prior.seen(m.mention)
-            top = int(r[0]) if len(r) else -1
-            backoff = backoff_ranking(self.kb, self.prior, m, r.tolist(), k=1)
-            ids = {t: self.ids_for(t) for t in titles}  # once per candidate, used four times
-            feats = np.array([[llm[t], float(t in beam), float(sim.get(t, 0.0)),
-                               float(ctx.get(t, 0.0)),
-                               sum(self.prior.prob(m.mention, e) for e in ids[t]),
-                               float(best is not None and best in ids[t]),
-                               float(t in exact), float(t == top),
-                               float(bool(backoff) and backoff[0] in ids[t]),
-                               llm[t] if unseen else 0.0, self.prior.popularity(ids[t])]
-                              for t in titles])  # [n_candidates, len(STORED)]
-            out.append((titles, feats))
-        return out
 
     def demonstrations(self, mentions: Sequence[Mention]) -> list[list[Mention]]:
         """Per mention, its retrieved demonstrations in prompt order (none without a retriever)."""
@@ -380,11 +367,9 @@ class Linker:
 
     def ids_for(self, title_index: int) -> list[str | None]:
         """The entity ids behind a title index; ``[None]`` for the NIL answer."""
-        if title_index == self.nil_index:
-            return [None]
-        return self.kb.ids_for_title_index(title_index)
+        return answer_ids(self.kb, title_index, self.nil_index)
 
-    def candidates(self, hypotheses, k: int) -> tuple[Candidate, ...]:
+    def candidate_list(self, hypotheses, k: int) -> tuple[Candidate, ...]:
         """Hypotheses (title indices) -> up to k entities; entities sharing a title share its score."""
         out: list[Candidate] = []
         for h in hypotheses:
@@ -398,10 +383,10 @@ def load_image_embedder(mapper_dir: str | Path, backend: Backend, feature_cache:
                         model_name: str | None = None):
     """Vision encoder + trained mapper from a `gemel train` checkpoint, checked against the LLM.
     ``feature_cache``: "auto" (<gemel cache>/features), a folder, or None / "none"."""
+    from gemel.feature_cache import open_feature_cache
     from gemel.image_tokens import ImageTokens
     from gemel.mapper import LinearMapper, llm_identity
-    from gemel.sources import cache_dir
-    from gemel.vision import FeatureCache, VisionEncoder
+    from gemel.vision import VisionEncoder
 
     saved = LinearMapper.read_config(mapper_dir)
     vision = VisionEncoder.from_name(saved["vision"]["model"], feature=saved["feature"],
@@ -412,10 +397,8 @@ def load_image_embedder(mapper_dir: str | Path, backend: Backend, feature_cache:
     mapper = LinearMapper.load(mapper_dir, expect_llm=llm_identity(backend.model, name=model_name),
                                out_dtype=backend.dtype, expect_vision=vision,
                                device=backend.device)
-    folder = (cache_dir() / "features" if feature_cache == "auto" else
-              None if feature_cache in (None, "none") else Path(feature_cache))
     return ImageTokens(vision, mapper, saved.get("vp_mode", "none"),
-                       cache=FeatureCache(folder) if folder is not None else None)
+                       cache=open_feature_cache(feature_cache))
 
 
 def apply_checkpoint(mapper: str | Path, backend: Backend, model_name: str | None = None) -> Path:

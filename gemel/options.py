@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import click
 
+from gemel.config import DTYPES
 from gemel.retrieval.registry import retriever_names
 from gemel.visual_prompt import MODES as VP_MODES
 
 DATA_FORMATS = ["auto", "native", "wikidiverse", "wikimel", "mimic", "vpwiki"]
-DTYPES = ["auto", "fp32", "bf16", "fp16"]
 MIXED_PRECISIONS = ["auto", "no", "bf16", "fp16"]
 AT_LEAST_1 = click.IntRange(min=1)
 AT_LEAST_0 = click.IntRange(min=0)
@@ -125,8 +125,9 @@ prompt_options = compose(
     click.option("--demos", type=AT_LEAST_0, default=None,
                  help="Demonstrations per prompt [0]."),
     click.option("--retriever", type=click.Choice(retriever_names()), default=None,
-                 help="Demonstration retriever [simcse]."),
-    click.option("--candidates", type=AT_LEAST_0, default=None,
+                 help="Demonstration retriever [simcse: nearest training mentions by "
+                 "sentence-embedding cosine, with MiniLM]."),
+    click.option("--candidates", "num_candidates", type=AT_LEAST_0, default=None,
                  help="Restrict decoding to the top-C retrieved KB titles per mention."),
     click.option("--max-prompt-tokens", type=AT_LEAST_1, default=None,
                  help="Token budget: drop the least similar demonstrations first."),
@@ -148,8 +149,8 @@ training_options = compose(
     click.option("--feature", default=None,
                  help="pooled | cls | mean | layers:4,10,11,12 [pooled]."),
     click.option("--layout", default=None,
-                 help="Feature layout: global | grid:N | region [auto: region for overlay modes, "
-                      "else global]."),
+                 help="Feature layout: global | grid:N | region | region:L (patch tokens of "
+                      "hidden state L) [auto: region:-4 for overlay modes, else global]."),
     click.option("--n-visual-tokens", type=AT_LEAST_1, default=None,
                  help="Soft tokens per image [4]."),
     click.option("--vp-mode", type=click.Choice(VP_MODES), default=None,

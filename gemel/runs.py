@@ -1,8 +1,8 @@
 """Resumable batch runs: predictions are appended as they are made, a rerun skips what is done.
 
-The predictions file is JSONL, one line per mention (ARCHITECTURE.md "Predictions JSONL"). While a
-run is in progress lines are in completion order; once every mention is done the file is rewritten
-atomically in input order, whatever was resumed.
+The predictions file is JSONL, one line per mention (docs/architecture.md "Predictions JSONL").
+While a run is in progress lines are in completion order; once every mention is done the file is
+rewritten atomically in input order, whatever was resumed.
 
 Files are sacred: an output is written only when it is absent, empty, or a predictions file of the
 same run — recognised by its sidecar ``<out>.run.json`` (what was linked: the input's hash; with
@@ -39,6 +39,9 @@ LinkFn = Callable[[Sequence[Mention]], list[LinkResult]]
 SIDECAR_FORMAT = "gemel-predictions"
 # LinkerConfig fields that do not change what is predicted (only how fast, or where)
 RESULT_NEUTRAL = ("device", "batch_size", "feature_cache", "trie")
+# LinkerConfig fields renamed after runs were written (gemel.linker.RENAMED): a run's identity
+# keeps the old name, so that those runs still resume
+IDENTITY_NAMES = {"num_candidates": "candidates"}
 
 
 def sidecar_path(out: str | Path) -> Path:
@@ -73,7 +76,7 @@ def settings_identity(config, **extra) -> dict:
     keeps the old behaviour, does not block resuming older runs); files they name (fusion model,
     mapper) by content, so moving a file does not block a resume either."""
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
-    settings = {k: v for k, v in dataclasses.asdict(config).items()
+    settings = {IDENTITY_NAMES.get(k, k): v for k, v in dataclasses.asdict(config).items()
                 if k not in RESULT_NEUTRAL and v != defaults[k]}
     for key in ("fusion", "mapper"):
         if settings.get(key):
@@ -384,7 +387,7 @@ def merge_parts(parts: Sequence[str | Path], mentions: Sequence[Mention], out: s
                              + "; ".join(diff[:4]) + "; give merge the --data (and --format, "
                              "--split, --splits) the parts were linked from")
     wanted = {m.id for m in mentions}
-    owner: dict[str, Path] = {}
+    part_of: dict[str, Path] = {}  # mention id -> the part holding it
     rows: dict[str, dict] = {}
     overlaps, extra = [], []
     for p in parts:
@@ -393,10 +396,10 @@ def merge_parts(parts: Sequence[str | Path], mentions: Sequence[Mention], out: s
         for i, row in read_done(p).items():
             if i not in wanted:
                 extra.append((i, p))
-            elif i in owner:
-                overlaps.append(f"{i!r} in {owner[i]} and {p}")
+            elif i in part_of:
+                overlaps.append(f"{i!r} in {part_of[i]} and {p}")
             else:
-                owner[i], rows[i] = p, row
+                part_of[i], rows[i] = p, row
     if overlaps:
         raise GemelError(f"{len(overlaps)} mention(s) are in more than one part, e.g. "
                          + "; ".join(overlaps[:3]) + ": parts of one `--shard i/n` split never "

@@ -23,34 +23,31 @@ prefix, so its cost grows with the subtree (~22 ms near the root for 5M titles).
   both must close it. A title may not contain the terminator text, so a leaf has no children and
   every other node has some; only internal nodes are hashed.
 
-Built with a handful of vectorised numpy passes per trie level (no Python loop over titles); see
-``benchmarks/trie.py`` for 25k / 1M / 5M titles. Saved as ``.npy`` files plus ``trie.json``,
-loaded memory-mapped; no pickle.
+This module holds the structure, its lookups, sub-tries and save/load. The titles' tokens come
+from :mod:`gemel.title_tokens`; the arrays are built with a handful of vectorised numpy passes per
+level (:mod:`gemel.trie_levels`, no Python loop over titles) and the prefix table by
+:mod:`gemel.trie_hash`; see ``benchmarks/trie.py`` for 25k / 1M / 5M titles and
+docs/architecture.md for where the trie sits. Saved as ``.npy`` files plus ``trie.json``, loaded
+memory-mapped; no pickle.
 """
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from gemel.errors import DataError, MismatchError
+from gemel.title_tokens import lengths_to_offsets, tokenize_titles, tokenizer_identity
+from gemel.trie_hash import HASH_NAME, NATIVE_HASH, hash_index, small_index, tuple_hash
+from gemel.trie_levels import build_levels, check_paths, check_sequences
 
 log = logging.getLogger(__name__)
 
-MASK64 = (1 << 64) - 1
-# The prefix hash is CPython's tuple hash of the token ids (xxHash-style, 3.8+), so that a lookup
-# hashes in C (~0.15 us for 8 tokens, against ~2 us for a rolling hash in Python) while numpy
-# computes the same value for every node, level by level. _NATIVE says whether this interpreter
-# agrees (checked at import); if not, queries use the pure-Python version of the same function.
-_XXP1, _XXP2, _XXP5 = 11400714785074694791, 14029467366897019727, 2870177450012600261
-HASH_NAME = "cpython-tuple-xxh64"
 FORMAT = "gemel-entity-trie"
 # bump whenever the saved arrays change. 2: hashed prefix buckets (slots); 3: several token paths
 # per title (a leaf may follow a token merged with the terminator), alt_leaf
@@ -60,20 +57,6 @@ _VERSIONS = {2: "one token path per title: titles whose last token merges with t
 ARRAYS = ("edge_token", "child_start", "parent", "level_start", "prefix_index", "leaf_node",
           "leaf_value", "title_leaf", "title_ids", "duplicates", "alt_leaf")
 _OPTIONAL = ("title_ids", "duplicates", "alt_leaf")
-_CHUNK = 1 << 20  # elements per chunk where a full-size temporary would cost memory
-_KEY_BITS = 64  # a level's (parent, token, row) sort key must fit; else the argsort path
-_LOAD = 0.75  # entries per slot of the prefix table (mean probe ~1.5 entries, in one cache line)
-
-
-def tokenizer_identity(tokenizer) -> dict:
-    """What makes token ids mean the same thing: name, vocabulary size and a hash of the vocab.
-
-    ``vocab_sha256`` is the part that matters; ``name_or_path`` makes a mismatch readable.
-    """
-    vocab = tokenizer.get_vocab()
-    digest = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
-    return {"name_or_path": str(getattr(tokenizer, "name_or_path", "") or ""),
-            "vocab_size": len(vocab), "vocab_sha256": digest.hexdigest()[:16]}
 
 
 class EntityTrie:
@@ -119,9 +102,10 @@ class EntityTrie:
         self._tok = memoryview(self.edge_token)
         self._cs = memoryview(self.child_start)
         self._par = memoryview(self.parent)
-        # entry e: hash at _ix[2e]; child_lo, child_hi at _ix32[4e + 2], _ix32[4e + 3]
-        self._ix = memoryview(self.prefix_index.reshape(-1))
-        self._ix32 = memoryview(self.prefix_index.view(np.int32).reshape(-1))
+        # the prefix table read two ways: entry e's hash at _hash_at[2e], its child_lo and
+        # child_hi at _range_at[4e + 2] and _range_at[4e + 3]
+        self._hash_at = memoryview(self.prefix_index.reshape(-1))
+        self._range_at = memoryview(self.prefix_index.view(np.int32).reshape(-1))
         self._leaf = memoryview(self.leaf_node)
         self._lval = memoryview(self.leaf_value)
         self._ls = [int(x) for x in self.level_start]
@@ -151,8 +135,9 @@ class EntityTrie:
             index = sorted(natural)
             extra = (np.asarray(index, dtype=np.int64),
                      np.fromiter((t for i in index for t in natural[i]), dtype=np.int64),
-                     _offsets(np.fromiter((len(natural[i]) for i in index), dtype=np.int64)))
-        return cls.build_flat(tokens, _offsets(lengths), terminator, meta, natural=extra)
+                     lengths_to_offsets(np.fromiter((len(natural[i]) for i in index),
+                                                    dtype=np.int64)))
+        return cls.build_flat(tokens, lengths_to_offsets(lengths), terminator, meta, natural=extra)
 
     @classmethod
     def build_flat(cls, tokens: np.ndarray, offsets: np.ndarray, terminator: int,
@@ -166,12 +151,12 @@ class EntityTrie:
         tokens = np.asarray(tokens)
         offsets = np.asarray(offsets, dtype=np.int64)
         terminator = int(terminator)
-        _check_sequences(tokens, offsets, terminator)
+        check_sequences(tokens, offsets, terminator)
         n = len(offsets) - 1
         extra = natural is not None and len(natural[0])
         if extra:
             index, ntok, noff = (np.asarray(a, dtype=np.int64) for a in natural)
-            _check_paths(index, ntok, noff, n, terminator)
+            check_paths(index, ntok, noff, n, terminator)
         # the paths `title + [terminator]`, concatenated: row i starts at offsets[i] + i and
         # ends (its terminator) at offsets[i + 1] + i; positions in the narrowest dtype (memory)
         flat = np.insert(tokens, offsets[1:], terminator)
@@ -192,11 +177,11 @@ class EntityTrie:
             row_title = np.concatenate([np.arange(n, dtype=np.int64), index])
         if len(flat) and int(flat.max()) < 2 ** 31:
             flat = flat.astype(np.int32, copy=False)
-        # handed over in a dict that _build_levels empties: no reference stays here, so the
+        # handed over in a dict that build_levels empties: no reference stays here, so the
         # rows are freed before the prefix index is built (peak memory)
         rows = {"flat": flat, "start": start, "last": last, "title": row_title}
         del flat, start, last, row_title
-        arrays = _build_levels(rows, n)
+        arrays = build_levels(rows, n)
         if len(arrays["duplicates"]):
             log.warning("entity trie: %d title(s) have a token path of an earlier title; that "
                         "leaf keeps the first title index (see trie.duplicates)",
@@ -224,7 +209,7 @@ class EntityTrie:
                   "terminator_merged": [titles[i] for i in tok.terminator_merged]}
         natural = (np.asarray(tok.terminator_merged, dtype=np.int64),
                    np.fromiter((t for p in tok.natural_paths for t in p), dtype=np.int64),
-                   _offsets(np.fromiter(map(len, tok.natural_paths), dtype=np.int64)))
+                   lengths_to_offsets(np.fromiter(map(len, tok.natural_paths), dtype=np.int64)))
         try:
             return cls.build_flat(tok.tokens, tok.offsets, tok.terminator, meta, report=report,
                                   natural=natural)
@@ -240,7 +225,7 @@ class EntityTrie:
     @classmethod
     def _finish(cls, arrays: dict, info: dict) -> "EntityTrie":
         """Add the prefix-hash index to level-ordered arrays."""
-        table, slots, shared = _hash_index(arrays["edge_token"], arrays["child_start"],
+        table, slots, shared = hash_index(arrays["edge_token"], arrays["child_start"],
                                            arrays["parent"], arrays["level_start"])
         arrays["prefix_index"] = table
         return cls(arrays, {**info, "slots": slots, "shared_hashes": shared})
@@ -257,16 +242,16 @@ class EntityTrie:
     def _children_of(self, prefix: list) -> tuple[int, int]:
         """(child_lo, child_hi) of the internal node of a non-empty prefix of Python ints, or
         (-1, -1) if it is not in the trie. Reads the hash's slot and, mostly, nothing more."""
-        h = hash(tuple(prefix)) if _NATIVE else _tuple_hash(prefix)
-        ix = self._ix
+        h = hash(tuple(prefix)) if NATIVE_HASH else tuple_hash(prefix)
+        hash_at = self._hash_at
         i = ((((h >> 32) + 2147483648) * self.slots) >> 32) << 1  # the slot's flat offset
-        x = ix[i]
+        x = hash_at[i]
         while x < h:  # rows are sorted by hash; a larger one or an empty row stops the scan
             i += 2
-            x = ix[i]
+            x = hash_at[i]
         if x != h:
             return -1, -1
-        lo, hi = self._ix32[2 * i + 2], self._ix32[2 * i + 3]
+        lo, hi = self._range_at[2 * i + 2], self._range_at[2 * i + 3]
         if lo < 0:  # a hash two nodes share: walk
             node = self._walk(prefix)
             return (self._cs[node], self._cs[node + 1]) if node >= 0 else (-1, -1)
@@ -318,22 +303,22 @@ class EntityTrie:
             last = prefix[-1]
         if last == self.terminator:
             return self._empty
-        h = hash(tuple(prefix)) if _NATIVE else _tuple_hash(prefix)
-        ix = self._ix
+        h = hash(tuple(prefix)) if NATIVE_HASH else tuple_hash(prefix)
+        hash_at = self._hash_at
         i = ((((h >> 32) + 2147483648) * self.slots) >> 32) << 1
-        x = ix[i]
+        x = hash_at[i]
         while x < h:
             i += 2
-            x = ix[i]
+            x = hash_at[i]
         if x != h:
             return self._empty
         i += i
-        ix32 = self._ix32
-        lo = ix32[i + 2]
+        range_at = self._range_at
+        lo = range_at[i + 2]
         d = len(prefix) + 1
         try:
             if self._ls[d] <= lo < self._ls[d + 1]:
-                return self.edge_token[lo:ix32[i + 3]]
+                return self.edge_token[lo:range_at[i + 3]]
         except IndexError:  # longer than any title
             pass
         if lo < 0:  # a hash that two nodes share (~never): exact walk
@@ -441,7 +426,7 @@ class EntityTrie:
                 paths[i] = path = paths[up[i]] + (edge[i],)
                 hashes.append(path)
                 hash_nodes.append(i)
-        hashes = list(map(hash if _NATIVE else _tuple_hash, hashes))
+        hashes = list(map(hash if NATIVE_HASH else tuple_hash, hashes))
         leaf_value = {}
         for title, ls_ in zip(want, leaves):  # ascending titles: the first one per leaf is kept
             for leaf in ls_:
@@ -457,7 +442,7 @@ class EntityTrie:
                   "title_leaf": np.array([new_id[ls_[0]] for ls_ in leaves], dtype=np.int32),
                   "title_ids": np.array(want, dtype=np.int64),
                   "alt_leaf": np.array(alt, dtype=np.int64).reshape(-1, 2)}
-        arrays["prefix_index"], slots, shared = _small_index(hashes, hash_nodes,
+        arrays["prefix_index"], slots, shared = small_index(hashes, hash_nodes,
                                                              arrays["child_start"])
         meta = {**self.meta, "subtrie_of": self.meta.get("n_titles")}
         return EntityTrie(arrays, {"terminator": term, "meta": meta, "slots": slots,
@@ -539,204 +524,7 @@ class EntityTrie:
         return cls(arrays, info)
 
 
-# -- tokenization ----------------------------------------------------------------------------------
-@dataclass
-class TokenizedTitles:
-    """Titles as the model emits them after the answer prefix, concatenated (no terminator),
-    and the natural paths of the titles whose last token merges with the terminator text."""
-
-    tokens: np.ndarray  # int32 [total]
-    offsets: np.ndarray  # int64 [n + 1]: title i is tokens[offsets[i]:offsets[i + 1]]
-    terminator: int
-    terminator_text: str
-    boundary_merged: list[int] = field(default_factory=list)  # title indices
-    terminator_merged: list[int] = field(default_factory=list)
-    # natural_paths[j]: the tokens after the prefix of `prefix + title + terminator_text`, up to
-    # the token merged with the terminator, for title terminator_merged[j]
-    natural_paths: list[list[int]] = field(default_factory=list)
-
-
-def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
-def _batch_encoder(tokenizer, probe: list[str]):
-    """The fastest batch encoder that gives ``tokenizer(texts)``'s ids: a fast tokenizer's Rust
-    ``encode_batch_fast`` (no offsets; ~1.7x faster) if it agrees on ``probe``, else the call."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    fast = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
-    if fast is not None:
-        def encode(texts: list[str]) -> list[list[int]]:
-            return [e.ids for e in fast(texts, add_special_tokens=False)]
-        try:
-            if encode(probe) == _encode(tokenizer, probe):
-                return encode
-        except (TypeError, ValueError):  # another backend signature: use the plain call
-            pass
-    return lambda texts: _encode(tokenizer, texts)
-
-
-def resolve_terminator(tokenizer, answer_prefix: str,
-                       terminator: int | str) -> tuple[int, list[int]]:
-    """(terminator id, tokens of the terminator text in context after an answer).
-
-    A string is tokenized after ``answer_prefix + "x"``; its first token there is the terminator
-    (for a one-token text such as ``"\\n"``, the last token of the encoding, which must decode
-    back to the text). An int is taken as the id; its context is itself.
-    """
-    if not isinstance(terminator, str):
-        term = int(terminator)
-        if not 0 <= term < len(tokenizer):
-            raise DataError(f"terminator id {term} is outside the vocabulary "
-                            f"(0..{len(tokenizer) - 1})", field="terminator",
-                            fix="pass a token id of this tokenizer")
-        return term, [term]
-    if not terminator:
-        raise DataError("empty terminator text", field="terminator",
-                        fix="pass the text the template puts after the answer, e.g. '\\n'")
-    base = _encode(tokenizer, [answer_prefix + "x"])[0]
-    full = _encode(tokenizer, [answer_prefix + "x" + terminator])[0]
-    tail = full[len(base):]
-    if full[:len(base)] != base or not tail:
-        raise DataError(f"the terminator text {terminator!r} merges with the answer's last token "
-                        "when tokenized", field="terminator",
-                        fix="pass the terminator as a token id instead")
-    if len(tail) == 1 and tokenizer.decode(tail) != terminator:
-        raise DataError(f"the terminator text {terminator!r} tokenizes to {tail} which decodes to "
-                        f"{tokenizer.decode(tail)!r}", field="terminator",
-                        fix="pass the terminator as a token id instead")
-    return int(tail[0]), [int(t) for t in tail]
-
-
-def tokenize_titles(titles: Sequence[str], tokenizer, answer_prefix: str,
-                    terminator: int | str = "\n", batch_size: int = 32768) -> TokenizedTitles:
-    """Tokenize ``answer_prefix + title + terminator_text`` for every title (batched) and keep the
-    title's part: exactly the tokens the model emits after the prefix in a demonstration.
-
-    Falls back, and reports, where a merge crosses a boundary: with the prefix (the title is
-    tokenized alone) or with the terminator text (the title's own tokens, then the terminator;
-    the natural, merged path is kept beside them in ``natural_paths``).
-    """
-    term, tail = resolve_terminator(tokenizer, answer_prefix, terminator)
-    term_text = terminator if isinstance(terminator, str) else tokenizer.decode([term])
-    suffix = term_text if isinstance(terminator, str) else ""
-    if not suffix:
-        tail = []  # an id terminator: tokenize the title alone after the prefix, then add it
-    else:  # a title holding the terminator text would end early in every demonstration
-        for i, t in enumerate(titles):
-            if suffix in str(t):
-                raise DataError(f"title {str(t)!r} contains the terminator text {suffix!r}",
-                                record=i, field="title", fix="remove it from the title (a "
-                                "generated answer ends at the terminator) or choose another "
-                                "terminator")
-    pre = _encode(tokenizer, [answer_prefix])[0] if answer_prefix else []
-    lp, lt = len(pre), len(tail)
-    pre_arr, tail_arr = np.asarray(pre, np.int64), np.asarray(tail, np.int64)
-    toks, lens, merged_prefix, merged_term, natural = [], [], [], [], []
-    encode = _batch_encoder(tokenizer, [answer_prefix + str(t) + suffix for t in titles[:64]])
-    for lo in range(0, len(titles), batch_size):
-        chunk = [str(t) for t in titles[lo:lo + batch_size]]
-        ids = encode([answer_prefix + t + suffix for t in chunk])
-        n = len(ids)
-        length = np.fromiter(map(len, ids), dtype=np.int64, count=n)
-        flat = np.fromiter((t for row in ids for t in row), dtype=np.int64, count=int(length.sum()))
-        start = _offsets(length)
-        ok = length >= lp + lt
-        last = max(len(flat) - 1, 0)
-        if lp:
-            got = flat[np.minimum(start[:-1, None] + np.arange(lp), last)] if len(flat) else None
-            ok_pre = ok & ((got == pre_arr).all(1) if got is not None else False)
-        else:
-            ok_pre = ok
-        if lt:
-            ends = np.clip(start[1:, None] - lt + np.arange(lt), 0, last)
-            got = flat[ends] if len(flat) else None
-            ok_term = ok & ((got == tail_arr).all(1) if got is not None else False)
-        else:
-            ok_term = ok
-        good = ok_pre & ok_term
-        # keep, per good row, the tokens between the prefix and the terminator text
-        row_len = np.repeat(length, length)
-        pos = np.arange(len(flat)) - np.repeat(start[:-1], length)
-        keep = (pos >= lp) & (pos < row_len - lt) & np.repeat(good, length)
-        out, out_len = flat[keep], np.where(good, length - lp - lt, 0)
-        del row_len, pos, keep, flat
-        bad = np.flatnonzero(~good)
-        if len(bad):
-            fixed = _boundary_paths(tokenizer, answer_prefix, [chunk[b] for b in bad],
-                                    [ids[b] for b in bad], ok_pre[bad].tolist(), pre, suffix,
-                                    tail, term)
-            for b, (seq, path, in_prefix) in zip(bad.tolist(), fixed):
-                out_len[b] = len(seq)
-                if in_prefix:
-                    merged_prefix.append(lo + b)
-                if path is not None:
-                    merged_term.append(lo + b)
-                    natural.append(path)
-            sizes = [len(f[0]) for f in fixed]
-            where = np.repeat(_offsets(out_len)[bad] - np.concatenate(
-                [[0], np.cumsum(sizes)[:-1]]), sizes)
-            out = np.insert(out, where, np.fromiter((t for f in fixed for t in f[0]), np.int64))
-        del ids
-        toks.append(out.astype(np.int32))
-        lens.append(out_len)
-    tokens = np.concatenate(toks) if toks else np.zeros(0, np.int32)
-    offsets = _offsets(np.concatenate(lens) if lens else np.zeros(0, np.int64))
-    if merged_prefix:
-        log.warning("entity trie: %d title(s) merge with the answer prefix %r when tokenized; "
-                    "they are tokenized alone (e.g. %r)", len(merged_prefix), answer_prefix,
-                    [titles[i] for i in merged_prefix[:3]])
-    if merged_term:
-        log.info("entity trie: %d title(s) merge their last characters with the terminator text "
-                 "%r; they end either way, merged or with the terminator token (e.g. %r)",
-                 len(merged_term), term_text, [titles[i] for i in merged_term[:3]])
-    return TokenizedTitles(tokens, offsets, term, term_text, merged_prefix, merged_term, natural)
-
-
-def _boundary_paths(tokenizer, prefix: str, titles: list[str], in_context: list[list[int]],
-                    prefix_ok: list[bool], pre: list[int], suffix: str, tail: list[int],
-                    term: int) -> list[tuple[list[int], list[int] | None, bool]]:
-    """Per title whose encoding crosses a boundary: (its own tokens, its natural path where it
-    merges with the terminator text or None, whether it merges with the prefix).
-
-    ``in_context``: the encodings of ``prefix + title + suffix``. A title that merges with the
-    prefix is read alone (``title + suffix``); its own tokens come from ``prefix + title``, or
-    from the title alone. Batched: one tokenizer call per kind."""
-    lp, lt = len(pre), len(tail)
-    context = [row[lp:] for row in in_context]
-    alone = [i for i, ok in enumerate(prefix_ok) if not ok]
-    if alone:
-        for i, row in zip(alone, _encode(tokenizer, [titles[i] + suffix for i in alone])):
-            context[i] = row
-    with_prefix = _encode(tokenizer, [prefix + t for t in titles])
-    out = []
-    for i, row in enumerate(context):
-        if not lt or (len(row) >= lt and row[len(row) - lt:] == tail):  # only the prefix merges
-            out.append((row[:len(row) - lt], None, True))
-            continue
-        in_prefix = not prefix_ok[i] or with_prefix[i][:lp] != pre
-        own = _encode(tokenizer, [titles[i]])[0] if in_prefix else with_prefix[i][lp:]
-        path = _natural_path(row, tail, term)
-        out.append((own, path if path and path != own + [term] else None, in_prefix))
-    return out
-
-
-def _natural_path(tokens: list[int], tail: list[int], term: int) -> list[int]:
-    """The tokens of ``title + terminator_text`` (``tokens``) up to the one that starts the
-    terminator text: drop the trailing tokens that are the terminator text's own (its tokens
-    ``tail`` after its first, whose text the merged token took), and stop at a terminator."""
-    drop = 0
-    while drop < len(tail) - 1 and drop < len(tokens) and tokens[-1 - drop] == tail[-1 - drop]:
-        drop += 1
-    path = tokens[:len(tokens) - drop]
-    return path[:path.index(term) + 1] if term in path else path
-
-
 # -- construction internals ------------------------------------------------------------------------
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    off = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=off[1:])
-    return off
 
 
 def _as_ints(prefix) -> list:
@@ -760,394 +548,4 @@ def _normal(value):
     return json.loads(json.dumps(value, sort_keys=True))
 
 
-def _check_sequences(tokens: np.ndarray, offsets: np.ndarray, terminator: int) -> None:
-    if offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(tokens) \
-            or np.any(np.diff(offsets) < 0):
-        raise ValueError("offsets must rise from 0 to len(tokens)")
-    if terminator < 0:
-        raise DataError(f"terminator {terminator} is negative", field="terminator",
-                        fix="pass a token id")
-    if len(tokens) and int(tokens.min()) < 0:
-        row = int(np.searchsorted(offsets, int(np.argmax(tokens < 0)), side="right") - 1)
-        raise DataError("negative token id", record=row, field="tokens", fix="pass token ids >= 0")
-    hit = np.flatnonzero(tokens == terminator)
-    if len(hit):
-        row = int(np.searchsorted(offsets, hit[0], side="right") - 1)
-        raise DataError(f"sequence {row} contains the terminator {terminator}", record=row,
-                        field="tokens", fix="a title ends at the terminator: remove it from the "
-                        "title or choose another terminator")
-
-
-def _check_paths(index: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, n: int,
-                 terminator: int) -> None:
-    """Natural paths: distinct titles in 0..n-1, non-empty, token ids >= 0, the terminator at
-    most as the last token."""
-    if len(offsets) != len(index) + 1 or offsets[0] != 0 or offsets[-1] != len(tokens) \
-            or np.any(np.diff(offsets) <= 0):
-        raise ValueError("natural paths: offsets must rise strictly from 0 to len(tokens)")
-    if len(index) and (index.min() < 0 or index.max() >= n or len(np.unique(index)) < len(index)):
-        raise ValueError(f"natural paths: title indices must be distinct, in 0..{n - 1}")
-    if len(tokens) and int(tokens.min()) < 0:
-        raise DataError("negative token id in a natural path", field="tokens",
-                        fix="pass token ids >= 0")
-    hit = np.flatnonzero(tokens == terminator)
-    inner = hit[~np.isin(hit, offsets[1:] - 1)]
-    if len(inner):
-        row = int(index[np.searchsorted(offsets, inner[0], side="right") - 1])
-        raise DataError(f"the natural path of title {row} has the terminator {terminator} before "
-                        "its end", record=row, field="tokens",
-                        fix="a title ends at the terminator: choose another terminator")
-
-
-def _build_levels(paths: dict, n_titles: int) -> dict:
-    """Level-ordered node arrays of the trie of the paths ``flat[start[r]:last[r] + 1]``, each
-    complete (with its end token) and non-empty; row ``r`` ends title ``title[r]`` (None: title
-    ``r``). Rows ``0..n_titles - 1`` are the titles' natural paths (``title[r] == r``), the others
-    their alternatives. ``paths`` holds flat, start, last and title, and is emptied (consumed).
-
-    One pass per depth d over the rows still active (longer than d): sort them by (node at
-    depth d, token d) with ONE ``np.sort`` of packed uint64 keys (numpy's vectorised sort is
-    ~6x faster than argsort; the row's position rides in the low bits), then a new node starts
-    wherever (parent, token) changes. Rows end at their last token, at a leaf; a node where one
-    row ends and another goes on is an error (a title would hold the terminator text).
-    """
-    flat, row_start, row_last = paths.pop("flat"), paths.pop("start"), paths.pop("last")
-    row_title = paths.pop("title")
-    n = len(row_start)
-    tbits = max(int(flat.max()) + 1 if len(flat) else 1, 1).bit_length()
-    idx_dtype = np.int32 if len(flat) + 1 < 2 ** 31 else np.int64
-    at = row_start.astype(idx_dtype, copy=False)  # each active row's position in flat at depth d
-    last = row_last.astype(idx_dtype, copy=False)  # ... and of its last token
-    del row_start, row_last
-    positions = np.arange(n, dtype=np.uint64)
-    # Outputs at their upper bound (a node per token, plus the root), filled level by level:
-    # pages never written stay virtual, and no per-level pieces pin the heap between the
-    # temporaries (which would keep freed memory resident).
-    cap = len(flat) + 1
-    edge = np.empty(cap, dtype=np.int32)
-    child_start = np.empty(cap + 1, dtype=idx_dtype)
-    parent = np.empty(cap, dtype=idx_dtype)
-    edge[0], parent[0] = -1, -1
-    level_start = [0, 1]
-    leaf_node = np.empty(n, dtype=idx_dtype)
-    leaf_value = np.empty(n, dtype=idx_dtype)
-    n_leaves, dup_pairs, alt_pairs = 0, [], []
-    title_leaf = np.empty(n_titles, dtype=idx_dtype)
-    rows = np.arange(n, dtype=idx_dtype)  # active rows, grouped by their node at depth d
-    prank = np.zeros(n, dtype=np.uint64)  # that node's rank within depth d
-    count = 1
-    while len(rows):
-        k = len(rows)
-        start = level_start[-1]  # the first node id of depth d + 1
-        tok = flat[at]  # the one random gather per level; at and rows move with the sort
-        any_end = bool((at == last).any())
-        order, new, new_par, new_tok = _group_level(prank, tok, positions[:k], count, tbits)
-        del tok
-        rows, at, last = rows[order], at[order], last[order]
-        del order
-        ends = at == last if any_end else None
-        rank = np.cumsum(new, dtype=np.uint64)
-        rank -= np.uint64(1)
-        n_new = len(new_tok)
-        counts = np.bincount(new_par, minlength=count)
-        new_par += level_start[-2]
-        parent[start:start + n_new] = new_par
-        del new_par
-        cs = child_start[level_start[-2]:start]  # this level's nodes: where their children start
-        np.cumsum(counts, out=cs)
-        cs -= counts
-        cs += start
-        edge[start:start + n_new] = new_tok
-        del cs, counts, new_tok
-        if any_end:
-            # rows of one node are adjacent: a node where one path ends and another goes on
-            # shows as two neighbours of one group that disagree
-            mixed = np.flatnonzero((ends[1:] != ends[:-1]) & ~new[1:])
-            if len(mixed):
-                i = int(mixed[0]) + (0 if ends[mixed[0]] else 1)
-                r = int(rows[i]) if row_title is None else int(row_title[rows[i]])
-                raise DataError(f"a token path of title {r} ends where another "
-                                "title's path goes on", record=r, field="tokens",
-                                fix="a title may not contain the terminator text: choose "
-                                "another terminator")
-            del mixed
-            e = np.flatnonzero(ends)
-            erows, egroup = rows[e], rank[e].astype(np.int64) + start
-            etitle = row_title[erows] if row_title is not None else erows.astype(np.int64)
-            heads = np.flatnonzero(new[e])  # each leaf's first row (a leaf's rows are adjacent)
-            values = np.minimum.reduceat(etitle, heads)
-            leaf_node[n_leaves:n_leaves + len(heads)] = egroup[heads]
-            leaf_value[n_leaves:n_leaves + len(heads)] = values
-            n_leaves += len(heads)
-            natural = erows < n_titles
-            title_leaf[erows[natural]] = egroup[natural]
-            if not natural.all():
-                alt_pairs.append(np.stack([etitle[~natural], egroup[~natural]], axis=1))
-            if len(heads) < len(e):  # a path of several titles: report all but the first
-                kept = np.repeat(values, np.diff(np.append(heads, len(e))))
-                dup = etitle != kept
-                dup_pairs.append(np.stack([etitle[dup], kept[dup]], axis=1).astype(np.int64))
-            del e, erows, egroup, etitle, heads, values, natural
-            keep = ~ends
-            rows, prank, at, last = rows[keep], rank[keep], at[keep], last[keep]
-            del keep, rank
-        else:
-            prank = rank
-        del new, ends
-        at += 1
-        level_start.append(start + n_new)
-        count = n_new
-    del flat, at, last, positions, prank, rows
-    n_nodes = level_start[-1]
-    child_start[level_start[-2]:n_nodes + 1] = n_nodes  # the deepest level has no children
-    dups = np.concatenate(dup_pairs) if dup_pairs else np.zeros((0, 2), np.int64)
-    alt = np.concatenate(alt_pairs).astype(np.int64) if alt_pairs else np.zeros((0, 2), np.int64)
-    alt = np.unique(alt[alt[:, 1] != title_leaf[alt[:, 0]]], axis=0)  # same as natural: drop
-    # views of the first n_nodes entries: the unused tails were never touched (not resident)
-    arrays = dict(edge_token=edge[:n_nodes], child_start=child_start[:n_nodes + 1],
-                  parent=parent[:n_nodes], level_start=np.asarray(level_start, dtype=np.int64),
-                  leaf_node=leaf_node[:n_leaves], leaf_value=leaf_value[:n_leaves],
-                  title_leaf=title_leaf, title_ids=None, alt_leaf=alt.reshape(-1, 2),
-                  duplicates=np.unique(dups, axis=0).reshape(-1, 2))
-    return arrays
-
-
-def _group_level(prank: np.ndarray, tok: np.ndarray, positions: np.ndarray, count: int,
-                 tbits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Sort one level's k active rows by (parent rank, token) and find where new nodes start.
-
-    prank: uint64 [k], each row's node rank at depth d (consumed: the fast path shifts it in
-    place); tok: [k] each row's token d; positions: uint64 [k] = 0..k-1; count: nodes at depth d.
-    Returns order [k] (rows in sorted order), new: bool [k] (a row that starts a node), and the
-    new nodes' parent ranks (int64) and tokens (int32).
-    """
-    k = len(tok)
-    ibits = max(k - 1, 1).bit_length()
-    pbits = max(count - 1, 1).bit_length()
-    new = np.empty(k, dtype=bool)
-    new[0] = True
-    if pbits + tbits + ibits <= _KEY_BITS:
-        # ONE np.sort of packed keys (parent | token | position) instead of an argsort
-        key = prank
-        key <<= np.uint64(tbits + ibits)
-        t64 = tok.astype(np.uint64)
-        t64 <<= np.uint64(ibits)
-        key |= t64
-        del t64
-        key |= positions
-        key.sort()
-        order = (key & np.uint64((1 << ibits) - 1)).view(np.int64)
-        key >>= np.uint64(ibits)  # (parent rank, token)
-        np.not_equal(key[1:], key[:-1], out=new[1:])
-        kf = key[np.flatnonzero(new)]
-        del key
-        return (order, new, (kf >> np.uint64(tbits)).astype(np.int64),
-                (kf & np.uint64((1 << tbits) - 1)).astype(np.int32))
-    # too many bits to pack: an argsort-based (slower) path, same result
-    order = np.lexsort((tok, prank))
-    par_s, tok_s = prank[order], tok[order]
-    new[1:] = (par_s[1:] != par_s[:-1]) | (tok_s[1:] != tok_s[:-1])
-    first = np.flatnonzero(new)
-    return order, new, par_s[first].astype(np.int64), tok_s[first].astype(np.int32)
-
-
-def _tuple_hash(seq: Sequence[int]) -> int:
-    """CPython's ``hash(tuple(seq))`` (3.8+) for ints in [0, 2**61 - 1), in pure Python."""
-    acc = _XXP5
-    for t in seq:
-        acc = (acc + t * _XXP2) & MASK64
-        acc = ((acc << 31) | (acc >> 33)) & MASK64
-        acc = (acc * _XXP1) & MASK64
-    acc = (acc + (len(seq) ^ (_XXP5 ^ 3527539))) & MASK64
-    if acc == MASK64:
-        return 1546275796
-    return acc - (1 << 64) if acc >> 63 else acc
-
-
-def _native_matches() -> bool:
-    import random
-    import sys
-
-    rng = random.Random(0)
-    probes = [()] + [tuple(rng.randrange(2 ** 31) for _ in range(rng.randint(1, 9)))
-                     for _ in range(64)]
-    return sys.hash_info.width == 64 and all(hash(p) == _tuple_hash(p) for p in probes)
-
-
-_NATIVE = _native_matches()
-if not _NATIVE:  # e.g. PyPy or a future CPython: correct, but lookups hash in Python (~10x slower)
-    log.warning("this Python's tuple hash differs from CPython 3.8+; entity-trie lookups use "
-                "the slower pure-Python hash")
-
-
-def _level_hashes(acc: np.ndarray, tokens: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rolling accumulators, final signed hashes) of nodes at ``depth`` from their parents'
-    accumulators ``acc`` (uint64 [k]) and their edge tokens [k]: CPython's tuple hash, stepwise."""
-    acc = acc + tokens.astype(np.uint64) * np.uint64(_XXP2)
-    acc = (acc << np.uint64(31)) | (acc >> np.uint64(33))
-    acc *= np.uint64(_XXP1)
-    final = acc + np.uint64(depth ^ (_XXP5 ^ 3527539))
-    final[final == np.uint64(MASK64)] = np.uint64(1546275796)
-    return acc, final.view(np.int64)
-
-
-def _hash_index(edge: np.ndarray, child_start: np.ndarray, parent: np.ndarray,
-                level_start: np.ndarray) -> tuple[dict, int, list[int]]:
-    """The prefix index of a level-ordered trie: every internal node's (but the root's) prefix
-    hash with its child range, placed in the prefix table (see the class docstring). Returns
-    (table, slots S, hashes shared by two nodes).
-
-    Built inside the table's own memory plus one column-sized buffer at a time: the hashes go to
-    column 0 and the sort keys to column 1 of its first M rows, each column is sorted through a
-    contiguous copy, the keys become child ranges in place, then the rows move to their slots.
-    """
-    n_nodes = len(edge)
-    if n_nodes >= 2 ** 31:
-        raise ValueError("entity trie: more than 2**31 nodes are not supported")
-    internal = child_start[1:n_nodes + 1] > child_start[:n_nodes]  # leaves have no children
-    internal[0] = False
-    m = int(internal.sum())
-    slots = _slot_count(m)
-    index = np.empty((slots + _SPARE, 2), dtype=np.int64)  # untouched rows cost no memory
-    hashes, keys = index[:m, 0], index[:m, 1].view(np.uint64)
-    nbits = max(n_nodes - 1, 1).bit_length()
-    # key = (hash top bits, in unsigned order) | node id. Sorting it (numpy's fast sort; an
-    # argsort of the hashes is ~6x slower) lists the node ids in hash order, up to ties in the
-    # top bits, fixed below.
-    top = np.uint64(MASK64 ^ ((1 << nbits) - 1))
-    sign = np.uint64(1 << 63)
-    acc = np.full(1, _XXP5, dtype=np.uint64)
-    filled = 0
-    for d in range(len(level_start) - 2):
-        lo, hi, nxt = (int(x) for x in level_start[d:d + 3])
-        new_acc = np.empty(nxt - hi, dtype=np.uint64)
-        for c in range(hi, nxt, _CHUNK):
-            c_end = min(c + _CHUNK, nxt)
-            a, final = _level_hashes(acc[parent[c:c_end] - lo], edge[c:c_end], d + 1)
-            new_acc[c - hi:c_end - hi] = a
-            sel = internal[c:c_end]
-            h = final[sel]
-            hashes[filled:filled + len(h)] = h
-            k = h.view(np.uint64)
-            k ^= sign
-            k &= top
-            k |= (np.flatnonzero(sel) + c).astype(np.uint64)
-            keys[filled:filled + len(h)] = k
-            filled += len(h)
-        acc = new_acc
-    del acc, internal
-    buffer = np.ascontiguousarray(hashes)
-    buffer.sort()
-    hashes[:] = buffer
-    del buffer
-    keys = np.ascontiguousarray(keys)  # sorted apart; column 1 then gets the child ranges
-    keys.sort()
-    low = np.uint64((1 << nbits) - 1)
-    # Where two hashes share their top bits (rare: ~m**2 / 2**(65 - nbits) pairs) the key order
-    # is by node id: re-pair those nodes with their hashes, recomputed from their paths.
-    tie = []
-    for c in range(0, m, _CHUNK):
-        tops = keys[c:c + _CHUNK + 1] >> np.uint64(nbits)
-        tie.append(np.flatnonzero(tops[1:] == tops[:-1]) + c)
-    tie = np.concatenate(tie) if tie else np.zeros(0, np.int64)
-    if len(tie):
-        where = np.unique(np.concatenate([tie, tie + 1]))
-        nodes = (keys[where] & low).astype(np.int64)
-        order = np.argsort(_path_hashes(nodes, edge, parent), kind="stable")
-        keys[where] = (keys[where] & ~low) | nodes[order].astype(np.uint64)
-    keys &= low  # node ids, in hash order
-    nodes = keys.view(np.int64)
-    span = index.view(np.int32).reshape(-1, 4)
-    for c in range(0, m, _CHUNK):
-        nd = nodes[c:c + _CHUNK]
-        span[c:c + len(nd), 2] = child_start[nd]
-        span[c:c + len(nd), 3] = child_start[nd + 1]
-    del keys, nodes
-    return _place(index, m, slots)
-
-
-_SPARE = 4096  # rows past the S slots for the last cluster's overflow (grown if ever short)
-
-
-def _slot_count(m: int) -> int:
-    return max(int(m / _LOAD) + 1, 1)
-
-
-def _slot_of(hashes: np.ndarray, slots: int) -> np.ndarray:
-    """int64 slot of each signed hash: ((h >> 32) + 2**31) * S >> 32 (exact in uint64, S < 2**32),
-    the same arithmetic as the lookup's."""
-    u = ((hashes >> 32) + (1 << 31)).astype(np.uint64)
-    u *= np.uint64(slots)
-    u >>= np.uint64(32)
-    return u.view(np.int64)
-
-
-def _place(table: np.ndarray, m: int, slots: int) -> tuple[np.ndarray, int, list[int]]:
-    """Move the M entries sorted by hash in ``table[:m]`` to their slots: entry e goes to
-    pos[e] = max(slot[e], pos[e - 1] + 1), which keeps rows sorted; fill the empty rows with
-    the smallest hash of the next slot, and end with an int64-max row. In place, by chunks,
-    last chunk first (pos[e] >= e, so no entry is overwritten before it moves)."""
-    hashes = table[:m, 0]
-    same = np.flatnonzero(hashes[1:] == hashes[:-1]) if m > 1 else np.zeros(0, np.int64)
-    shared = sorted({int(h) for h in hashes[same]})
-    if shared:  # ~1e-5 for 5M titles; lookups of these hashes walk from the root instead
-        log.info("entity trie: %d prefix hash(es) shared by two nodes", len(shared))
-        table.view(np.int32).reshape(-1, 4)[:m, 2:][np.isin(hashes, shared)] = -1
-    # pos[e] = e + max over j <= e of (slot[j] - j): a running maximum, carried across chunks
-    carry, carries = np.iinfo(np.int64).min, []
-    for c in range(0, m, _CHUNK):
-        carries.append(carry)
-        gap = _slot_of(hashes[c:c + _CHUNK], slots) - np.arange(c, min(c + _CHUNK, m))
-        carry = max(carry, int(gap.max()))
-    rows = max(slots, m + carry if m else 0) + 1  # the last entry's row + 1, or the S slots
-    if rows + 1 > len(table):  # the last cluster ran past the spare rows (never seen)
-        table = np.concatenate([table, np.empty((rows + 1 - len(table), 2), np.int64)])
-    filled = np.zeros(rows + 1, dtype=bool)
-    for k in range(len(carries) - 1, -1, -1):
-        c = k * _CHUNK
-        block = table[c:c + _CHUNK].copy() if c + _CHUNK <= m else table[c:m].copy()
-        gap = _slot_of(block[:, 0], slots) - np.arange(c, c + len(block))
-        np.maximum.accumulate(gap, out=gap)
-        pos = np.maximum(gap, carries[k]) + np.arange(c, c + len(block))
-        table[pos] = block
-        filled[pos] = True
-    table = table[:rows + 1]
-    for c in range(0, rows, _CHUNK):  # empty row p: the smallest hash whose slot is > p
-        p = np.flatnonzero(~filled[c:c + _CHUNK]) + c
-        p = p[p < rows]
-        first = -((-(p + 1) * (1 << 32)) // slots)  # ceil((p + 1) * 2**32 / S)
-        table[p, 0] = np.where(first >= 1 << 32, np.iinfo(np.int64).max,
-                               (np.minimum(first, (1 << 32) - 1) - (1 << 31)) << 32)
-        table[p, 1] = 0
-    table[rows] = (np.iinfo(np.int64).max, 0)  # stops every scan
-    return table, slots, shared
-
-
-def _small_index(hashes: list[int], nodes: list[int], child_start: np.ndarray
-                 ) -> tuple[np.ndarray, int, list[int]]:
-    """:func:`_hash_index` from (hash, node) lists, for small tries (sub-tries)."""
-    pairs = sorted(zip(hashes, nodes))
-    m = len(pairs)
-    slots = _slot_count(m)
-    table = np.empty((slots + _SPARE, 2), dtype=np.int64)
-    table[:m, 0] = [h for h, _ in pairs]
-    span = table.view(np.int32).reshape(-1, 4)
-    span[:m, 2] = [child_start[x] for _, x in pairs]
-    span[:m, 3] = [child_start[x + 1] for _, x in pairs]
-    return _place(table, m, slots)
-
-
-def _path_hashes(nodes: np.ndarray, edge: np.ndarray, parent: np.ndarray) -> np.ndarray:
-    """Prefix hashes (signed) of some nodes, from their root paths."""
-    out, tok, par = [], memoryview(edge), memoryview(parent)
-    for node in nodes.tolist():
-        path = []
-        while node > 0:
-            path.append(tok[node])
-            node = par[node]
-        out.append(_tuple_hash(path[::-1]))
-    return np.asarray(out, dtype=np.int64)
-
-
-__all__ = ["EntityTrie", "TokenizedTitles", "resolve_terminator", "tokenize_titles",
-           "tokenizer_identity"]
+__all__ = ["EntityTrie"]

@@ -1,4 +1,4 @@
-"""The typed records that flow through gemel (see ARCHITECTURE.md, "Contracts")."""
+"""The typed records that flow through gemel (see docs/architecture.md, "Contracts")."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field

@@ -22,6 +22,13 @@ concatenated, so the mapper stays one ``nn.Linear``:
   drawn as a mask and sent through the image processor with the image, so resizing and cropping
   move it exactly as they move the pixels. An image without a region (a crop, or a mention with
   no box) pools all patches.
+* ``region:L`` — the same, pooling the patch tokens of hidden state L (``hidden_states[L]``; 1 =
+  after the first block, negative counts from the end: -4 = four states before the last one),
+  each token layer-normed without weights, and the global feature and the pooled region each
+  layer-normed again (so neither outweighs the other in the mapper). Late layers mix every patch
+  with the whole image;
+  a few blocks earlier the patches still say what is under them (two-emblem probe, DINOv2-S:
+  last layer 90-97, ``region:-4`` 99-100 — benchmarks/visual_prompts.py).
 
 ``encoder.encode_paths`` / ``encoder.encode_mentions`` read and fill an on-disk
 :class:`gemel.feature_cache.FeatureCache` when given one (a second run over the same images encodes
@@ -51,7 +58,7 @@ from gemel.visual_prompt import VisualPrompt
 log = logging.getLogger(__name__)
 
 FEATURES = ("pooled", "cls", "mean", "layers:<i>,<j>,...")
-LAYOUTS = ("global", "grid:<n>", "region")
+LAYOUTS = ("global", "grid:<n>", "region", "region:<layer>")
 # config fields that do not change what the model computes (or change with the library version)
 _VOLATILE = {"transformers_version", "dtype", "torch_dtype", "architectures", "output_hidden_states",
              "output_attentions", "return_dict", "id2label", "label2id", "use_cache",
@@ -81,25 +88,31 @@ def parse_feature(feature: str) -> tuple[str, tuple[int, ...]]:
                      f"(e.g. layers:4,10,11,12)")
 
 
-def parse_layout(layout: str) -> tuple[str, int]:
-    """``"grid:2"`` -> ("grid", 2); ``"global"`` -> ("global", 0); ``"region"`` -> ("region", 0)."""
-    if layout in ("global", "region"):
+def parse_layout(layout: str) -> tuple[str, int | None]:
+    """``"grid:2"`` -> ("grid", 2); ``"global"`` -> ("global", 0); ``"region"`` -> ("region", None)
+    (the model's output tokens); ``"region:-4"`` -> ("region", -4) (hidden state -4)."""
+    if layout == "global":
         return layout, 0
-    if layout.startswith("grid:"):
-        try:
-            n = int(layout[len("grid:"):])
-        except ValueError:
-            n = 0
-        if 1 <= n <= 16:
-            return "grid", n
+    if layout == "region":
+        return layout, None
+    kind, _, arg = layout.partition(":")
+    try:
+        n = int(arg)
+    except ValueError:
+        n = None
+    if kind == "grid" and n is not None and 1 <= n <= 16:
+        return "grid", n
+    if kind == "region" and n:
+        return "region", n
     raise GemelError(f"unknown feature layout {layout!r}; choose one of {', '.join(LAYOUTS)} "
-                     f"(e.g. grid:2, grid:4; n from 1 to 16)")
+                     f"(e.g. grid:2, grid:4 with n from 1 to 16; region:-4, region:9 with a hidden "
+                     f"state other than 0)")
 
 
 def layout_parts(layout: str) -> int:
     """How many hidden-size vectors the layout adds after the global feature."""
     kind, n = parse_layout(layout)
-    return {"global": 0, "region": 1, "grid": n * n}[kind]
+    return n * n if kind == "grid" else int(kind == "region")
 
 
 def _load_processor(path: str):
@@ -147,7 +160,10 @@ class VisionEncoder:
             raise GemelError(f"{type(model).__name__} has no .config: pass a transformers model")
         self.kind, self.layers = parse_feature(feature)
         self.feature = feature
-        self.layout_kind, self.grid = parse_layout(layout)
+        self.layout_kind, n = parse_layout(layout)
+        self.grid = n if self.layout_kind == "grid" else 0
+        # hidden state the region layout pools (None: the model's output tokens)
+        self.region_layer = n if self.layout_kind == "region" else None
         self.layout = layout
         if device is not None:
             model = model.to(device)
@@ -166,6 +182,10 @@ class VisionEncoder:
         if self.kind in ("cls", "layers") and str(config.model_type).startswith("siglip"):
             raise GemelError(f"feature {feature!r} takes the class token, but {config.model_type} "
                              f"has none; use 'pooled' or 'mean'")
+        if self.region_layer is not None and n_layers is not None and not (
+                -n_layers - 1 <= self.region_layer <= n_layers):
+            raise GemelError(f"layout {layout!r}: {self.name} has hidden states 0..{n_layers} "
+                             f"(or -{n_layers + 1}..-1 from the end)")
         if self.layout_kind != "global" and getattr(config, "hidden_size", None) is None:
             raise GemelError(f"layout {layout!r} pools patch tokens of hidden_size; "
                              f"{type(model).__name__} has no hidden_size: use layout 'global'")
@@ -340,8 +360,13 @@ class VisionEncoder:
         return out
 
     def _patch_map(self, pixels: torch.Tensor, out) -> torch.Tensor:
-        """The patch tokens of the last layer as a map [b, hidden, h, w]."""
+        """The patch tokens of the last layer (of ``region_layer``, layer-normed) as a map
+        [b, hidden, h, w]."""
         hidden = out.last_hidden_state
+        if self.region_layer is not None:
+            hidden = out.hidden_states[self.region_layer]
+            if hidden.ndim == 3:  # tokens: normed one by one, as the model's last norm would
+                hidden = torch.nn.functional.layer_norm(hidden.float(), hidden.shape[-1:])
         if hidden.ndim == 4:  # convolutional: already [b, C, h, w]
             return hidden
         patch = getattr(self.config, "patch_size", None)
@@ -371,11 +396,17 @@ class VisionEncoder:
 
     def _features(self, pixels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """pixel_values [b, 3, H, W] -> [b, feature_dim] (``weights`` [b, H, W]: region layout)."""
-        out = self.model(pixel_values=pixels, output_hidden_states=self.kind == "layers")
+        out = self.model(pixel_values=pixels, output_hidden_states=self.kind == "layers"
+                         or self.region_layer is not None)
         main = self._global(pixels, out)
         if self.layout_kind == "global":
             return main
-        return torch.cat([main.float(), self._layout_parts(pixels, out, weights)], dim=-1)
+        parts = [main.float(), self._layout_parts(pixels, out, weights)]
+        if self.region_layer is not None:
+            # each part layer-normed: across images the pooled vector varies ~3x more than the
+            # region token (DINOv2-S), and one linear mapper then learns mostly from the pooled one
+            parts = [torch.nn.functional.layer_norm(p, p.shape[-1:]) for p in parts]
+        return torch.cat(parts, dim=-1)
 
     def _global(self, pixels: torch.Tensor, out) -> torch.Tensor:
         """The ``feature`` vector of each image: [b, hidden (x layers)]."""

@@ -4,9 +4,9 @@
     demos = retriever.query(mention, k=16)                 # most similar first
     prompt_demos = order_demonstrations(demos)             # least similar first (GEMEL)
 
-Names: ``simcse`` (sentence embeddings), ``bm25`` (lexical, bm25s), ``random`` (seeded),
-``hybrid`` (weighted mix). A query never gets its own record (same id) or any record with the
-same mention and sentence.
+Names: ``simcse`` (the method: sentence embeddings, MiniLM by default), ``bm25`` (lexical,
+bm25s), ``random`` (seeded), ``hybrid`` (weighted mix). A query never gets its own record (same
+id) or any record with the same mention and sentence.
 """
 from gemel.retrieval.base import (FIELDS, Demonstration, ExclusionIndex, Retriever,
                                   ScoredRetriever, field_text, order_demonstrations)

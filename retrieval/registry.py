@@ -12,6 +12,8 @@ from collections.abc import Callable
 from gemel.errors import DataError
 
 _BUILTIN: dict[str, str] = {
+    # "simcse" names GEMEL's method (nearest mentions by sentence-embedding cosine); the model is
+    # the config's sentence_model, by default MiniLM (minilm-l6-v2), not a SimCSE checkpoint
     "simcse": "gemel.retrieval.simcse:SimCSERetriever",
     "bm25": "gemel.retrieval.bm25:BM25Retriever",
     "random": "gemel.retrieval.random_demos:RandomRetriever",

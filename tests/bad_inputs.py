@@ -53,7 +53,7 @@ class Case:
     expect: tuple[str, ...]  # fragments of the output or of the predictions' error rows
     exit_code: int
     env: dict = field(default_factory=dict)  # environment variables for the run
-    owner: str = "baddata"
+    area: str = "baddata"  # which part of gemel the case checks: bad data, visual linking
 
 
 # -- writing inputs ---------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def _cases() -> list[Case]:
           "string) without --mapper",
           lambda d, e: link(d, e, None, mentions_file(d, [GOOD, with_line(
               mention=None, image="img.png", bbox=[0, 0, 8, 8])])),
-          ("linking it needs an image model; pass --mapper CKPT",), ROWS, owner="visual"),
+          ("linking it needs an image model; pass --mapper CKPT",), ROWS, area="visual"),
     ]
     return cases
 

@@ -19,7 +19,7 @@ from gemel.cli import EXIT_ERROR_ROWS, cli
 from gemel.data import read_mentions, write_mentions
 from gemel.eval.metrics import hits_at_k
 from gemel.linker import Linker
-from gemel.train import TrainConfig, train
+from gemel.train import DEFAULT_LAYOUT, TrainConfig, train
 from gemel.types import Mention
 from tests.conftest import TITLES
 from tests.test_train import steerable_llama
@@ -60,7 +60,8 @@ def task(tmp_path_factory, sp_tokenizer):
     steerable_llama(len(sp_tokenizer)).save_pretrained(llm_dir)
     sp_tokenizer.save_pretrained(llm_dir)
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    # 4 blocks: the overlay modes' default layout region:-4 pools hidden state 1
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                            num_attention_heads=4, image_size=32, patch_size=8,
                            initializer_factor=5.0)
     CLIPVisionModel(cfg).save_pretrained(clip_dir)
@@ -110,8 +111,9 @@ def link_rows(task, mapper, **extra) -> tuple[list[dict], Linker]:
 def test_overlay_default_layout_is_recorded_and_used(trained):
     summary, _, out = trained
     config = json.loads((out / "best" / "config.json").read_text())
-    assert config["layout"] == "region" and config["vision"]["layout"] == "region"
-    assert config["train"]["layout"] == "region" and config["vp_mode"] == "overlay"
+    assert DEFAULT_LAYOUT["overlay"] == "region:-4"
+    assert config["layout"] == "region:-4" and config["vision"]["layout"] == "region:-4"
+    assert config["train"]["layout"] == "region:-4" and config["vp_mode"] == "overlay"
     assert config["feature_dim"] == 2 * 32
 
 

@@ -22,9 +22,9 @@ def env(tmp_path_factory):
     return build_env(tmp_path_factory.mktemp("checkpoint-env"))
 
 
-def linker(env, **kw) -> Linker:
+def linker(env, **overrides) -> Linker:
     return Linker.from_config(kb=REPO / "examples" / "kb.jsonl", model=str(env.model),
-                              num_beams=2, top_k=2, feature_cache="none", dtype="fp32", **kw)
+                              num_beams=2, top_k=2, feature_cache="none", dtype="fp32", **overrides)
 
 
 def copy_checkpoint(env, tmp_path, **config_changes):

@@ -190,14 +190,14 @@ def test_sweep_gold_kb_spans_every_split(tmp_path):
 
 
 def test_fit_fusion_refits_from_kept_rows_of_several_shards(tmp_path):
-    from gemel.fusion import STORED, FusionModel, pool_json
+    from gemel.rerank import POOL_FEATURES, FusionModel, pool_json
 
-    prior = STORED.index("prior")
+    prior = POOL_FEATURES.index("prior")
     shards = []
     for shard in range(2):  # the gold is the candidate with the highest prior; the rest is noise
         rows = []
         for i in range(12):
-            values = [[(j * 7 + i) % 5 / 10.0] * len(STORED) for j in range(4)]
+            values = [[(j * 7 + i) % 5 / 10.0] * len(POOL_FEATURES) for j in range(4)]
             gold = (i + shard) % 4
             for j in range(4):
                 values[j][prior] = 0.9 if j == gold else 0.1

@@ -33,10 +33,10 @@ def touch_image(path: Path) -> Path:
 
 
 # -- native --------------------------------------------------------------------------------------
-def native_row(i, **kw):
+def native_row(i, **fields):
     row = {"id": f"m{i}", "text": f"text {i}", "mention": f"word {i}", "image": None, "bbox": None,
            "polygon": None, "entity_id": f"Q{i}", "entity": f"Title {i}"}
-    row.update(kw)
+    row.update(fields)
     return row
 
 

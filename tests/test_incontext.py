@@ -10,10 +10,11 @@ from gemel.backends.hf import HFBackend
 from gemel.data.nil import NIL, is_nil
 from gemel.errors import DataError, GemelError, MismatchError
 from gemel.eval.metrics import hits_at_k
-from gemel.fusion import (FEATURES, STORED, FusionModel, MentionPrior, derive, fit, fit_report,
-                          rerank, rows_lists)
+from gemel.fusion import fit, fit_report, rerank, rows_lists
 from gemel.kb import KnowledgeBase
 from gemel.linker import Linker, LinkerConfig
+from gemel.prior import MentionPrior
+from gemel.rerank import FEATURES, POOL_FEATURES, FusionModel, with_list_features
 from gemel.types import Entity, Mention
 from tests.conftest import TITLES
 
@@ -49,7 +50,7 @@ def test_demonstrations_in_prompt_never_the_query(llama_pair):
 def test_candidate_restriction_keeps_answers_inside_the_subtrie(llama_pair):
     needs_minilm()
     model, tok = llama_pair
-    cfg = LinkerConfig(model="tiny", candidates=3, num_beams=4, top_k=4)
+    cfg = LinkerConfig(model="tiny", num_candidates=3, num_beams=4, top_k=4)
     linker = Linker(cfg, KB, HFBackend(model, tok))
     ms = [Mention("a", "He swam in the Amazon River.", "Amazon River", entity_id="Q13")]
     rows, _ = linker.candidate_retriever.top(ms, 3)
@@ -93,17 +94,17 @@ def test_fusion_learns_the_informative_feature(tmp_path):
     assert set(report["l2_out_of_fold"]) == {"0.001", "10.0"} and report["dev_mentions"] == 60
 
 
-def test_derived_features_follow_the_list():
-    stored = np.zeros((3, len(STORED)))
-    stored[:, STORED.index("llm_logprob")] = [-1.0, -3.0, -1.0]  # a tie at the top
-    stored[:, STORED.index("backoff_top1")] = [0.0, 0.0, 1.0]
-    full = derive(stored)
-    assert full.shape == (3, len(FEATURES)) and np.array_equal(full[:, :len(STORED)], stored)
+def test_list_features_follow_the_pool():
+    stored = np.zeros((3, len(POOL_FEATURES)))
+    stored[:, POOL_FEATURES.index("llm_logprob")] = [-1.0, -3.0, -1.0]  # a tie at the top
+    stored[:, POOL_FEATURES.index("backoff_top1")] = [0.0, 0.0, 1.0]
+    full = with_list_features(stored)
+    assert full.shape == (3, len(FEATURES)) and np.array_equal(full[:, :len(POOL_FEATURES)], stored)
     col = {n: full[:, FEATURES.index(n)] for n in ("llm_top1", "llm_backoff_agree", "llm_prob")}
     assert col["llm_top1"].tolist() == [1.0, 0.0, 1.0]
     assert col["llm_backoff_agree"].tolist() == [0.0, 0.0, 1.0]
     assert col["llm_prob"].sum() == pytest.approx(1.0) and col["llm_prob"][0] == col["llm_prob"][2]
-    assert derive(np.zeros((0, len(STORED)))).shape == (0, len(FEATURES))
+    assert with_list_features(np.zeros((0, len(POOL_FEATURES)))).shape == (0, len(FEATURES))
 
 
 def test_kept_pools_are_checked_before_reranking():
@@ -115,9 +116,9 @@ def test_kept_pools_are_checked_before_reranking():
     with pytest.raises(MismatchError, match="run.jsonl.*m1"):
         rows_lists([old], "run.jsonl")
     # a gold outside the pool is a list with position -1: counted, never fitted
-    kept = {**row, "gold_id": "Q9", "pool": {"features": list(STORED), "titles": ["A", "B"],
+    kept = {**row, "gold_id": "Q9", "pool": {"features": list(POOL_FEATURES), "titles": ["A", "B"],
                                              "ids": [["Q1"], ["Q2", "Q3"]],
-                                             "values": [[0.0] * len(STORED)] * 2}}
+                                             "values": [[0.0] * len(POOL_FEATURES)] * 2}}
     assert rows_lists([kept])[0][1] == -1
     assert rows_lists([{**kept, "gold_id": "Q3"}])[0][1] == 1
     assert rows_lists([{**kept, "gold_id": None}]) == []  # unlabelled rows carry no signal
@@ -198,7 +199,7 @@ def test_fit_fusion_on_dev_then_link_with_it(llama_pair, tmp_path):
     assert refit.weights == pytest.approx(fusion.weights, rel=1e-3, abs=1e-6)
     assert report["dev_mentions"] == 7 and set(fusion.weights) == set(FEATURES)
     assert all(r["pool"]["titles"] and set(r["pool"]["titles"]) <= set(TITLES) for r in kept)
-    sim, ctx = STORED.index("similarity"), STORED.index("context_similarity")
+    sim, ctx = POOL_FEATURES.index("similarity"), POOL_FEATURES.index("context_similarity")
     values = [v for r in kept for v in r["pool"]["values"]]
     assert any(abs(v[sim] - v[ctx]) > 1e-3 for v in values)  # the sentence changes the query
     # every dev mention's own string was seen in train with its gold: the prior must carry weight

@@ -32,8 +32,10 @@ def square_images():
 def test_layout_names():
     assert parse_layout("global") == ("global", 0)
     assert parse_layout("grid:4") == ("grid", 4)
-    assert parse_layout("region") == ("region", 0)
-    for bad in ("grid", "grid:0", "grid:x", "box"):
+    assert parse_layout("region") == ("region", None)
+    assert parse_layout("region:-4") == ("region", -4)
+    assert parse_layout("region:3") == ("region", 3)
+    for bad in ("grid", "grid:0", "grid:x", "box", "region:0", "region:x", "region:"):
         with pytest.raises(GemelError, match="layout"):
             parse_layout(bad)
 
@@ -65,6 +67,35 @@ def test_region_token_pools_the_patches_under_the_mask(parts, square_images):
         ImageDraw.Draw(mask).rectangle(box, fill=255)
         r = region.encode(square_images, [mask] * 3)
         torch.testing.assert_close(r[:, 32:], cells[:, :, column].mean(1), atol=2e-3, rtol=1e-3)
+
+
+def test_region_layer_pools_an_earlier_hidden_state(parts, square_images):
+    """``region:L`` pools hidden state L's patch tokens, each layer-normed without weights, under
+    the mask; the global feature and the pooled region are then layer-normed each (equal scale in
+    the mapper); a layer the model lacks is an error."""
+    model, proc = parts
+    plain = VisionEncoder(model, proc, layout="region")
+    early = VisionEncoder(model, proc, layout="region:-3")
+    assert early.feature_dim == 64 and early.identity["layout"] == "region:-3"
+    assert early.identity_key != plain.identity_key  # other features: other cache entries
+    mask = Image.new("L", (32, 32), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, 15, 31), fill=255)  # the left column of 4 x 4 patches
+    got = early.encode(square_images, [mask] * 3)
+    norm = torch.nn.functional.layer_norm
+    torch.testing.assert_close(got[:, :32], norm(plain.encode(square_images)[:, :32], (32,)),
+                               atol=1e-4, rtol=1e-4)
+    pixels = proc(images=square_images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-3]
+    tokens = norm(hidden[:, 1:], (32,)).reshape(3, 4, 4, 32)
+    region = norm(tokens[:, :, :2].reshape(3, 8, 32).mean(1), (32,))
+    torch.testing.assert_close(got[:, 32:], region, atol=5e-3, rtol=1e-3)
+    assert got[:, 32:].std(-1, correction=0).sub(1).abs().max() < 0.01  # unit scale, as the global
+    assert not torch.allclose(got[:, 32:], plain.encode(square_images, [mask] * 3)[:, 32:])
+    for bad in ("region:5", "region:-6"):  # 4 blocks: hidden states 0..4
+        with pytest.raises(GemelError, match="hidden states 0..4"):
+            VisionEncoder(model, proc, layout=bad)
+    VisionEncoder(model, proc, layout="region:-5")  # -5 is state 0, the embeddings: allowed
 
 
 def test_region_masks_follow_the_visual_prompt():

@@ -108,10 +108,10 @@ def test_error_rows_end_with_a_summary_and_exit_code_3(tmp_path, monkeypatch, ca
 
     real = Linker.link_batch
 
-    def failing(self, mentions, *a, **kw):
+    def failing(self, mentions, *args, **kwargs):
         if any(m.id == "2-0" for m in mentions):
             raise DataError("image is not a picture", path="x.jpg", field="image")
-        return real(self, mentions, *a, **kw)
+        return real(self, mentions, *args, **kwargs)
 
     monkeypatch.setattr(Linker, "link_batch", failing)
     out = tmp_path / "pred.jsonl"

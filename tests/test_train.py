@@ -110,12 +110,12 @@ def steerable_llama(vocab_size: int, seed: int = 0):
     return llm
 
 
-def config(out: Path, **kw) -> TrainConfig:
+def config(out: Path, **overrides) -> TrainConfig:
     base = dict(out=str(out), model="tiny-llama", vision="tiny-clip", n_visual_tokens=4,
                 vp_mode="none", template="gemel", epochs=40, lr=1e-1, batch_size=8,
                 warmup=0.0, eval_every=0, num_beams=4, seed=0, mixed_precision="no", cpu=True,
                 feature_cache="none", log_every=5)
-    base.update(kw)
+    base.update(overrides)
     return TrainConfig(**base)
 
 
@@ -263,7 +263,7 @@ def test_resume_continues_step_counter_and_optimizer(tmp_path, sp_tokenizer):
 
     kb, mentions = make_task(tmp_path / "images")  # 16 mentions, batch 4: 4 steps per epoch
     common = dict(epochs=2, batch_size=4, lr=1e-2, warmup=1)
-    run = lambda out, **kw: train(config(out, **common, **kw), llm=tiny_llama(len(sp_tokenizer)),
+    run = lambda out, **overrides: train(config(out, **common, **overrides), llm=tiny_llama(len(sp_tokenizer)),
                                   tokenizer=sp_tokenizer, vision=tiny_clip(), kb=kb,
                                   train_mentions=mentions)
     straight = run(tmp_path / "straight", max_steps=6)

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gemel.errors import DataError, MismatchError
-from gemel.trie import (EntityTrie, _tuple_hash, resolve_terminator, tokenize_titles,
-                        tokenizer_identity)
+from gemel.title_tokens import resolve_terminator, tokenize_titles, tokenizer_identity
+from gemel.trie import EntityTrie
+from gemel.trie_hash import tuple_hash
 
 T = 0  # terminator in the token-level tests
 SEQS = [[5, 6, 7], [5, 6], [5, 8], [9], [5, 6, 7, 1], [2, 3]]  # [5, 6] is a prefix of [5, 6, 7]
@@ -108,7 +109,7 @@ def test_allowed_accepts_arrays_tuples_and_numpy_ints(trie):
 
 def test_index_hashes_are_cpython_tuple_hashes(trie):
     """Numpy computes every node's hash; a lookup hashes the prefix with hash(tuple)."""
-    assert _tuple_hash(()) == hash(()) and _tuple_hash((5, 6, 7)) == hash((5, 6, 7))
+    assert tuple_hash(()) == hash(()) and tuple_hash((5, 6, 7)) == hash((5, 6, 7))
     index = np.asarray(trie.prefix_index)
     spans = index.view(np.int32).reshape(-1, 4)
     assert np.all(np.diff(index[:, 0]) >= 0)  # rows sorted by hash (empty rows included)
@@ -120,7 +121,7 @@ def test_index_hashes_are_cpython_tuple_hashes(trie):
         while node > 0:
             path.append(int(trie.edge_token[node]))
             node = int(trie.parent[node])
-        assert h == _tuple_hash(path[::-1])
+        assert h == tuple_hash(path[::-1])
 
 
 def test_duplicates_keep_first_and_are_reported():
@@ -184,9 +185,9 @@ def test_subtrie_equivalence():
                 finished.append(path)
                 assert full.value(full.node_of(path)) >= 0
                 assert seqs[sub.value(node)] + [T] == path and sub.value(node) in chosen
-            for t, kid in zip(*sub.children(node)):
+            for t, child in zip(*sub.children(node)):
                 assert full.step(full.node_of(path), int(t)) >= 0
-                stack.append((int(kid), path + [int(t)]))
+                stack.append((int(child), path + [int(t)]))
             assert sub.allowed(path).tolist() == sub.children(node)[0].tolist()
         assert len(finished) == len({tuple(seqs[i]) for i in chosen})
         nested = sub.subtrie(chosen[: len(chosen) // 2 + 1])  # a sub-trie of a sub-trie
@@ -407,14 +408,15 @@ def test_tokenizer_identity_tells_vocabularies_apart(bpe_tokenizer, sp_tokenizer
 def test_chunked_and_argsort_paths_agree(monkeypatch):
     """Small chunks (the memory-saving loops) and the argsort path (keys wider than 64 bits)
     build the same trie as the default path."""
-    import gemel.trie as trie_module
+    import gemel.trie_hash as hash_module
+    import gemel.trie_levels as levels_module
 
     rng = np.random.default_rng(1)
     seqs = [rng.integers(1, 50, rng.integers(0, 6)).tolist() for _ in range(400)]
     plain = EntityTrie.build(seqs, T)
-    monkeypatch.setattr(trie_module, "_CHUNK", 7)
-    monkeypatch.setattr(trie_module, "_KEY_BITS", 8)
-    monkeypatch.setattr(trie_module, "_SPARE", 0)  # the table must grow for the last cluster
+    monkeypatch.setattr(hash_module, "_CHUNK", 7)
+    monkeypatch.setattr(levels_module, "_KEY_BITS", 8)
+    monkeypatch.setattr(hash_module, "_SPARE", 0)  # the table must grow for the last cluster
     other = EntityTrie.build(seqs, T)
     for name in ("edge_token", "child_start", "parent", "prefix_index", "leaf_node",
                  "leaf_value", "title_leaf", "duplicates"):

@@ -59,8 +59,8 @@ def image_files(tmp_path, images):
 def count_forwards(encoder: VisionEncoder) -> list[int]:
     """Number of images the model has seen, updated by a forward hook."""
     seen = [0]
-    encoder.model.register_forward_hook(lambda m, args, kw, out: seen.__setitem__(
-        0, seen[0] + kw["pixel_values"].shape[0]), with_kwargs=True)
+    encoder.model.register_forward_hook(lambda m, args, kwargs, out: seen.__setitem__(
+        0, seen[0] + kwargs["pixel_values"].shape[0]), with_kwargs=True)
     return seen
 
 

@@ -48,7 +48,7 @@ class HFStepper:
         self.model, self.embeds, self.mask = model, inputs_embeds, attention_mask.long()
         self.keep = keep_prefill
         self.stats = stats  # the backend's running prefill counters (HFBackend.stats), if given
-        self.kw = _cache_kwarg(model)
+        self.cache_kwarg = _cache_kwarg(model)
         self.cache = None
         self.next_pos: torch.Tensor | None = None
         self.first: torch.Tensor | None = None  # [n_prompts, vocab] log-probs of the first token
@@ -94,12 +94,14 @@ class HFStepper:
             with _attention(self.model, NAME):
                 out = self.model(input_ids=tokens[:, None], position_ids=pos[:, None],
                                  use_cache=True, gemel_prefix=self.prefix.for_rows(self.row_prompt),
-                                 **({self.kw: self.cache} if self.cache is not None else {}))
+                                 **({self.cache_kwarg: self.cache} if self.cache is not None
+                                    else {}))
         else:
             self.cache.reorder_cache(parents)  # index_select on the batch dim: rows may grow or shrink
             self.mask = torch.cat([self.mask[parents], self.mask.new_ones(len(parents), 1)], dim=1)
             out = self.model(input_ids=tokens[:, None], attention_mask=self.mask,
-                             position_ids=pos[:, None], use_cache=True, **{self.kw: self.cache})
+                             position_ids=pos[:, None], use_cache=True,
+                             **{self.cache_kwarg: self.cache})
         self.cache = _cache_of(out)
         self.next_pos = pos + 1
         return out.logits[:, -1, :].float().log_softmax(-1)

@@ -1,4 +1,4 @@
-"""gemel's own mentions JSONL (ARCHITECTURE.md, "Contracts"), one mention a line::
+"""gemel's own mentions JSONL (docs/architecture.md, "Contracts"), one mention a line::
 
     {"id": "m1", "text": "...", "mention": "Paris" | null, "image": "img/1.jpg" | null,
      "bbox": [x0, y0, x1, y1] | null, "polygon": [[x, y], ...] | null,

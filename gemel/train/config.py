@@ -18,9 +18,11 @@ RESUME_FIXED = ("model", "vision", "feature", "layout", "n_visual_tokens", "vp_m
                 "epochs", "batch_size", "grad_accum", "warmup", "seed", "lora_r")
 
 # the feature layout `--layout auto` takes per visual-prompt mode: a drawn box is lost in one pooled
-# vector of the whole image (two-emblem task: H@1 65 with the pooled feature), the patch tokens
-# under it are not (benchmarks/visual_prompts.py); a crop is the region already
-DEFAULT_LAYOUT = {"none": "global", "crop": "global", "overlay": "region", "overlay+crop": "region"}
+# vector of the whole image (two-emblem task: H@1 65 with the pooled feature); the last layer's
+# patch tokens under it get 75, those of hidden state -4, layer-normed, 95
+# (benchmarks/visual_prompts.py); a crop is the region already
+DEFAULT_LAYOUT = {"none": "global", "crop": "global", "overlay": "region:-4",
+                  "overlay+crop": "region:-4"}
 
 
 @dataclass
@@ -42,7 +44,7 @@ class TrainConfig:
     model: str = "smollm2-135m-instruct"
     vision: str = "dinov2-small"
     feature: str = "pooled"  # pooled | cls | mean | layers:4,10,11,12
-    layout: str = "auto"  # global | grid:N | region; auto: DEFAULT_LAYOUT of the vp_mode
+    layout: str = "auto"  # global | grid:N | region | region:L; auto: DEFAULT_LAYOUT of the vp_mode
     n_visual_tokens: int = 4
     vp_mode: str = "none"  # none | overlay | crop | overlay+crop
     template: str = "gemel"
