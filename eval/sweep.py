@@ -113,7 +113,10 @@ def backend_key(config) -> tuple:
     return tuple(getattr(config, k) for k in BACKEND_KEYS)
 
 
-def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
+def run_sweep(path: str | Path, progress: bool = True, finished_only: bool = False) -> list[dict]:
+    """Run every cell of the grid at ``path`` (resuming what earlier runs left), write the
+    outputs; returns the table's rows. ``finished_only``: link nothing, table the finished cells
+    and say how far each unfinished one got (a long grid sharded across sessions)."""
     from gemel.backends.base import get_backend
     from gemel.data import read_mentions
     from gemel.eval.baselines import combo_baseline
@@ -160,6 +163,10 @@ def run_sweep(path: str | Path, progress: bool = True) -> list[dict]:
                                        measured, no_llm=no_llm_model(out, name, fusion)))
                 cells[name] = cell_record(config, measured, fusion, out, name)
             write_outputs(out, rows, cells, env)
+            continue
+        if finished_only:
+            rows += [{"cell": name, "status": unfinished(out, name, mentions, dev)}
+                     for name, _ in group]
             continue
         base = group[0][1]
         t0 = time.perf_counter()
@@ -285,6 +292,18 @@ def cell_rows(out: Path, name: str, mentions) -> list[dict]:
 
     done = read_done(out / "cells" / f"{safe(name)}.jsonl")
     return [done[m.id] for m in mentions if m.id in done]
+
+
+def unfinished(out: Path, name: str, mentions, dev) -> str:
+    """How far an unfinished cell got, e.g. "not finished: dev 8 of 300, test 0 of 300"."""
+    from gemel.runs import read_done
+
+    stem = out / "cells" / safe(name)
+    parts = []
+    if dev:
+        parts.append(f"dev {len(read_done(f'{stem}.dev.jsonl'))} of {len(dev)}")
+    parts.append(f"test {len(cell_rows(out, name, mentions))} of {len(mentions)} linked")
+    return "not finished: " + ", ".join(parts) + " (rerun without --finished-only to go on)"
 
 
 def cell_done(out: Path, name: str, mentions, dev) -> bool:

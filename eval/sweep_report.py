@@ -22,6 +22,7 @@ MD_COLUMNS = [
     ("s/mention", ("s_per_mention",)), ("s/mention generation", ("s_per_mention generation",)),
     ("prefill tok/s", ("prefill_tokens_per_s",)), ("peak RSS GiB", ("peak_rss_gib",)),
     ("load s", ("load_seconds",)), ("recall@C", ("recall@C",)), ("errors", ("errors",)),
+    ("status", ("status",)),
 ]
 
 
@@ -89,9 +90,10 @@ def write_outputs(out: Path, rows: list[dict], cells: dict, environment: dict) -
         writer.writerows(rows)
     (out / "results.md").write_text(markdown(rows, cells, environment), encoding="utf-8")
     (out / "cells.json").write_text(json.dumps(cells, indent=2) + "\n", encoding="utf-8")
-    plot(out / "results.png", rows)
-    if len({r["parameters"] for r in rows if r.get("parameters")}) >= 2:
-        plot_scaling(out / "scaling.png", rows)
+    measured = [r for r in rows if "H@1" in r]  # not the unfinished cells' status rows
+    plot(out / "results.png", measured)
+    if len({r["parameters"] for r in measured if r.get("parameters")}) >= 2:
+        plot_scaling(out / "scaling.png", measured)
 
 
 def _fmt(row: dict, keys: tuple) -> str:

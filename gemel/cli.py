@@ -350,12 +350,15 @@ def merge(ctx, parts, data_path, out_path, fmt, split, splits_path, images_dir, 
 @cli.command()
 @click.argument("config_path", type=click.Path(exists=True, dir_okay=False))
 @progress_option
-def sweep(config_path, progress):
+@click.option("--finished-only", is_flag=True,
+              help="Link nothing: write the table from the cells already finished, and say how far "
+              "each unfinished cell got (a grid run over several sessions).")
+def sweep(config_path, progress, finished_only):
     """Run a YAML grid of experiments (prompt settings, models); write results.csv/.md/.png,
-    scaling.png and cells.json."""
+    scaling.png and cells.json. A rerun resumes what the last one left."""
     from gemel.eval.sweep import run_sweep
 
-    rows = run_sweep(config_path, progress=progress)
+    rows = run_sweep(config_path, progress=progress, finished_only=finished_only)
     shown = ("cell", "H@1", "H@5", "H@1 generation", "LLM adds H@1", "s_per_mention")
     for r in rows:  # the headline; results.md / results.csv hold every column
         click.echo(" | ".join(f"{k} {r[k]}" for k in shown if r.get(k) is not None))

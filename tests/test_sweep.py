@@ -111,6 +111,29 @@ def test_one_trie_per_tokenizer_not_per_cell(tmp_path, two_models, monkeypatch):
     assert sorted(built) == sorted([small, large])  # 4 cells, 2 tokenizers: 2 tries
 
 
+def test_finished_only_tables_the_finished_cells_and_loads_no_model(tmp_path, two_models,
+                                                                    monkeypatch):
+    """A grid run over several sessions: --finished-only writes the table of what is finished
+    and says how far each other cell got, without loading a model or linking anything."""
+    import gemel.backends.base
+
+    small, large = two_models["small"][0], two_models["large"][0]
+    r = CliRunner().invoke(cli, ["sweep", _config(tmp_path, [small]), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    loaded = []
+    real = gemel.backends.base.get_backend
+    monkeypatch.setattr(gemel.backends.base, "get_backend",
+                        lambda *a, **k: loaded.append(a) or real(*a, **k))
+    r = CliRunner().invoke(cli, ["sweep", _config(tmp_path, [small, large]), "--no-progress",
+                                 "--finished-only"])
+    assert r.exit_code == 0, r.output
+    assert loaded == []
+    rows = {row["cell"]: row for row in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
+    assert float(rows[f"model={small}"]["H@1"]) >= 0 and not rows[f"model={small}"]["status"]
+    assert rows[f"model={large}"]["status"].startswith("not finished: test 0 of 6 linked")
+    assert "not finished" in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_fusion_block_fits_per_model_and_reports_what_the_llm_adds(tmp_path, two_models):
     small = two_models["small"][0]
     extra = "fusion: {data: " + str(REPO / "examples/mentions.jsonl") + ", limit: 16, l2: [0.01]}\n"
