@@ -129,6 +129,7 @@ def run_sweep(path: str | Path, progress: bool = True, finished_only: bool = Fal
     fusion = (from_dict(FusionSpec, dict(sweep.fusion), source=f"{path}: fusion")
               if sweep.fusion is not None else None)
     out = Path(sweep.out)
+    command = f"gemel sweep {path}" + (" --finished-only" if finished_only else "")
     (out / "cells").mkdir(parents=True, exist_ok=True)
     read = dict(fmt=sweep.format, splits_path=sweep.splits, images_dir=sweep.images)
     mentions = read_mentions(sweep.data, split=sweep.split, limit=sweep.limit, **read)
@@ -162,7 +163,7 @@ def run_sweep(path: str | Path, progress: bool = True, finished_only: bool = Fal
                 rows.append(metric_row(name, config, cell_rows(out, name, mentions), by_id,
                                        measured, no_llm=no_llm_model(out, name, fusion)))
                 cells[name] = cell_record(config, measured, fusion, out, name)
-            write_outputs(out, rows, cells, env)
+            write_outputs(out, rows, cells, env, command)
             continue
         if finished_only:
             rows += [{"cell": name, "status": unfinished(out, name, mentions, dev)}
@@ -188,14 +189,14 @@ def run_sweep(path: str | Path, progress: bool = True, finished_only: bool = Fal
             rows.append(metric_row(name, config, cell_rows(out, name, mentions), by_id, measured,
                                    no_llm=no_llm_model(out, name, fusion)))
             cells[name] = cell_record(config, measured, fusion, out, name)
-            write_outputs(out, rows, cells, env)
+            write_outputs(out, rows, cells, env, command)
         del backend  # free this model before the next one loads (the cells hold no reference)
         gc.collect()
     if sweep.baseline and train:
         preds = [r.to_json() for r in combo_baseline(kb, train, mentions,
                                                      shared["candidate_retriever"])]
         rows.append(metric_row("baseline: prior > exact title > MiniLM", None, preds, by_id, {}))
-        write_outputs(out, rows, cells, env)
+        write_outputs(out, rows, cells, env, command)
     return rows
 
 
