@@ -118,7 +118,6 @@ def run_sweep(path: str | Path, progress: bool = True, finished_only: bool = Fal
     outputs; returns the table's rows. ``finished_only``: link nothing, table the finished cells
     and say how far each unfinished one got (a long grid sharded across sessions)."""
     from gemel.backends.base import get_backend
-    from gemel.data import read_mentions
     from gemel.eval.baselines import combo_baseline
     from gemel.eval.measure import environment, parameter_counts, peak_rss_gib, reset_peak_rss
     from gemel.eval.sweep_report import metric_row, write_outputs
@@ -132,16 +131,7 @@ def run_sweep(path: str | Path, progress: bool = True, finished_only: bool = Fal
     command = f"gemel sweep {path}" + (" --finished-only" if finished_only else "")
     (out / "cells").mkdir(parents=True, exist_ok=True)
     read = dict(fmt=sweep.format, splits_path=sweep.splits, images_dir=sweep.images)
-    mentions = read_mentions(sweep.data, split=sweep.split, limit=sweep.limit, **read)
-    train = (read_mentions(sweep.train, fmt="auto") if sweep.train else
-             read_mentions(sweep.data, split=sweep.train_split, **read) if sweep.train_split else [])
-    dev = []
-    if fusion is not None:
-        if not train:
-            raise DataError("fusion needs training mentions (the prior): give train or "
-                            "train_split", path=path, field="fusion")
-        dev = (read_mentions(fusion.data, fmt="auto", limit=fusion.limit) if fusion.data else
-               read_mentions(sweep.data, split=fusion.split, limit=fusion.limit, **read))
+    mentions, train, dev = read_inputs(sweep, fusion, read, path)
     kb = kb_for(sweep, read)
     # what every cell's predictions file records, so that a rerun resumes only its own rows
     fixed = {"input": input_identity(sweep.data, sweep.format, sweep.split, sweep.splits),
@@ -198,6 +188,23 @@ def run_sweep(path: str | Path, progress: bool = True, finished_only: bool = Fal
         rows.append(metric_row("baseline: prior > exact title > MiniLM", None, preds, by_id, {}))
         write_outputs(out, rows, cells, env, command)
     return rows
+
+
+def read_inputs(sweep: SweepConfig, fusion: FusionSpec | None, read: dict, path) -> tuple:
+    """(test mentions, train mentions, dev mentions) a sweep names; dev only when it fuses."""
+    from gemel.data import read_mentions
+
+    mentions = read_mentions(sweep.data, split=sweep.split, limit=sweep.limit, **read)
+    train = (read_mentions(sweep.train, fmt="auto") if sweep.train else
+             read_mentions(sweep.data, split=sweep.train_split, **read) if sweep.train_split else [])
+    dev = []
+    if fusion is not None:
+        if not train:
+            raise DataError("fusion needs training mentions (the prior): give train or "
+                            "train_split", path=path, field="fusion")
+        dev = (read_mentions(fusion.data, fmt="auto", limit=fusion.limit) if fusion.data else
+               read_mentions(sweep.data, split=fusion.split, limit=fusion.limit, **read))
+    return mentions, train, dev
 
 
 def run_cell(out: Path, name: str, config, backend, kb, train, mentions, dev, fusion, shared,
