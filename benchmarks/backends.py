@@ -21,18 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import re
 import time
 from pathlib import Path
 
 
 def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore")
-    except OSError:
-        return platform.processor()
-    return " ".join(sorted(set(re.findall(r"\b(avx2|avx512f|avx512_bf16|amx_bf16)\b", text))))
+    from gemel.eval.measure import cpu
+
+    return " ".join(cpu()["flags"]) or cpu()["model"]
 
 
 def cpu_seconds() -> float:

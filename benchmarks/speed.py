@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import time
 from contextlib import contextmanager
@@ -55,12 +54,9 @@ TARGET_FUSED_RATIO = 1.3
 
 # -- machine ---------------------------------------------------------------------------------------
 def cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore")
-    except OSError:
-        return []
-    return sorted(set(re.findall(r"\b(avx2|avx512f|avx512_bf16|avx512_vnni|amx_bf16|amx_tile)\b",
-                                 text)))
+    from gemel.eval.measure import cpu
+
+    return cpu()["flags"]
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 7) -> float:

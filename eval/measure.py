@@ -14,7 +14,7 @@ from pathlib import Path
 
 PACKAGES = ("gemel", "torch", "transformers", "tokenizers", "accelerate", "safetensors", "gguf",
             "sentence-transformers", "numpy", "bm25s")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
 
 
 def parameter_counts(model_name: str, module) -> dict:

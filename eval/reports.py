@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import shlex
 import sys
 import time
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gemel.eval.baselines import FIELD, KINDS, run_baseline
+from gemel.eval.measure import CPU_FLAGS
 from gemel.eval.summary import METRICS, evaluate_files, format_p, read_predictions, write_json
 
 #: figures the team measured before these reports (issue 12): KB = all gold titles, test split
@@ -68,12 +68,9 @@ def _datasets(data: Path) -> dict[str, Dataset]:
 
 
 def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = sorted(set(re.findall(r"\b(avx2|avx512_bf16|amx_bf16)\b", text)))
-    return " ".join(flags) or "none of avx2/avx512_bf16/amx_bf16"
+    from gemel.eval.measure import cpu
+
+    return " ".join(cpu()["flags"]) or f"none of {', '.join(CPU_FLAGS)}"
 
 
 def build(dataset: str, data: Path, work: Path, limit: int | None, preds: list[str],
@@ -129,10 +126,10 @@ def build(dataset: str, data: Path, work: Path, limit: int | None, preds: list[s
     for item in preds:
         label, _, path = item.rpartition("=")
         files.append((label or path, read_predictions(path)))
-        timing = _run_timing(path)
+        side, timing = _sidecar(path), _run_timing(path)
         runs.append({"label": label or path, "kind": "predictions", "predictions": path,
                      "seconds": timing and round(timing["seconds"], 1),
-                     "settings": _run_settings(path)})
+                     "settings": side.get("identity", {}).get("settings", {})})
     # seen/unseen and mention = title against the first KB's titles (the gold titles)
     result = evaluate_files(files, test, train=train, kb=first_kb)
     baselines = [e for e, r in zip(result["files"], runs) if r["kind"] in KINDS]
@@ -158,11 +155,6 @@ def _run_timing(path: str) -> dict | None:
     """The linking time a `gemel link` run recorded in its sidecar (over all its resumes)."""
     timing = _sidecar(path).get("timing")
     return timing if isinstance(timing, dict) and "seconds" in timing else None
-
-
-def _run_settings(path: str) -> dict:
-    """The settings a `gemel link` run recorded (model, dtype, demos, fusion ...), if any."""
-    return _sidecar(path).get("identity", {}).get("settings", {})
 
 
 def _reusable(path: Path, test, k: int) -> list[dict] | None:
