@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -148,6 +149,11 @@ def test_fusion_block_fits_per_model_and_reports_what_the_llm_adds(tmp_path, two
     diff = float(row["LLM adds H@1"])
     assert diff == pytest.approx(float(row["H@1"]) - float(row["H@1 fusion without LLM"]), abs=0.01)
     assert float(row["LLM adds lo"]) <= diff <= float(row["LLM adds hi"])
+    # the flips explain the difference, and the headroom is bounded by the pool
+    n = int(row["n"])
+    assert diff == pytest.approx(100.0 * (int(row["fixed"]) - int(row["broke"])) / n, abs=0.01)
+    assert 0 <= int(row["LLM right there"]) <= int(row["headroom"]) <= n
+    assert 0.0 <= float(row["gold in pool"]) <= 100.0
     cells = json.loads((out / "cells.json").read_text())
     fused = cells[f"model={small}"]
     assert fused["config"]["fusion"].endswith(".fusion.json")
@@ -155,3 +161,26 @@ def test_fusion_block_fits_per_model_and_reports_what_the_llm_adds(tmp_path, two
     assert all(w == 0 for f, w in no_llm["weights"].items() if f.startswith("llm_"))
     assert any(w != 0 for f, w in no_llm["weights"].items() if not f.startswith("llm_"))
     assert "LLM adds" in (out / "results.md").read_text()
+
+
+def test_headroom_counts_where_the_llm_could_help():
+    """gold in pool, the no-LLM misses with the gold in the pool, the LLM's own pick there, and the
+    fused ranking's flips, on three hand-made pools."""
+    from gemel.eval.summary import Scores
+    from gemel.eval.sweep_report import headroom
+
+    def pred(rid, gold, ids, logprob):
+        return {"id": rid, "gold_id": gold, "pool": {
+            "features": ["similarity", "llm_logprob"], "ids": [[i] for i in ids],
+            "values": [[0.0, lp] for lp in logprob]}}
+
+    preds = [pred("a", "Q1", ["Q2", "Q1"], [-3.0, -1.0]),   # no-LLM wrong, LLM right, fused fixes
+             pred("b", "Q1", ["Q1", "Q2"], [-5.0, -1.0]),   # no-LLM right, fused breaks
+             pred("c", "Q9", ["Q1", "Q2"], [-1.0, -2.0])]   # gold not in the pool
+    ids = ["a", "b", "c"]
+    none = np.zeros(3, dtype=bool)
+    plain = Scores(ids, np.array([2, 1, 0]), none, none, none)
+    fused = Scores(ids, np.array([1, 2, 0]), none, none, none)
+    out = headroom(preds, plain, fused)
+    assert out == {"gold in pool": 66.7, "headroom": 1, "LLM right there": 1, "fixed": 1,
+                   "broke": 1}
