@@ -303,3 +303,29 @@ def test_link_sorts_batches_by_length_and_keeps_input_order(llama_pair):
         assert [c.title for c in r.candidates] == [c.title for c in alone.candidates]
         assert [c.score for c in r.candidates] == pytest.approx([c.score for c in alone.candidates],
                                                                 abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_prefill_head_is_one_matrix_product(family, llama_pair, opt_pair):
+    """The prefill's first-token log-probabilities are the head applied to the last hidden state of
+    each left-padded prompt as one [n, hidden] matrix (a [n, 1, hidden] slice would make matmul
+    copy the head's weight n times), and equal a plain forward's."""
+    from gemel.backends import hf
+
+    model, tok = llama_pair if family == "llama" else opt_pair
+    linker = make_linker(model, tok, TITLES, num_beams=3)
+    ms = [mention(0, "Paris.", "Paris"), mention(1, TEXTS[2] + " " + TEXTS[0], "London")]
+    embeds, mask = linker.model.embed([linker.builder.build(m) for m in ms])
+    shapes = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        first = hf.HFStepper(model, embeds, mask).start()
+    finally:
+        hook.remove()
+    assert shapes == [(2, model.config.hidden_size)]
+    for p in range(2):
+        prompt = embeds[p][mask[p].bool()][None]
+        with torch.no_grad():
+            want = model(inputs_embeds=prompt).logits[0, -1].float().log_softmax(-1)
+        assert torch.allclose(first[p], want, atol=1e-4)

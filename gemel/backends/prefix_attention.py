@@ -12,7 +12,8 @@ together (fp32), so the result is the same attention, without the copies:
 
   * prefix: the rows of a prompt are laid out as extra query positions of that prompt
     ([n_prompts, kv_heads, groups x slots x q, head_dim] @ keys^T), masked by the prompt's padding;
-  * suffix: the usual causal attention over the rows' own tokens.
+  * suffix: the usual causal attention over the rows' own tokens (or, for teacher-forced
+    scoring by prefix trees, gemel.backends.score_tree, over each token's ancestors).
 
 It is registered as the transformers attention implementation ``gemel_prefix`` and is active only
 for calls that pass ``gemel_prefix=PrefixState(...)``; any other call falls through to SDPA.
@@ -39,6 +40,9 @@ class PrefixState:
     values: list[torch.Tensor]
     mask: torch.Tensor
     row_prompt: torch.Tensor
+    # [rows, q, q] bool, True = may attend: which of a call's own tokens each token sees, where
+    # they are not one causal sequence (gemel.backends.score_tree's prefix trees); None: causal
+    suffix_mask: torch.Tensor | None = None
 
     def __post_init__(self):
         rp, n_prompts = self.row_prompt, self.mask.shape[0]
@@ -56,9 +60,12 @@ class PrefixState:
             self.slot[order] = torch.arange(len(rp), device=rp.device) - starts[rp[order]]
         self.bias = torch.zeros(self.mask.shape, dtype=torch.float32, device=self.mask.device
                                 ).masked_fill(~self.mask, float("-inf"))[:, None, None, :]
+        self.suffix_blocked = (None if self.suffix_mask is None
+                               else ~self.suffix_mask[:, None, None])  # [rows, 1, 1, q, q]
 
-    def for_rows(self, row_prompt: torch.Tensor) -> "PrefixState":
-        return PrefixState(self.keys, self.values, self.mask, row_prompt)
+    def for_rows(self, row_prompt: torch.Tensor,
+                 suffix_mask: torch.Tensor | None = None) -> "PrefixState":
+        return PrefixState(self.keys, self.values, self.mask, row_prompt, suffix_mask)
 
     def to_grid(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, ...] -> [n_prompts, width, ...] (zeros where a prompt has fewer rows)."""
@@ -106,7 +113,12 @@ def prefix_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     slen = key.shape[2]
     s_suf = torch.matmul(query.reshape(rows, kv, groups * q_len, d).to(f32),
                          key.to(f32).transpose(-1, -2)).mul_(scale)  # [rows, kv, g*q, s]
-    if q_len > 1:
+    if st.suffix_blocked is not None:  # a tree: each token sees its ancestors and itself
+        if slen != q_len:
+            raise ValueError("a suffix mask needs the call's tokens only (no suffix cache)")
+        s_suf = s_suf.reshape(rows, kv, groups, q_len, slen).masked_fill(st.suffix_blocked,
+                                                                         float("-inf"))
+    elif q_len > 1:
         past = slen - q_len
         future = (torch.arange(slen, device=query.device)[None, :]
                   > past + torch.arange(q_len, device=query.device)[:, None])  # [q, s]
