@@ -43,7 +43,6 @@ import numpy as np
 import torch
 
 from gemel.backends.base import BACKENDS, Backend
-from gemel.beam import Hypothesis, beam_search
 from gemel.errors import GemelError, MissingDependency
 
 INSTALL = BACKENDS["vllm"][3]  # the extras' install lines (pyproject.toml)
@@ -268,18 +267,15 @@ class VLLMBackend(Backend):
         return results
 
     # -- the Backend interface ---------------------------------------------------------------------
-    def search(self, inputs_embeds, attention_mask, tries, *, num_beams=5, top_k=5,
-               max_new_tokens=32, length_penalty=0.0, keep_prefill=False) -> list[list[Hypothesis]]:
-        # keep_prefill needs nothing here: the prefix cache keeps the prompts for score()
-        stepper = VLLMStepper(self, self.prompts(inputs_embeds, attention_mask))
-        return beam_search(stepper, tries, inputs_embeds.shape[0], num_beams=num_beams,
-                           top_k=top_k, max_new_tokens=max_new_tokens,
-                           length_penalty=length_penalty)
+    def stepper(self, inputs_embeds, attention_mask, keep_prefill=False) -> "VLLMStepper":
+        # keep_prefill needs nothing here: the prefix cache keeps the prompts for the scoring
+        return VLLMStepper(self, self.prompts(inputs_embeds, attention_mask))
 
-    def score(self, inputs_embeds, attention_mask, sequences) -> list[list[float]]:
-        """Teacher-forced log-probability of each sequence after its prompt: one request per
-        distinct (prompt, prefix), asking for the tokens that follow that prefix."""
-        prompts = self.prompts(inputs_embeds, attention_mask)
+    def score_prompts(self, prompts: Sequence, sequences: Sequence[Sequence[Sequence[int]]]
+                      ) -> list[list[float]]:
+        """Teacher-forced log-probability of each sequence after its prompt (``prompts``: from
+        :meth:`prompts`): one request per distinct (prompt, prefix), asking for the tokens that
+        follow that prefix."""
         wanted: dict[tuple[int, tuple[int, ...]], set[int]] = {}
         for p, seqs in enumerate(sequences):
             for seq in seqs:
@@ -338,6 +334,10 @@ class VLLMStepper:
         self.rows = [(self.rows[a][0], self.rows[a][1] + (t,))
                      for a, t in zip(parents.tolist(), tokens.tolist())]
         return _Pending(self)
+
+    def score(self, sequences: Sequence[Sequence[Sequence[int]]]) -> list[list[float]]:
+        """Teacher-forced log-probabilities after these prompts (:meth:`VLLMBackend.score_prompts`)."""
+        return self.backend.score_prompts(self.prompts, sequences)
 
 
 class _Pending:
