@@ -247,15 +247,15 @@ class HFBackend(Backend):
 
     @classmethod
     def from_name(cls, name: str, device: str = "auto", dtype: str = "auto") -> "HFBackend":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        from gemel.sources import loading, resolve
+        from gemel.sources import load_tokenizer, loading, resolve
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         path = resolve(name, "llm")
+        tokenizer = load_tokenizer(name)
         with loading(name, "llm"):
-            tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, dtype))
         return cls(model.to(device), tokenizer, device)
 

@@ -132,10 +132,8 @@ class VLLMBackend(Backend):
         eagerly (no torch.compile) unless ``enforce_eager=False``. The caller needs
         an ``if __name__ == "__main__":`` guard: vLLM spawns its engine process.
         """
-        from transformers import AutoTokenizer
-
         from gemel.backends.hf import pick_dtype
-        from gemel.sources import resolve
+        from gemel.sources import load_tokenizer, resolve
 
         import_vllm()
         from vllm import LLM
@@ -144,7 +142,7 @@ class VLLMBackend(Backend):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = pick_dtype(device, dtype)
         path = resolve(name, "llm")
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(name)
         model = embedding_shell(path, torch_dtype, device)
         options = dict(model=str(path), dtype=str(torch_dtype).replace("torch.", ""),
                        enable_prefix_caching=True, enable_prompt_embeds=True,
