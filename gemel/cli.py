@@ -275,7 +275,7 @@ def link_identity(config, kb_path, data_path, fmt, split, splits_path, train_pat
 def build_trie_cmd(kb_path, out_dir, model, template, terminator, nil):
     """Tokenize the KB titles once and save the entity trie (.npy + JSON) for reuse with --trie."""
     from gemel.kb import KnowledgeBase
-    from gemel.linker import build_trie
+    from gemel.trie_store import build_trie
     from gemel.prompting import PromptBuilder
     from gemel.sources import default_template, load_tokenizer
 

@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 import warnings
@@ -22,16 +20,16 @@ import numpy as np
 from gemel.backends.base import Backend, get_backend
 from gemel.config import DTYPES, check_values, from_dict, load_yaml
 from gemel.data.nil import NIL, answer_ids, is_nil
-from gemel.errors import DataError, GemelError, MismatchError
+from gemel.errors import DataError, GemelError
 from gemel.prior import MentionPrior, known_titles
 from gemel.rerank import SIMILARITY_FIELDS, FusionModel, candidate_pools
 from gemel.retrieval import get_retriever, order_demonstrations
 from gemel.kb import KnowledgeBase
 from gemel.model import GemelModel
 from gemel.prompting import PromptBuilder, load_template
-from gemel.sources import cache_dir, default_template
-from gemel.title_tokens import tokenizer_identity
+from gemel.sources import default_template
 from gemel.trie import EntityTrie
+from gemel.trie_store import load_or_build_trie
 from gemel.types import Candidate, LinkResult, Mention
 
 log = logging.getLogger(__name__)
@@ -447,7 +445,6 @@ def choose_template(requested: str | None, checkpoint: Path | None, model: str):
     """The prompt template, by precedence: a mapper checkpoint's (a different ``requested`` one
     is an error naming both), else ``requested``, else the model's default, else ``gemel``."""
     from gemel.mapper import LinearMapper, checkpoint_template
-    from gemel.sources import default_template
 
     trained = (checkpoint_template(checkpoint, LinearMapper.read_config(checkpoint))
                if checkpoint is not None else None)
@@ -483,41 +480,4 @@ def make_retriever(config: LinkerConfig):
     return get_retriever(config.retriever, **options)
 
 
-def trie_identity(kb: KnowledgeBase, tokenizer, answer_prefix: str, terminator: str,
-                  nil: bool = False) -> dict:
-    identity = {"tokenizer": tokenizer_identity(tokenizer), "kb_fingerprint": kb.fingerprint,
-                "answer_prefix": answer_prefix, "terminator_text": terminator}
-    if nil:  # only then: tries built before NIL mode existed stay valid
-        identity["nil_answer"] = NIL
-    return identity
-
-
-def load_or_build_trie(kb: KnowledgeBase, tokenizer, answer_prefix: str, terminator: str,
-                       path: str | Path | None = None, nil: bool = False) -> EntityTrie:
-    """Load a saved trie (checking it fits this KB, tokenizer and template) or build and cache one.
-    ``nil``: the trie also holds the reserved answer "NIL", as title index ``len(kb.titles)``."""
-    expect = trie_identity(kb, tokenizer, answer_prefix, terminator, nil)
-    if path is not None:
-        return EntityTrie.load(path, expect=expect)
-    key = hashlib.sha256(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache_dir() / "tries" / key
-    if folder.exists():
-        try:
-            return EntityTrie.load(folder, expect=expect)
-        except (MismatchError, OSError, ValueError) as err:  # stale or half-written: rebuild
-            log.warning("rebuilding cached trie %s: %s", folder, err)
-    trie = build_trie(kb, tokenizer, answer_prefix, terminator, nil)
-    trie.save(folder)
-    return trie
-
-
-def build_trie(kb: KnowledgeBase, tokenizer, answer_prefix: str, terminator: str,
-               nil: bool = False) -> EntityTrie:
-    titles = list(kb.titles) + ([NIL] if nil else [])
-    trie = EntityTrie.from_titles(titles, tokenizer, answer_prefix, terminator,
-                                  kb_fingerprint=kb.fingerprint)
-    trie.meta.update(trie_identity(kb, tokenizer, answer_prefix, terminator, nil))
-    return trie
-
-
-__all__ = ["Linker", "LinkerConfig", "linker_config", "load_or_build_trie", "build_trie"]
+__all__ = ["Linker", "LinkerConfig", "linker_config"]

@@ -46,15 +46,15 @@ def rooms_called_by_the_linker(fn) -> list[str]:
     return seen
 
 
-def count_calls(monkeypatch, owner, name: str, into: dict) -> None:
-    """Count calls of ``owner.name`` in ``into[name]`` (the call still happens)."""
-    original = getattr(owner, name)
+def count_calls(monkeypatch, target, name: str, into: dict) -> None:
+    """Count calls of ``target.name`` in ``into[name]`` (the call still happens)."""
+    original = getattr(target, name)
 
     def counted(*args, **kwargs):
         into[name] = into.get(name, 0) + 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(owner, name, counted)
+    monkeypatch.setattr(target, name, counted)
 
 
 @pytest.mark.parametrize("num_candidates", [0, 3])
