@@ -42,8 +42,9 @@ class Backend(ABC):
     device: str
 
     @property
-    @abstractmethod
-    def dtype(self) -> torch.dtype: ...
+    def dtype(self) -> torch.dtype:
+        """The LLM's weights' dtype (its embedding table's)."""
+        return self.input_embeddings().weight.dtype
 
     @property
     def max_context(self) -> int | None:

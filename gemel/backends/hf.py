@@ -260,10 +260,6 @@ class HFBackend(Backend):
         return cls(model.to(device), tokenizer, device)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.model.get_input_embeddings().weight.dtype
-
-    @property
     def max_context(self) -> int | None:
         value = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         return int(value) if isinstance(value, int) else None

@@ -159,10 +159,6 @@ class VLLMBackend(Backend):
         return cls(LLM(**options), tokenizer, model, device)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.model.get_input_embeddings().weight.dtype
-
-    @property
     def max_context(self) -> int | None:
         """The engine's ``max_model_len`` (prompt + answer tokens)."""
         try:

@@ -37,6 +37,17 @@ def id_field(rec: dict, name: str, path: Path, record: object) -> str | None:
     return str(value)
 
 
+def indexed_record(rec: object, path: Path, index: int) -> tuple[str, str]:
+    """A record of a release that is a JSON list: checked to be an object; returns its id (the
+    list index where it has none) and how messages name it."""
+    if not isinstance(rec, dict):
+        raise DataError(f"expected an object, got {type(rec).__name__}", path=path,
+                        record=f"index {index}")
+    rid = id_field(rec, "id", path, f"index {index}")
+    rid = str(index) if rid is None else rid
+    return rid, f"index {index} (id {rid})"
+
+
 def list_or_str(rec: dict, name: str, path: Path, record: object,
                 required: bool = True) -> tuple[list[Any], bool]:
     """A field that some releases write as a list and others as one plain string.
