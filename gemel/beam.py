@@ -1,9 +1,11 @@
 """Trie-constrained beam search, independent of the model runtime.
 
 The search drives a :class:`Stepper` — "give me next-token log-probabilities for these rows" — so
-the same search serves every backend (HF with a KV cache today; a vLLM stepper fits the same
-protocol). It only ever looks at the tokens the trie allows, so a step costs
-O(rows x allowed tokens), never O(vocabulary) in Python.
+the same search serves every backend (HF with a KV cache, vLLM through single-step requests). It
+only ever looks at the tokens the trie allows, so a step costs
+O(rows x allowed tokens), never O(vocabulary) in Python. A backend's one call per batch
+(:meth:`gemel.backends.base.Backend.run`, see docs/architecture.md) is this search plus
+:func:`title_logprobs` over the same stepper.
 
 Scores are sums of natural-log token probabilities over the title tokens *and* the terminator
 (the sequence log-probability). A title may have several token paths (its last characters merged

@@ -4,6 +4,11 @@
     from gemel.kb import KnowledgeBase
     linker = Linker.from_config(kb=KnowledgeBase.from_jsonl("kb.jsonl"), model="smollm2-135m-instruct")
     results = linker.link(mentions, top_k=5)     # -> list[LinkResult]
+
+A batch passes each module once, going down: demonstrations, prompts, embeddings, one candidate
+retrieval, one backend call (the search, and the pool's titles scored under the same prefill),
+then the rerank stage (docs/architecture.md, "One mention, from gemel link to its prediction
+row"; tests/test_link_trace.py holds it).
 """
 from __future__ import annotations
 
