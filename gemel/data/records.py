@@ -15,14 +15,15 @@ NIL_ANSWERS = frozenset({"nil", "none", ""})
 
 def text_field(rec: dict, name: str, path: Path, record: object, fix: str | None = None,
                required: bool = True) -> str | None:
-    """A string field; None when absent and not ``required``."""
+    """A string field; None when absent and not ``required``. The one check of a string field
+    of a mention record, native or a release's."""
     value = rec.get(name)
     if value is None and not required:
         return None
     if not isinstance(value, str):
         got = "missing" if value is None else f"a {type(value).__name__}"
-        raise DataError(f"expected a string, got {got}", path=path, record=record, field=name,
-                        fix=fix)
+        raise DataError(f"expected a string{'' if required else ' or null'}, got {got}",
+                        path=path, record=record, field=name, fix=fix)
     return value
 
 
