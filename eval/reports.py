@@ -129,6 +129,7 @@ def build(dataset: str, data: Path, work: Path, limit: int | None, preds: list[s
         side, timing = _sidecar(path), _run_timing(path)
         runs.append({"label": label or path, "kind": "predictions", "predictions": path,
                      "seconds": timing and round(timing["seconds"], 1),
+                     "about": side.get("about", {}),
                      "settings": side.get("identity", {}).get("settings", {})})
     # seen/unseen and mention = title against the first KB's titles (the gold titles)
     result = evaluate_files(files, test, train=train, kb=first_kb)
@@ -240,8 +241,10 @@ def _md_results(report: dict, files: dict, best: str) -> list[str]:
                          f"{e['generation']['n']} | "
                          + " | ".join(_ci(e["generation"], m) for m in METRICS) + " | |")
     for run in (r for r in report["runs"] if r["kind"] == "predictions"):
+        # what made it (model, dtype ... even at their defaults), then the non-default settings
         settings = ", ".join(f"{k}={json.dumps(v) if isinstance(v, dict) else v}"
-                             for k, v in sorted(run.get("settings", {}).items()))
+                             for k, v in [*run.get("about", {}).items(),
+                                          *sorted(run.get("settings", {}).items())])
         lines.append("")
         lines.append(f"`{run['label']}`: {run['predictions']}" + (f" — {settings}" if settings else "")
                      + (f"; linking took {run['seconds']:.0f} s" if run.get("seconds") else ""))

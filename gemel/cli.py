@@ -111,8 +111,8 @@ def link(ctx, kb_path, data_path, out_path, config_path, model, num_beams, top_k
     linker = Linker.from_config(config, kb=kb, train=train)
     t_load = time.perf_counter() - t0
     kb_notes = report_kb(kb, linker, everything, strict)
-    with open_output(part, dict(identity, shard=shard)) as held:  # checked again, locked
-        t0 = time.perf_counter()
+    with open_output(part, dict(identity, shard=shard), about=run_about(linker)) as held:
+        t0 = time.perf_counter()  # (checked again, locked)
         rows = run(lambda batch: linker.link_batch(batch), mentions, held,
                    batch_size=linker.config.batch_size, progress=progress, source=str(data_path))
         t_link = time.perf_counter() - t0
@@ -248,6 +248,17 @@ def barrier() -> None:
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timedelta(days=7))
     dist.barrier()
+
+
+def run_about(linker) -> dict:
+    """What a report says made a run's predictions (see gemel.runs.open_output), whether or not
+    the settings are defaults: model, template, backend, resolved dtype, device, CPU flags."""
+    from gemel.eval.measure import cpu
+
+    config = linker.config
+    return {"model": config.model, "template": config.template, "backend": config.backend,
+            "dtype": str(linker.backend.dtype).replace("torch.", ""),
+            "device": linker.backend.device, "cpu_flags": " ".join(cpu()["flags"])}
 
 
 def link_identity(config, kb_path, data_path, fmt, split, splits_path, train_path,

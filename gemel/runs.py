@@ -144,9 +144,13 @@ class Output:
 
 
 @contextmanager
-def open_output(out: str | Path, identity: dict | None = None) -> Iterator[Output]:
+def open_output(out: str | Path, identity: dict | None = None,
+                about: dict | None = None) -> Iterator[Output]:
     """Check ``out`` (see :func:`check_output`), lock it, record the run in its sidecar.
-    Nothing is written when the check fails; call this after every argument is validated."""
+    Nothing is written when the check fails; call this after every argument is validated.
+    ``about``: what made the predictions without deciding whether a run may resume them (the
+    model, the resolved dtype, the CPU flags ...), kept in the sidecar for reports; a resumed
+    run's replaces the earlier one's."""
     out, identity = Path(out), _normal(identity or {})
     check_output(out, identity)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +159,8 @@ def open_output(out: str | Path, identity: dict | None = None) -> Iterator[Outpu
         from gemel import __version__
 
         side = {"format": SIDECAR_FORMAT, "gemel_version": __version__, "identity": identity}
+        if about:
+            side["about"] = _normal(about)
         timing = _read_timing(out)  # a resumed run adds to the time its earlier runs took
         if timing:
             side["timing"] = timing

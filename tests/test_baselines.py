@@ -165,7 +165,8 @@ def test_report_shows_a_fused_run_beside_its_pure_generation_with_its_time(tmp_p
               "train_mentions": len(TRAIN),
               "runs": [{"label": "exact", "kind": "exact", "seconds": 0.1},
                        {"label": "gemel fused", "kind": "predictions", "predictions": str(path),
-                        "seconds": 12.0, "settings": {"demos": 4, "model": "m"}}],
+                        "seconds": 12.0, "about": {"model": "m", "dtype": "bfloat16"},
+                        "settings": {"demos": 4}}],
               "kbs": [{"name": "toy", "entities": len(KB), "with_description": 0, "note": "toy"}],
               "strongest_baseline": "exact", "reference": {},
               "sentence_model": "minilm-l6-v2", "dtype": "fp32", "top_k": 3, "cpu_flags": "x",
@@ -174,4 +175,4 @@ def test_report_shows_a_fused_run_beside_its_pure_generation_with_its_time(tmp_p
     assert text.startswith("# gemel and the baselines on toy test")
     assert "| gemel fused: pure generation | the fused run's `generated` | 4 | 25.0 [" in text
     assert "| gemel fused | +25.00 |" in text  # fused (50) - its generation (25), paired
-    assert "demos=4, model=m; linking took 12 s" in text
+    assert "model=m, dtype=bfloat16, demos=4; linking took 12 s" in text
