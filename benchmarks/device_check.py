@@ -130,13 +130,13 @@ def time_shape(name: str, args: argparse.Namespace, kb, train, shaped, settings:
                out: Path) -> dict:
     """Linking time of a randomly initialised LLaMA of the shape ``name`` (bf16, on the device)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from gemel.backends.hf import HFBackend
     from gemel.linker import Linker, LinkerConfig
-    from gemel.sources import resolve
+    from gemel.sources import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(args.model, "llm"))
+    tokenizer = load_tokenizer(args.model)
     config = LinkerConfig(**{**settings, "model": "random-shape", "dtype": "bf16"})
     hidden, inter, layers, heads, kv = SHAPES[name]
     llama_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden,

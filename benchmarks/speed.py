@@ -131,12 +131,11 @@ def instrumented(linker, clock: PhaseClock):
     hf.HFStepper.start = clock.wrap("prefill", counted_start)
     patch(hf.HFStepper, "advance", "decode")
     patch(hf.HFStepper, "score", "scoring")
-    patch(linker.backend, "search", "search")
+    patch(linker.backend, "run", "search")  # the backend's one call; its scoring is timed apart
     patch(linker.builder, "build", "prompt")
     patch(linker.model, "embed", "prompt")
     patch(linker.retriever, "query_batch", "retrieval")
-    patch(linker.candidate_retriever, "top", "retrieval")
-    patch(linker.candidate_retriever, "similarity", "retrieval")
+    patch(linker.candidate_retriever, "retrieve", "retrieval")
     try:
         yield clock
     finally:

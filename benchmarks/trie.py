@@ -289,12 +289,10 @@ def run_worker(args: list[str], timeout: float) -> dict | str:
 # -- main ------------------------------------------------------------------------------------------
 def tokenize_all(titles: list[str], sizes: list[int], work: Path) -> dict[int, dict]:
     """Tokenize titles[:max(sizes)] in nested segments; cumulative time and merges per size."""
-    from transformers import AutoTokenizer
-
-    from gemel.sources import resolve
+    from gemel.sources import load_tokenizer
     from gemel.title_tokens import tokenize_titles, tokenizer_identity
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct", "llm"))
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
     toks, lens, info, elapsed, merged, lo = [], [], {}, 0.0, 0, 0
     for n in sorted(sizes):
         t0 = time.perf_counter()

@@ -1,9 +1,11 @@
 """Trie-constrained beam search, independent of the model runtime.
 
 The search drives a :class:`Stepper` — "give me next-token log-probabilities for these rows" — so
-the same search serves every backend (HF with a KV cache today; a vLLM stepper fits the same
-protocol). It only ever looks at the tokens the trie allows, so a step costs
-O(rows x allowed tokens), never O(vocabulary) in Python.
+the same search serves every backend (HF with a KV cache, vLLM through single-step requests). It
+only ever looks at the tokens the trie allows, so a step costs
+O(rows x allowed tokens), never O(vocabulary) in Python. A backend's one call per batch
+(:meth:`gemel.backends.base.Backend.run`, see docs/architecture.md) is this search plus
+:func:`title_logprobs` over the same stepper.
 
 Scores are sums of natural-log token probabilities over the title tokens *and* the terminator
 (the sequence log-probability). A title may have several token paths (its last characters merged
@@ -17,7 +19,7 @@ titles when a title's paths differ only in their last tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +36,10 @@ class Stepper(Protocol):
 
         Rows not named in ``parents`` are dropped (their cache is freed)."""
 
+    def score(self, sequences: Sequence[Sequence[Sequence[int]]]) -> list[list[float]]:
+        """Teacher-forced log-probability of token sequences after each prompt (``sequences[p]``:
+        prompt p's), under the same prefill where the stepper kept it."""
+
 
 @dataclass(frozen=True)
 class Hypothesis:
@@ -41,6 +47,17 @@ class Hypothesis:
     score: float  # ranking score (raw log-probability unless length_penalty > 0)
     logprob: float  # raw sequence log-probability
     n_tokens: int
+
+
+@dataclass
+class Searched:
+    """What a backend's one call (:meth:`gemel.backends.base.Backend.run`) returns for a batch."""
+
+    hypotheses: list[list[Hypothesis]]  # per prompt, best first
+    # per prompt, the log-probability of each title asked for (the beam's where a beam found it,
+    # else teacher-forced: the best of its paths); None when no titles were asked for
+    logprobs: list[list[float]] | None = None
+    score_seconds: float = 0.0  # of the call's time, what the teacher-forced scoring took
 
 
 def beam_search(stepper: Stepper, tries: EntityTrie | Sequence[EntityTrie], n_prompts: int, *,
@@ -141,11 +158,34 @@ def score_titles(backend, inputs_embeds: torch.Tensor, attention_mask: torch.Ten
     paths (natural, or its own tokens + the terminator): the score the beam search gives a title,
     so that scored and searched titles compare. ``titles[p]``: title indices for prompt ``p``;
     ``backend``: a :class:`gemel.backends.base.Backend`. Returns floats shaped like ``titles``."""
+    return best_of_paths(lambda seqs: backend.score(inputs_embeds, attention_mask, seqs), trie,
+                         titles)
+
+
+Score = Callable[[Sequence[Sequence[Sequence[int]]]], list[list[float]]]
+
+
+def best_of_paths(score: Score, trie: EntityTrie,
+                  titles: Sequence[Sequence[int]]) -> list[list[float]]:
+    """:func:`score_titles` with ``score`` (token sequences per prompt -> their log-probabilities,
+    e.g. a :class:`Stepper`'s) in place of a backend."""
     paths = [[trie.paths(t) for t in row] for row in titles]
-    flat = backend.score(inputs_embeds, attention_mask,
-                         [[seq for ps in row for seq in ps] for row in paths])
+    flat = score([[seq for ps in row for seq in ps] for row in paths])
     out = []
     for row, scores in zip(paths, flat):
         it = iter(scores)
         out.append([max(next(it) for _ in ps) for ps in row])
     return out
+
+
+def title_logprobs(hypotheses: Sequence[Sequence[Hypothesis]], titles: Sequence[Sequence[int]],
+                   trie: EntityTrie, score: Score) -> list[list[float]]:
+    """Per prompt, the log-probability of each of ``titles[p]``: the beam's where the search
+    found the title (``hypotheses[p]``), else teacher-forced (:func:`best_of_paths` over
+    ``trie``'s paths; only those titles are scored, in one ``score`` call)."""
+    beams = [{h.title_index: h.logprob for h in hs} for hs in hypotheses]
+    missing = [[t for t in ts if t not in beam] for ts, beam in zip(titles, beams)]
+    forced = [dict(zip(miss, lps)) for miss, lps in zip(missing, best_of_paths(score, trie,
+                                                                              missing))]
+    return [[beam[t] if t in beam else found[t] for t in ts]
+            for ts, beam, found in zip(titles, beams, forced)]

@@ -1,11 +1,14 @@
-"""Candidate-aware decoding (beyond GEMEL): restrict the trie, per mention, to the top-C KB titles
-retrieved for it by dense similarity of the mention to "title: description".
+"""The candidate retriever: KB titles by dense similarity of the mention to "title: description".
 
-The LLM then reads the context and chooses among titles a retriever found; the retriever's
-recall@C bounds H@1, so it is reported next to it.
+It serves candidate-aware decoding (beyond GEMEL: the trie restricted, per mention, to the top-C
+retrieved titles, so the LLM chooses among titles a retriever found; the retriever's recall@C
+bounds H@1, so it is reported next to it) and the rerank stage (nearest titles in the pool, the
+similarity features). The linker calls :meth:`CandidateRetriever.retrieve` once per batch and
+hands the one :class:`Retrieved` to both; see docs/architecture.md.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -26,6 +29,23 @@ def title_texts(kb: KnowledgeBase) -> list[str]:
     return out
 
 
+@dataclass
+class Retrieved:
+    """One batch's retrieval: the top titles of every mention, and the mentions' query vectors
+    (by field) from which the similarity to any other title is read without embedding again."""
+
+    titles: np.ndarray  # [n_mentions, C] title indices, best first
+    scores: np.ndarray  # [n_mentions, C] their cosine similarities
+    queries: dict[str, np.ndarray]  # field -> [n_mentions, dim] unit query vectors
+    index: DenseIndex  # the KB titles' vectors
+
+    def similarity(self, field: str, i: int, title_indices: Sequence[int]) -> np.ndarray:
+        """Cosine similarity of mention ``i`` (as ``field``) to the given titles: [len(titles)]."""
+        idx = np.asarray(title_indices, dtype=np.int64)
+        rows = self.index.inverse[idx] if self.index.inverse is not None else idx
+        return self.index.vectors[rows] @ self.queries[field][i]
+
+
 class CandidateRetriever:
     """Top-C title indices per mention, by cosine similarity of sentence embeddings."""
 
@@ -36,18 +56,16 @@ class CandidateRetriever:
         self.index = DenseIndex.build(title_texts(kb), self.encoder,
                                       extra={"use": "kb-candidates", "kb": kb.fingerprint})
 
+    def retrieve(self, mentions: Sequence[Mention], c: int,
+                 fields: Sequence[str] = ()) -> Retrieved:
+        """The top-C titles of each mention (by the retriever's field), and the query vectors of
+        ``fields`` too (each field's texts embedded once), for similarities read later."""
+        queries = {f: self.index.vectors_for([field_text(m, f) for m in mentions])
+                   for f in dict.fromkeys([self.field, *fields])}
+        scores, rows = self.index.search(queries[self.field], c)
+        return Retrieved(rows, scores, queries, self.index)
+
     def top(self, mentions: Sequence[Mention], c: int) -> tuple[np.ndarray, np.ndarray]:
         """(title indices [n, C], cosine similarities [n, C]), best first."""
-        scores, rows = self.index.search_texts([field_text(m, self.field) for m in mentions], c)
-        return rows, scores
-
-    def similarity(self, mentions: Sequence[Mention], title_indices: Sequence[Sequence[int]],
-                   field: str | None = None) -> list[np.ndarray]:
-        """Cosine similarity of each mention (as ``field``, default the retriever's) to the given
-        titles, for score fusion: one array [len(title_indices[i])] per mention."""
-        q = self.index.vectors_for([field_text(m, field or self.field) for m in mentions])
-        return [self.index.vectors[self._rows(idx)] @ q[i] for i, idx in enumerate(title_indices)]
-
-    def _rows(self, title_indices: Sequence[int]) -> np.ndarray:
-        idx = np.asarray(title_indices, dtype=np.int64)
-        return self.index.inverse[idx] if self.index.inverse is not None else idx
+        found = self.retrieve(mentions, c)
+        return found.titles, found.scores

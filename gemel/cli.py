@@ -285,17 +285,13 @@ def link_identity(config, kb_path, data_path, fmt, split, splits_path, train_pat
 @click.option("--nil", is_flag=True, default=False, help="Add the reserved answer NIL (for link --nil).")
 def build_trie_cmd(kb_path, out_dir, model, template, terminator, nil):
     """Tokenize the KB titles once and save the entity trie (.npy + JSON) for reuse with --trie."""
-    from transformers import AutoTokenizer
-
     from gemel.kb import KnowledgeBase
-    from gemel.linker import build_trie
+    from gemel.trie_store import build_trie
     from gemel.prompting import PromptBuilder
-    from gemel.sources import default_template, loading, resolve
+    from gemel.sources import default_template, load_tokenizer
 
     kb = read_kb(kb_path)
-    path = resolve(model, "llm")
-    with loading(model, "llm"):
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(model)
     builder = PromptBuilder(template or default_template(model), tokenizer)
     t0 = time.perf_counter()
     trie = build_trie(kb, tokenizer, builder.answer_prefix, terminator or builder.terminator_text,

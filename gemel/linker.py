@@ -4,13 +4,15 @@
     from gemel.kb import KnowledgeBase
     linker = Linker.from_config(kb=KnowledgeBase.from_jsonl("kb.jsonl"), model="smollm2-135m-instruct")
     results = linker.link(mentions, top_k=5)     # -> list[LinkResult]
+
+A batch passes each module once, going down: demonstrations, prompts, embeddings, one candidate
+retrieval, one backend call (the search, and the pool's titles scored under the same prefill),
+then the rerank stage (docs/architecture.md, "One mention, from gemel link to its prediction
+row"; tests/test_link_trace.py holds it).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
-import json
 import logging
 import time
 import warnings
@@ -21,19 +23,18 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from gemel.backends.base import Backend, get_backend
-from gemel.beam import score_titles
 from gemel.config import DTYPES, check_values, from_dict, load_yaml
-from gemel.data.nil import NIL, is_nil
-from gemel.errors import DataError, GemelError, MismatchError
-from gemel.prior import MentionPrior
-from gemel.rerank import FusionModel, answer_ids, candidate_pools
+from gemel.data.nil import NIL, answer_ids, is_nil
+from gemel.errors import DataError, GemelError
+from gemel.prior import MentionPrior, known_titles
+from gemel.rerank import SIMILARITY_FIELDS, FusionModel, candidate_pools
 from gemel.retrieval import get_retriever, order_demonstrations
 from gemel.kb import KnowledgeBase
 from gemel.model import GemelModel
 from gemel.prompting import PromptBuilder, load_template
-from gemel.sources import cache_dir, default_template
-from gemel.title_tokens import tokenizer_identity
+from gemel.sources import default_template
 from gemel.trie import EntityTrie
+from gemel.trie_store import load_or_build_trie
 from gemel.types import Candidate, LinkResult, Mention
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,9 @@ class Linker:
                  trie: EntityTrie | None = None, model: GemelModel | None = None,
                  train: Sequence[Mention] | None = None, retriever=None, candidate_retriever=None):
         self.config, self.kb, self.backend = config, kb, backend
-        # seconds spent building prompts and in the beam search (the rest of a fused link_batch
-        # is fusion scoring): benchmarks report pure generation's share of a fused run
+        # seconds spent on demonstrations, prompts, candidate retrieval and the beam search (the
+        # rest of a fused link_batch is the pool's scoring and features): benchmarks report pure
+        # generation's share of a fused run
         self.seconds = {"generate": 0.0}
         # title index -> title; in NIL mode one more index, past the KB's, is the NIL answer
         self.titles = list(kb.titles) + ([NIL] if config.nil else [])
@@ -175,6 +177,7 @@ class Linker:
         if config.num_candidates > 0 or self.fusion is not None:
             self.get_candidate_retriever()  # built now, not mid-run
         tokenizer = backend.tokenizer
+        self.context = backend.max_context  # prompt + answer tokens the model takes (None: unknown)
         image_embedder = None
         checkpoint = None
         if model is None and config.mapper:
@@ -270,47 +273,74 @@ class Linker:
         k = top_k or self.config.top_k
         check_top_k(k, self.config.num_beams, self.config.fusion)
         t0 = time.perf_counter()
-        hyps, embeds, mask, extras = self.generate(mentions, k, demonstrations)
-        self.seconds["generate"] += time.perf_counter() - t0
+        searched, retrieved, known, extras = self.generate(mentions, k, demonstrations)
+        self.seconds["generate"] += time.perf_counter() - t0 - searched.score_seconds
         if self.config.nil:
             for m, x in zip(mentions, extras):
                 if is_nil(m):
                     x["gold_nil"] = True  # metrics count it: a hit is the NIL answer
+        hyps = searched.hypotheses
         if self.keep_pool:
-            hyps = self.rerank(mentions, hyps, embeds, mask, extras, k)
+            hyps = self.rerank(mentions, searched, known, retrieved, extras, k)
         return [LinkResult(m.id, self.candidate_list(h, k), gold_id=m.entity_id, extra=x)
                 for m, h, x in zip(mentions, hyps, extras)]
 
     def generate(self, mentions: Sequence[Mention], k: int,
                  demonstrations: Sequence[Sequence[Mention]] | None = None):
-        """Prompts -> constrained beam search. Returns (hypotheses per mention, inputs_embeds,
-        attention_mask, extras per mention) so that the rerank stage can score more titles under
-        the same prompts."""
+        """Prompts, then the candidate retriever's one call (the sub-tries' titles and the pool's
+        nearest), then the backend's one call: the constrained beam search and, when pools are
+        kept, the log-probabilities of each pool's titles known without the LLM
+        (:func:`gemel.prior.known_titles`) under the same prefill.
+
+        Returns (:class:`gemel.beam.Searched`, the batch's :class:`gemel.candidates.Retrieved`
+        or None, the known titles per mention or None, extras per mention)."""
         if demonstrations is None:
             demonstrations = self.demonstrations(mentions)
         prompts = [self.builder.build(m, d) for m, d in zip(mentions, demonstrations)]
         embeds, mask = self.model.embed(prompts)
         self.check_context(mentions, mask)
-        tries, extras = self.trie, [{} for _ in mentions]
-        if self.config.num_candidates > 0:
-            rows, _ = self.candidate_retriever.top(mentions, self.config.num_candidates)
-            nil = [self.nil_index] if self.config.nil else []  # NIL stays a possible answer
-            tries = [self.trie.subtrie(r.tolist() + nil) for r in rows]
-            for extra, m, r in zip(extras, mentions, rows):
-                if m.entity_id is not None:
-                    retrieved = {e for i in r.tolist() for e in self.kb.ids_for_title_index(i)}
-                    extra["in_candidates"] = m.entity_id in retrieved
-        hyps = self.backend.search(embeds, mask, tries, num_beams=max(self.config.num_beams, 1),
-                                   top_k=k, max_new_tokens=self.config.max_new_tokens,
-                                   length_penalty=self.config.length_penalty,
-                                   keep_prefill=self.keep_pool)
-        return hyps, embeds, mask, extras
+        retrieved = self.retrieve(mentions)
+        tries, extras = self.restricted_tries(mentions, retrieved)
+        known = None
+        if self.keep_pool:
+            known = [known_titles(self.kb, self.prior, m, r[:self.config.fusion_pool],
+                                  self.nil_index) for m, r in zip(mentions, retrieved.titles)]
+        searched = self.backend.run(embeds, mask, tries, num_beams=max(self.config.num_beams, 1),
+                                    top_k=k, max_new_tokens=self.config.max_new_tokens,
+                                    length_penalty=self.config.length_penalty, titles=known,
+                                    title_trie=self.trie)
+        return searched, retrieved, known, extras
+
+    def retrieve(self, mentions: Sequence[Mention]):
+        """The candidate retriever's one call for a batch: as many titles as the sub-tries
+        (``num_candidates``) and the pools (``fusion_pool``) take, with the query fields the
+        pools' similarity features read; None when neither is on."""
+        c = max(self.config.num_candidates, self.config.fusion_pool if self.keep_pool else 0)
+        if c == 0:
+            return None
+        fields = SIMILARITY_FIELDS if self.keep_pool else ()
+        return self.get_candidate_retriever().retrieve(mentions, c, fields)
+
+    def restricted_tries(self, mentions: Sequence[Mention], retrieved) -> tuple[object, list[dict]]:
+        """The trie to search for each mention (the whole one, or with ``--candidates C`` a
+        sub-trie of its top-C retrieved titles), and extras per mention ("in_candidates": the
+        gold entity among them)."""
+        extras = [{} for _ in mentions]
+        if self.config.num_candidates <= 0:
+            return self.trie, extras
+        rows = retrieved.titles[:, :self.config.num_candidates]
+        nil = [self.nil_index] if self.config.nil else []  # NIL stays a possible answer
+        for extra, m, r in zip(extras, mentions, rows):
+            if m.entity_id is not None:
+                retrieved_ids = {e for i in r.tolist() for e in self.kb.ids_for_title_index(i)}
+                extra["in_candidates"] = m.entity_id in retrieved_ids
+        return [self.trie.subtrie(r.tolist() + nil) for r in rows], extras
 
     def check_context(self, mentions: Sequence[Mention], mask) -> None:
         """DataError naming the first mention whose prompt (``mask`` [n, seq], 1 = token) plus
         the longest answer does not fit the model's context (a batch failing here is retried
         mention by mention, so only the long one becomes an error row)."""
-        context = self.backend.max_context
+        context = self.context
         if context is None:
             return
         for m, n in zip(mentions, mask.sum(-1).tolist()):
@@ -327,24 +357,22 @@ class Linker:
         too_long = np.flatnonzero(self.trie.lengths() > self.config.max_new_tokens)
         return [self.titles[i] for i in too_long.tolist()]
 
-    def rerank(self, mentions: Sequence[Mention], hyps, embeds, mask, extras: list[dict],
-               k: int) -> list:
+    def rerank(self, mentions: Sequence[Mention], searched, known: list[list[int]], retrieved,
+               extras: list[dict], k: int) -> list:
         """The rerank stage (:mod:`gemel.rerank`): each mention's candidate pool, kept in its
         extras under "pool" (titles, ids, features). With a fusion model, returns the pools ranked
         by it (generation's own top k kept under "generated"); without, the beams unchanged."""
-        pools = candidate_pools(mentions, hyps, kb=self.kb, prior=self.prior,
-                                candidate_retriever=self.get_candidate_retriever(),
-                                score_missing=functools.partial(score_titles, self.backend, embeds,
-                                                                mask, self.trie),
+        pools = candidate_pools(mentions, searched.hypotheses, known, searched.logprobs,
+                                retrieved, kb=self.kb, prior=self.prior,
                                 size=self.config.fusion_pool, nil_index=self.nil_index)
-        out = []
-        for h, x, pool in zip(hyps, extras, pools):
+        for x, pool in zip(extras, pools):
             x["pool"] = pool.to_json(self.titles)
-            if self.fusion is not None:
-                x["generated"] = [c.entity_id for c in self.candidate_list(h, k)]
-                h = pool.ranked(self.fusion)
-            out.append(h)
-        return out
+        if self.fusion is None:
+            return searched.hypotheses
+        ranked = [pool.ranked(self.fusion) for pool in pools]
+        for x, h in zip(extras, searched.hypotheses):
+            x["generated"] = [c.entity_id for c in self.candidate_list(h, k)]
+        return ranked
 
     def get_candidate_retriever(self):
         """The KB-title retriever (:class:`gemel.candidates.CandidateRetriever` over
@@ -422,7 +450,6 @@ def choose_template(requested: str | None, checkpoint: Path | None, model: str):
     """The prompt template, by precedence: a mapper checkpoint's (a different ``requested`` one
     is an error naming both), else ``requested``, else the model's default, else ``gemel``."""
     from gemel.mapper import LinearMapper, checkpoint_template
-    from gemel.sources import default_template
 
     trained = (checkpoint_template(checkpoint, LinearMapper.read_config(checkpoint))
                if checkpoint is not None else None)
@@ -458,41 +485,4 @@ def make_retriever(config: LinkerConfig):
     return get_retriever(config.retriever, **options)
 
 
-def trie_identity(kb: KnowledgeBase, tokenizer, answer_prefix: str, terminator: str,
-                  nil: bool = False) -> dict:
-    identity = {"tokenizer": tokenizer_identity(tokenizer), "kb_fingerprint": kb.fingerprint,
-                "answer_prefix": answer_prefix, "terminator_text": terminator}
-    if nil:  # only then: tries built before NIL mode existed stay valid
-        identity["nil_answer"] = NIL
-    return identity
-
-
-def load_or_build_trie(kb: KnowledgeBase, tokenizer, answer_prefix: str, terminator: str,
-                       path: str | Path | None = None, nil: bool = False) -> EntityTrie:
-    """Load a saved trie (checking it fits this KB, tokenizer and template) or build and cache one.
-    ``nil``: the trie also holds the reserved answer "NIL", as title index ``len(kb.titles)``."""
-    expect = trie_identity(kb, tokenizer, answer_prefix, terminator, nil)
-    if path is not None:
-        return EntityTrie.load(path, expect=expect)
-    key = hashlib.sha256(json.dumps(expect, sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache_dir() / "tries" / key
-    if folder.exists():
-        try:
-            return EntityTrie.load(folder, expect=expect)
-        except (MismatchError, OSError, ValueError) as err:  # stale or half-written: rebuild
-            log.warning("rebuilding cached trie %s: %s", folder, err)
-    trie = build_trie(kb, tokenizer, answer_prefix, terminator, nil)
-    trie.save(folder)
-    return trie
-
-
-def build_trie(kb: KnowledgeBase, tokenizer, answer_prefix: str, terminator: str,
-               nil: bool = False) -> EntityTrie:
-    titles = list(kb.titles) + ([NIL] if nil else [])
-    trie = EntityTrie.from_titles(titles, tokenizer, answer_prefix, terminator,
-                                  kb_fingerprint=kb.fingerprint)
-    trie.meta.update(trie_identity(kb, tokenizer, answer_prefix, terminator, nil))
-    return trie
-
-
-__all__ = ["Linker", "LinkerConfig", "linker_config", "load_or_build_trie", "build_trie"]
+__all__ = ["Linker", "LinkerConfig", "linker_config"]

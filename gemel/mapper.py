@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from gemel.errors import DataError, MismatchError
+from gemel.vision import check_vision
 
 FORMAT = "gemel-mapper"
 VERSION = 1
@@ -38,8 +39,6 @@ LORA = "lora"
 _PROBE = 16  # embedding values kept in the config to tell two LLMs of the same shape apart
 
 # vision-identity fields that change the features (hard) and those that may differ harmlessly
-_VISION_HARD = ("model_type", "config_sha256", "feature", "layout", "feature_dim")
-_VISION_SOFT = ("weights_sha256", "processor_sha256")
 
 
 def llm_identity(model: nn.Module, name: str | None = None) -> dict:
@@ -87,26 +86,6 @@ def check_llm(saved: dict, mine: dict, source: object = None, warn_rename: bool 
         warnings.warn(f"{where}mapper trained for LLM {saved.get('name')!r}, loaded into "
                       f"{mine.get('name')!r}: same shapes and embedding weights, so accepted",
                       stacklevel=3)
-
-
-def check_vision(saved: dict, mine: dict, source: object = None) -> None:
-    """Raise MismatchError when the features of encoder ``mine`` are not those the mapper was
-    trained on (``saved``: :attr:`gemel.vision.VisionEncoder.identity`)."""
-    where = f"{source}: " if source is not None else ""
-    # identities written before feature layouts existed are the global layout
-    saved, mine = {"layout": "global", **saved}, {"layout": "global", **mine}
-    hard = [k for k in _VISION_HARD if k in saved and k in mine and saved[k] != mine[k]]
-    if hard:
-        diff = ", ".join(f"{k} {saved[k]!r} vs {mine[k]!r}" for k in hard)
-        raise MismatchError(f"{where}this mapper was trained on vision encoder "
-                            f"{saved.get('model')!r} but is being loaded with vision encoder "
-                            f"{mine.get('model')!r} ({diff}) — load {saved.get('model')!r} with "
-                            f"feature {saved.get('feature')!r} and layout "
-                            f"{saved.get('layout')!r}, or retrain the mapper")
-    soft = [k for k in _VISION_SOFT if k in saved and k in mine and saved[k] != mine[k]]
-    if soft:
-        warnings.warn(f"{where}vision encoder {mine.get('model')!r} has other {', '.join(soft)} "
-                      f"than {saved.get('model')!r} the mapper was trained with", stacklevel=3)
 
 
 class LinearMapper(nn.Module):
@@ -296,5 +275,5 @@ def attach_lora(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     return PeftModel.from_pretrained(model, str(Path(folder) / LORA))
 
 
-__all__ = ["LinearMapper", "attach_lora", "check_llm", "check_vision", "checkpoint_template",
+__all__ = ["LinearMapper", "attach_lora", "check_llm", "checkpoint_template",
            "has_lora", "llm_identity", "resolve_checkpoint"]

@@ -1,5 +1,6 @@
-"""What the training mentions know without an LLM: the prior P(entity | mention string) and the
-back-off ranking built on it (prior, then exact title/alias match, then nearest titles).
+"""What the training mentions know without an LLM: the prior P(entity | mention string), the
+back-off ranking built on it (prior, then exact title/alias match, then nearest titles), and the
+titles these sources propose for a mention (the part of its rerank pool known before generation).
 
 Below both the linker (its rerank stage reads them as features) and ``gemel.eval`` (the prior
 and combo baselines rank with them), so neither imports the other; see docs/architecture.md.
@@ -80,4 +81,19 @@ def backoff_ranking(kb: KnowledgeBase, prior: MentionPrior, mention: Mention,
     return ranked[:k] if k is not None else ranked
 
 
-__all__ = ["MentionPrior", "backoff_ranking", "mention_key"]
+def known_titles(kb: KnowledgeBase, prior: MentionPrior, mention: Mention, nearest: Sequence[int],
+                 nil_index: int | None = None) -> list[int]:
+    """The titles a mention's rerank pool holds whatever the LLM generates, title indices in
+    order, each once: the entities the training prior knows for the mention string, its exact
+    title/alias matches, the NIL answer (``nil_index``, NIL mode) where the prior saw the string
+    unlinked, then ``nearest`` (retrieved title indices, nearest first). The pool puts the beams
+    before them (:func:`gemel.rerank.candidate_pools`)."""
+    known = [e for e in prior.entities(mention.mention) if e is not None and e in kb]
+    known += kb.lookup(mention.mention) if mention.mention else []
+    titled = [kb.title_index(kb[e].title) for e in known]
+    if nil_index is not None and None in prior.entities(mention.mention):
+        titled.append(nil_index)
+    return list(dict.fromkeys(titled + [int(t) for t in nearest]))
+
+
+__all__ = ["MentionPrior", "backoff_ranking", "known_titles", "mention_key"]

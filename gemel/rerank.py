@@ -5,8 +5,9 @@ A small LLM reads the context well but lacks priors; a retriever and the trainin
 After generation, a mention's *pool* is the beams, the entities the training prior knows for the
 mention string, the exact title/alias matches, then the top retrieved titles. Every candidate gets
 the features below and a :class:`FusionModel` ranks the pool by ``w . features`` (``w`` fitted on
-a dev split by :mod:`gemel.fusion`). The linker calls generate, then :func:`candidate_pools` and
-:meth:`Pool.ranked`; see docs/architecture.md.
+a dev split by :mod:`gemel.fusion`). The linker's one backend call returns the beams and the
+log-probabilities of the pool's other titles; then :func:`candidate_pools` and :meth:`Pool.ranked`
+(see docs/architecture.md).
 
 Features are registered by name, in the order they are defined in this file, which is the column
 order of every feature array, of fitted models and of the pools kept in prediction rows:
@@ -29,6 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from gemel.beam import Hypothesis
+from gemel.data.nil import answer_ids
 from gemel.errors import DataError, MismatchError
 from gemel.kb import KnowledgeBase
 from gemel.prior import MentionPrior, backoff_ranking
@@ -234,59 +236,39 @@ class Pool:
         return pool_json([names[t] for t in self.titles], self.ids, self.values)
 
 
-def answer_ids(kb: KnowledgeBase, title_index: int,
-               nil_index: int | None = None) -> list[str | None]:
-    """The entity ids behind an answer's title index; ``[None]`` for the NIL answer."""
-    if title_index == nil_index:
-        return [None]
-    return kb.ids_for_title_index(title_index)
+# the query fields whose similarity to each candidate the pool reads (features similarity and
+# context_similarity); the linker's one retrieval call embeds them
+SIMILARITY_FIELDS = ("mention", "mention+sentence")
 
 
-def candidate_pools(mentions: Sequence[Mention], hypotheses: Sequence[Sequence[Hypothesis]], *,
-                    kb: KnowledgeBase, prior: MentionPrior, candidate_retriever,
-                    score_missing: Callable[[list[list[int]]], list[list[float]]], size: int,
+def candidate_pools(mentions: Sequence[Mention], hypotheses: Sequence[Sequence[Hypothesis]],
+                    known: Sequence[Sequence[int]], logprobs: Sequence[Sequence[float]],
+                    retrieved, *, kb: KnowledgeBase, prior: MentionPrior, size: int,
                     nil_index: int | None = None) -> list[Pool]:
-    """Per mention, its candidate pool with every candidate feature.
+    """Per mention, its candidate pool with every candidate feature: the beams, then the titles
+    known without the LLM, each once.
 
-    ``hypotheses[i]``: mention i's beams. ``candidate_retriever``: KB titles by similarity
-    (:class:`gemel.candidates.CandidateRetriever`: ``top``, ``similarity``). ``score_missing``:
-    title indices per mention -> their teacher-forced log-probabilities under the same prompts
-    (:func:`gemel.beam.score_titles`, one pass for the whole batch). ``size``: top retrieved
-    titles added to each pool. ``nil_index``: the NIL answer's title index in NIL mode.
+    ``hypotheses[i]``: mention i's beams. ``known[i]``: its titles from
+    :func:`gemel.prior.known_titles`, and ``logprobs[i]`` theirs, from the backend's same call
+    (:meth:`gemel.backends.base.Backend.run`: the beam's, else teacher-forced). ``retrieved``:
+    the batch's :class:`gemel.candidates.Retrieved` (nearest titles, similarities). ``size``: the
+    nearest titles the pool took. ``nil_index``: the NIL answer's title index in NIL mode.
     """
-    nearest, _ = candidate_retriever.top(mentions, size)  # title indices [n, size]
-    titles = [pool_titles(m, h, r.tolist(), kb, prior, nil_index)
-              for m, h, r in zip(mentions, hypotheses, nearest)]
-    beams = [{x.title_index: x.logprob for x in h} for h in hypotheses]
-    missing = [[t for t in ts if t not in beam] for ts, beam in zip(titles, beams)]
-    forced = score_missing(missing)
-    # the NIL answer has no text to compare: similarity 0, never an exact match
-    in_kb = [[t for t in ts if t != nil_index] for ts in titles]
-    sims, context = ([dict(zip(ts, sim)) for ts, sim in
-                      zip(in_kb, candidate_retriever.similarity(mentions, in_kb, field))]
-                     for field in ("mention", "mention+sentence"))
     pools = []
-    for m, r, ts, beam, miss, lp, sim, ctx in zip(mentions, nearest, titles, beams, missing,
-                                                  forced, sims, context):
-        facts = mention_facts(m, kb, prior, r.tolist(), {**beam, **dict(zip(miss, lp))}, beam,
-                              sim, ctx)
-        ids = [answer_ids(kb, t, nil_index) for t in ts]
-        values = np.array([[fn(facts, t, i) for fn in _CANDIDATE.values()]
-                           for t, i in zip(ts, ids)])  # [n_candidates, len(POOL_FEATURES)]
-        pools.append(Pool(ts, ids, values))
+    for i, (m, beams, others, lps) in enumerate(zip(mentions, hypotheses, known, logprobs)):
+        beam = {x.title_index: x.logprob for x in beams}
+        titles = list(dict.fromkeys([x.title_index for x in beams] + list(others)))
+        # the NIL answer has no text to compare: similarity 0, never an exact match
+        in_kb = [t for t in titles if t != nil_index]
+        sim, context = (dict(zip(in_kb, retrieved.similarity(field, i, in_kb)))
+                        for field in SIMILARITY_FIELDS)
+        facts = mention_facts(m, kb, prior, retrieved.titles[i, :size].tolist(),
+                              {**beam, **dict(zip(others, lps))}, beam, sim, context)
+        ids = [answer_ids(kb, t, nil_index) for t in titles]
+        values = np.array([[fn(facts, t, e) for fn in _CANDIDATE.values()]
+                           for t, e in zip(titles, ids)])  # [n_candidates, len(POOL_FEATURES)]
+        pools.append(Pool(titles, ids, values))
     return pools
-
-
-def pool_titles(mention: Mention, beams: Sequence[Hypothesis], nearest: list[int],
-                kb: KnowledgeBase, prior: MentionPrior, nil_index: int | None) -> list[int]:
-    """A mention's pool, title indices in order, each once: the beams, the entities the training
-    prior knows for the mention string, exact title/alias matches, then the ``nearest`` titles."""
-    known = [e for e in prior.entities(mention.mention) if e is not None and e in kb]
-    known += kb.lookup(mention.mention) if mention.mention else []
-    titled = [kb.title_index(kb[e].title) for e in known]
-    if nil_index is not None and None in prior.entities(mention.mention):
-        titled.append(nil_index)
-    return list(dict.fromkeys([x.title_index for x in beams] + titled + nearest))
 
 
 def mention_facts(m: Mention, kb: KnowledgeBase, prior: MentionPrior, nearest: list[int],
@@ -324,5 +306,6 @@ def pool_values(row: dict, where: str = "<row>") -> np.ndarray:
 
 
 __all__ = ["FEATURES", "FusionModel", "LIST_FEATURES", "MentionFacts", "POOL_FEATURES", "Pool",
-           "answer_ids", "candidate_feature", "candidate_pools", "list_feature", "pool_json",
+           "SIMILARITY_FIELDS",
+           "candidate_feature", "candidate_pools", "list_feature", "pool_json",
            "pool_values", "with_list_features"]

@@ -286,6 +286,17 @@ def loading(name: str, kind: str | None = None) -> Iterator[None]:
                                f"{first} — {_offline_fix(kind)}") from None
 
 
+def load_tokenizer(name: str, kind: str = "llm"):
+    """The tokenizer of model ``name`` (an offline name, a folder, a ``.gguf`` file or a hub id,
+    as :func:`resolve` takes; ``kind`` "llm" or "sentence"), a :class:`ModelUnavailable` naming
+    the offline models when it cannot be had. The one place gemel loads a tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = resolve(name, kind)
+    with loading(name, kind):
+        return AutoTokenizer.from_pretrained(path)
+
+
 def default_template(model: str) -> str:
     """The prompt template for ``model`` when none is given: the registry's, else ``gemel``."""
     spec = OFFLINE.get(model)

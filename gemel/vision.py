@@ -293,26 +293,8 @@ class VisionEncoder:
         return digest.hexdigest()[:16]
 
     def check_identity(self, saved: dict, source: object = None) -> None:
-        """Raise :class:`MismatchError` when features from ``saved`` (an :attr:`identity` stored
-        with a mapper) are not what this encoder produces. The name, weights and dtype may differ
-        (a copy of the model in another folder, bf16 at inference) with a warning only."""
-        mine = self.identity
-        saved = {"layout": "global", **saved}  # saved before layouts existed: the global one
-        hard = [k for k in ("model_type", "config_sha256", "feature", "layout", "feature_dim")
-                if k in saved and saved[k] != mine[k]]
-        where = f"{source}: " if source is not None else ""
-        if hard:
-            diff = ", ".join(f"{k}: saved {saved[k]!r}, now {mine[k]!r}" for k in hard)
-            raise MismatchError(f"{where}the vision encoder differs from the one this was built "
-                                f"with ({diff}); load vision encoder {saved.get('model')!r} with "
-                                f"feature {saved.get('feature')!r} and layout "
-                                f"{saved.get('layout')!r}, or retrain")
-        soft = [k for k in ("model", "weights_sha256", "processor_sha256", "dtype")
-                if k in saved and saved[k] != mine[k]]
-        if soft:
-            warnings.warn(f"{where}vision encoder {', '.join(soft)} differ from the saved ones "
-                          f"({ {k: saved[k] for k in soft} } vs { {k: mine[k] for k in soft} })",
-                          stacklevel=2)
+        """:func:`check_vision` of this encoder against ``saved``."""
+        check_vision(saved, self.identity, source)
 
     # ---- encoding -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -554,6 +536,32 @@ class VisionEncoder:
                                                mentions[i].id),
             regions=lambda i, im: prompt.regions(im, mentions[i].bbox, mentions[i].polygon,
                                                  mentions[i].id))
+
+
+# identity keys that change the features (a mismatch is an error), and those that may differ
+# in a copy of the same model (a warning); the name and dtype may differ silently
+_VISION_HARD = ("model_type", "config_sha256", "feature", "layout", "feature_dim")
+_VISION_SOFT = ("weights_sha256", "processor_sha256")
+
+
+def check_vision(saved: dict, mine: dict, source: object = None) -> None:
+    """Raise :class:`MismatchError` when the features of the encoder with identity ``mine`` are
+    not those of ``saved`` (a :attr:`VisionEncoder.identity` stored with a mapper); warn when only
+    its weights or processor differ. The one check of a vision encoder against a saved one."""
+    where = f"{source}: " if source is not None else ""
+    # identities written before feature layouts existed are the global layout
+    saved, mine = {"layout": "global", **saved}, {"layout": "global", **mine}
+    hard = [k for k in _VISION_HARD if k in saved and k in mine and saved[k] != mine[k]]
+    if hard:
+        diff = ", ".join(f"{k}: saved {saved[k]!r}, now {mine[k]!r}" for k in hard)
+        raise MismatchError(f"{where}vision encoder {mine.get('model')!r} differs from "
+                            f"{saved.get('model')!r}, the one this was built with ({diff}); load "
+                            f"{saved.get('model')!r} with feature {saved.get('feature')!r} and "
+                            f"layout {saved.get('layout')!r}, or retrain the mapper")
+    soft = [k for k in _VISION_SOFT if k in saved and k in mine and saved[k] != mine[k]]
+    if soft:
+        warnings.warn(f"{where}vision encoder {mine.get('model')!r} has other {', '.join(soft)} "
+                      f"than {saved.get('model')!r}, the one this was built with", stacklevel=3)
 
 
 def _open_image(path: str | Path, record: object) -> Image.Image:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from gemel.errors import DataError, MissingDependency
-from gemel.sources import loading, resolve
+from gemel.sources import load_tokenizer, loading, resolve
 
 POOLINGS = ("auto", "cls", "mean", "pooler")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
@@ -131,10 +131,10 @@ class SentenceEncoder:
 
     def _load_hf(self):
         if self._hf is None:
-            from transformers import AutoModel, AutoTokenizer
+            from transformers import AutoModel
 
+            tokenizer = load_tokenizer(self.model_name, "sentence")
             with loading(self.model_name, "sentence"):
-                tokenizer = AutoTokenizer.from_pretrained(self.location)
                 model = AutoModel.from_pretrained(self.location).to(self._device()).eval()
             self._hf = (tokenizer, model)
         return self._hf

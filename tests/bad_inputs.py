@@ -338,7 +338,7 @@ def build_env(root: Path) -> Env:
     from PIL import Image
 
     from gemel.kb import KnowledgeBase
-    from gemel.linker import build_trie
+    from gemel.trie_store import build_trie
     from gemel.mapper import LinearMapper, llm_identity
     from gemel.prompting import PromptBuilder, load_template
     from gemel.vision import VisionEncoder

@@ -187,9 +187,10 @@ def test_image_slots_need_an_embedder(llama_pair):
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_scoring_after_search_reuses_the_prefill_and_agrees(family, llama_pair, opt_pair):
-    """score() after search(keep_prefill=True) equals a fresh score(), in passes of any size, and
-    agrees with the beam search's own scores for the titles it found."""
+    """A stepper's score() after its search (keep_prefill=True) equals a fresh score(), in passes
+    of any size, and agrees with the beam search's own scores for the titles it found."""
     from gemel.backends.hf import HFStepper
+    from gemel.beam import beam_search
 
     model, tok = llama_pair if family == "llama" else opt_pair
     linker = make_linker(model, tok, TITLES, num_beams=3)
@@ -197,10 +198,11 @@ def test_scoring_after_search_reuses_the_prefill_and_agrees(family, llama_pair, 
     embeds, mask = linker.model.embed([linker.builder.build(m) for m in ms])
     seqs = [[linker.trie.sequence(i) for i in range(len(TITLES)) if (i + p) % 2] for p in range(3)]
     fresh = linker.backend.score(embeds, mask, seqs)
-    hyps = linker.backend.search(embeds, mask, linker.trie, num_beams=3, top_k=3, keep_prefill=True)
-    assert linker.backend._kept is not None
-    reused = linker.backend.score(embeds, mask, seqs)
-    assert linker.backend._kept is None  # used once, then dropped
+    stepper = linker.backend.stepper(embeds, mask, keep_prefill=True)
+    hyps = beam_search(stepper, linker.trie, len(ms), num_beams=3, top_k=3)
+    assert stepper.prefill is not None
+    reused = stepper.score(seqs)
+    assert stepper.prefill is None  # used once, then dropped
     for a, b in zip(fresh, reused):
         assert a == pytest.approx(b, abs=1e-4)
     small = HFStepper(model, embeds, mask).score(seqs, rows_per_pass=5)

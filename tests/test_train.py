@@ -207,7 +207,7 @@ def test_only_target_tokens_carry_loss(tmp_path, sp_tokenizer):
     from gemel.model import GemelModel
     from gemel.prompting import PromptBuilder
     from gemel.train import Item, build_batch
-    from gemel.linker import build_trie
+    from gemel.trie_store import build_trie
 
     kb, mentions = make_task(tmp_path / "images", shifts=(0,))
     llm = tiny_llama(len(sp_tokenizer))
@@ -234,7 +234,7 @@ def test_own_demonstration_is_excluded(tmp_path, sp_tokenizer):
     from gemel.model import GemelModel
     from gemel.prompting import PromptBuilder
     from gemel.train import Item, build_batch
-    from gemel.linker import build_trie
+    from gemel.trie_store import build_trie
 
     kb, mentions = make_task(tmp_path / "images", shifts=(0,))
     builder = PromptBuilder("gemel", sp_tokenizer, use_images=True, image_tokens=4)

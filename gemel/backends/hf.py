@@ -22,7 +22,6 @@ from gemel.backends import score_tree
 from gemel.backends.base import Backend
 from gemel.backends.prefix_attention import NAME, PrefixState, supports_prefix_attention
 from gemel.backends.prefix_attention import register as register_prefix_attention
-from gemel.beam import Hypothesis, beam_search
 
 
 def _cache_kwarg(model) -> str:
@@ -325,21 +324,17 @@ class HFBackend(Backend):
 
     @classmethod
     def from_name(cls, name: str, device: str = "auto", dtype: str = "auto") -> "HFBackend":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        from gemel.sources import loading, resolve
+        from gemel.sources import load_tokenizer, loading, resolve
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         path = resolve(name, "llm")
+        tokenizer = load_tokenizer(name)
         with loading(name, "llm"):
-            tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, dtype))
         return cls(model.to(device), tokenizer, device)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.get_input_embeddings().weight.dtype
 
     @property
     def max_context(self) -> int | None:
@@ -349,23 +344,7 @@ class HFBackend(Backend):
     def input_embeddings(self) -> torch.nn.Module:
         return self.model.get_input_embeddings()
 
-    def search(self, inputs_embeds, attention_mask, tries, *, num_beams=5, top_k=5,
-               max_new_tokens=32, length_penalty=0.0, keep_prefill=False) -> list[list[Hypothesis]]:
-        # keep_prefill: score() of these same prompts will reuse the prefill
-        stepper = HFStepper(self.model, inputs_embeds.to(self.device), attention_mask.to(self.device),
-                            keep_prefill=keep_prefill, stats=self.stats)
-        hyps = beam_search(stepper, tries, inputs_embeds.shape[0], num_beams=num_beams,
-                           top_k=top_k, max_new_tokens=max_new_tokens,
-                           length_penalty=length_penalty)
-        self._kept = (inputs_embeds, stepper) if keep_prefill else None
-        return hyps
-
-    def score(self, inputs_embeds, attention_mask, sequences) -> list[list[float]]:
-        kept = getattr(self, "_kept", None)
-        self._kept = None
-        if kept is not None and kept[0] is inputs_embeds and kept[1].prefill is not None:
-            return kept[1].score(sequences)
-        stepper = HFStepper(self.model, inputs_embeds.to(self.device), attention_mask.to(self.device),
-                            stats=self.stats)
-        return stepper.score(sequences)
-
+    def stepper(self, inputs_embeds, attention_mask, keep_prefill=False) -> HFStepper:
+        # keep_prefill: the scoring after the search reuses the prefill (see HFStepper.keep_prefill)
+        return HFStepper(self.model, inputs_embeds.to(self.device), attention_mask.to(self.device),
+                         keep_prefill=keep_prefill, stats=self.stats)

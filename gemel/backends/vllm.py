@@ -43,7 +43,6 @@ import numpy as np
 import torch
 
 from gemel.backends.base import BACKENDS, Backend
-from gemel.beam import Hypothesis, beam_search
 from gemel.errors import GemelError, MissingDependency
 
 INSTALL = BACKENDS["vllm"][3]  # the extras' install lines (pyproject.toml)
@@ -133,10 +132,8 @@ class VLLMBackend(Backend):
         eagerly (no torch.compile) unless ``enforce_eager=False``. The caller needs
         an ``if __name__ == "__main__":`` guard: vLLM spawns its engine process.
         """
-        from transformers import AutoTokenizer
-
         from gemel.backends.hf import pick_dtype
-        from gemel.sources import resolve
+        from gemel.sources import load_tokenizer, resolve
 
         import_vllm()
         from vllm import LLM
@@ -145,7 +142,7 @@ class VLLMBackend(Backend):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = pick_dtype(device, dtype)
         path = resolve(name, "llm")
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(name)
         model = embedding_shell(path, torch_dtype, device)
         options = dict(model=str(path), dtype=str(torch_dtype).replace("torch.", ""),
                        enable_prefix_caching=True, enable_prompt_embeds=True,
@@ -160,10 +157,6 @@ class VLLMBackend(Backend):
             options["enforce_eager"] = True
         options.update(engine_args)
         return cls(LLM(**options), tokenizer, model, device)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.get_input_embeddings().weight.dtype
 
     @property
     def max_context(self) -> int | None:
@@ -268,18 +261,15 @@ class VLLMBackend(Backend):
         return results
 
     # -- the Backend interface ---------------------------------------------------------------------
-    def search(self, inputs_embeds, attention_mask, tries, *, num_beams=5, top_k=5,
-               max_new_tokens=32, length_penalty=0.0, keep_prefill=False) -> list[list[Hypothesis]]:
-        # keep_prefill needs nothing here: the prefix cache keeps the prompts for score()
-        stepper = VLLMStepper(self, self.prompts(inputs_embeds, attention_mask))
-        return beam_search(stepper, tries, inputs_embeds.shape[0], num_beams=num_beams,
-                           top_k=top_k, max_new_tokens=max_new_tokens,
-                           length_penalty=length_penalty)
+    def stepper(self, inputs_embeds, attention_mask, keep_prefill=False) -> "VLLMStepper":
+        # keep_prefill needs nothing here: the prefix cache keeps the prompts for the scoring
+        return VLLMStepper(self, self.prompts(inputs_embeds, attention_mask))
 
-    def score(self, inputs_embeds, attention_mask, sequences) -> list[list[float]]:
-        """Teacher-forced log-probability of each sequence after its prompt: one request per
-        distinct (prompt, prefix), asking for the tokens that follow that prefix."""
-        prompts = self.prompts(inputs_embeds, attention_mask)
+    def score_prompts(self, prompts: Sequence, sequences: Sequence[Sequence[Sequence[int]]]
+                      ) -> list[list[float]]:
+        """Teacher-forced log-probability of each sequence after its prompt (``prompts``: from
+        :meth:`prompts`): one request per distinct (prompt, prefix), asking for the tokens that
+        follow that prefix."""
         wanted: dict[tuple[int, tuple[int, ...]], set[int]] = {}
         for p, seqs in enumerate(sequences):
             for seq in seqs:
@@ -338,6 +328,10 @@ class VLLMStepper:
         self.rows = [(self.rows[a][0], self.rows[a][1] + (t,))
                      for a, t in zip(parents.tolist(), tokens.tolist())]
         return _Pending(self)
+
+    def score(self, sequences: Sequence[Sequence[Sequence[int]]]) -> list[list[float]]:
+        """Teacher-forced log-probabilities after these prompts (:meth:`VLLMBackend.score_prompts`)."""
+        return self.backend.score_prompts(self.prompts, sequences)
 
 
 class _Pending:

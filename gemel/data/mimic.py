@@ -24,7 +24,7 @@ from typing import Any, Iterator
 from urllib.parse import unquote
 
 from gemel.data.images import ImageFinder
-from gemel.data.records import id_field, release_records, text_field
+from gemel.data.records import indexed_record, release_records, text_field
 from gemel.data.report import ReadReport
 from gemel.data.wikimel import record_mentions
 from gemel.errors import DataError
@@ -53,12 +53,7 @@ def read_mimic(path: Path, data: Any, select: set[str] | None, images: ImageFind
 
 def _record(path: Path, index: int, rec: object, images: ImageFinder,
             report: ReadReport) -> list[Mention]:
-    if not isinstance(rec, dict):
-        raise DataError(f"expected an object, got {type(rec).__name__}", path=path,
-                        record=f"index {index}")
-    rid = id_field(rec, "id", path, f"index {index}")
-    rid = str(index) if rid is None else rid
-    where = f"index {index} (id {rid})"
+    rid, where = indexed_record(rec, path, index)
     img_path = text_field(rec, "imgPath", path, where, required=False)
     found = record_mentions(
         rec, rid, path, where,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from gemel.data.images import ImageFinder
+from gemel.data.records import text_field
 from gemel.data.report import ReadReport
 from gemel.errors import DataError
 from gemel.textfile import decode_line, iter_lines
@@ -129,14 +130,7 @@ def _parse(rec: dict, path: Path, where: str) -> Mention:
 
 
 def _opt_str(rec: dict, name: str, path: Path, where: str, required: bool = False) -> str | None:
-    value = rec.get(name)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str):
-        got = "missing" if value is None else f"a {type(value).__name__}"
-        raise DataError(f"expected a string{'' if required else ' or null'}, got {got}",
-                        path=path, record=where, field=name, fix=_FIX)
-    return value
+    return text_field(rec, name, path, where, fix=_FIX, required=required)
 
 
 def _number(v: object) -> bool:

@@ -9,7 +9,12 @@ plain unlabelled input.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from gemel.types import Mention
+
+if TYPE_CHECKING:
+    from gemel.kb import KnowledgeBase
 
 NIL = "NIL"
 
@@ -17,3 +22,12 @@ NIL = "NIL"
 def is_nil(mention: Mention) -> bool:
     """True for a mention whose gold answer is NIL (not in the KB)."""
     return mention.entity_id is None and mention.entity == NIL
+
+
+def answer_ids(kb: "KnowledgeBase", title_index: int,
+               nil_index: int | None = None) -> list[str | None]:
+    """The entity ids behind an answer's title index; ``[None]`` for the NIL answer (title index
+    ``nil_index``, past the KB's titles, in NIL mode)."""
+    if title_index == nil_index:
+        return [None]
+    return kb.ids_for_title_index(title_index)

@@ -15,14 +15,15 @@ NIL_ANSWERS = frozenset({"nil", "none", ""})
 
 def text_field(rec: dict, name: str, path: Path, record: object, fix: str | None = None,
                required: bool = True) -> str | None:
-    """A string field; None when absent and not ``required``."""
+    """A string field; None when absent and not ``required``. The one check of a string field
+    of a mention record, native or a release's."""
     value = rec.get(name)
     if value is None and not required:
         return None
     if not isinstance(value, str):
         got = "missing" if value is None else f"a {type(value).__name__}"
-        raise DataError(f"expected a string, got {got}", path=path, record=record, field=name,
-                        fix=fix)
+        raise DataError(f"expected a string{'' if required else ' or null'}, got {got}",
+                        path=path, record=record, field=name, fix=fix)
     return value
 
 
@@ -35,6 +36,17 @@ def id_field(rec: dict, name: str, path: Path, record: object) -> str | None:
         raise DataError(f"expected a string or integer id, got {type(value).__name__}",
                         path=path, record=record, field=name)
     return str(value)
+
+
+def indexed_record(rec: object, path: Path, index: int) -> tuple[str, str]:
+    """A record of a release that is a JSON list: checked to be an object; returns its id (the
+    list index where it has none) and how messages name it."""
+    if not isinstance(rec, dict):
+        raise DataError(f"expected an object, got {type(rec).__name__}", path=path,
+                        record=f"index {index}")
+    rid = id_field(rec, "id", path, f"index {index}")
+    rid = str(index) if rid is None else rid
+    return rid, f"index {index} (id {rid})"
 
 
 def list_or_str(rec: dict, name: str, path: Path, record: object,

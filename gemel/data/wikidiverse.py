@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from gemel.data.images import ImageFinder
-from gemel.data.records import (gold, release_records, id_field, list_or_str, same_lengths,
+from gemel.data.records import (gold, indexed_record, list_or_str, release_records, same_lengths,
                                 text_field)
 from gemel.data.report import ReadReport
 from gemel.errors import DataError
@@ -33,12 +33,7 @@ def read_wikidiverse(path: Path, data: Any, select: set[str] | None, images: Ima
 
 def _sentence(path: Path, index: int, rec: object, images: ImageFinder,
               report: ReadReport) -> list[Mention]:
-    if not isinstance(rec, dict):
-        raise DataError(f"expected an object, got {type(rec).__name__}", path=path,
-                        record=f"index {index}")
-    sid = id_field(rec, "id", path, f"index {index}")
-    sid = str(index) if sid is None else sid
-    where = f"index {index} (id {sid})"
+    sid, where = indexed_record(rec, path, index)
     text = text_field(rec, "sentence", path, where)
     words, _ = list_or_str(rec, "mention", path, where)
     answers, _ = list_or_str(rec, "answer", path, where)

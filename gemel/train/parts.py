@@ -154,7 +154,7 @@ def new_mapper(config: TrainConfig, frozen: FrozenParts, template: Template,
 
 def shared_trie(data: TrainingData, tokenizer, builder: PromptBuilder, accelerator: Accelerator):
     """The KB's entity trie: the main process builds and caches it first, the others load it."""
-    from gemel.linker import load_or_build_trie
+    from gemel.trie_store import load_or_build_trie
 
     if not accelerator.is_main_process:
         wait_for_everyone(accelerator)

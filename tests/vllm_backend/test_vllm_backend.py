@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from gemel.backends.base import get_backend
 from gemel.errors import MissingDependency
 from gemel.kb import KnowledgeBase
-from gemel.linker import Linker, LinkerConfig, build_trie
+from gemel.linker import Linker, LinkerConfig
+from gemel.trie_store import build_trie
 from gemel.types import Entity, Mention
 from tests.conftest import REPO, TITLES, needs_data
 
