@@ -244,7 +244,7 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
                                 vp_mode=vp_mode, template=args.template, epochs=args.epochs,
                                 lr=args.lr, batch_size=args.batch_size,
                                 eval_batch_size=args.link_batch_size, num_beams=args.beams,
-                                dtype=args.dtype, mixed_precision="no", cpu=True,
+                                dtype=args.dtype, mixed_precision="no", cpu=True, seed=args.seed,
                                 eval_every=args.eval_every or args.epochs * math.ceil(
                                     len(read_mentions(task["train"])) / args.batch_size),
                                 feature_cache=str(out.parent / "features")))
@@ -257,7 +257,7 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
         if rec.get("event") == "eval" and rec["step"] == best_step:
             dev_rows = rec["dev"].get("top1") or {}
     test = read_mentions(task["test"])
-    row = {"vp_mode": vp_mode, "layout": layout, "epochs": args.epochs,
+    row = {"vp_mode": vp_mode, "layout": layout, "epochs": args.epochs, "seed": args.seed,
            "batch_size": args.batch_size, "lr": args.lr, "steps": summary["steps"],
            "s_per_step": summary["seconds_per_step"], "train_s": round(train_s, 1),
            "train_dev_h1": summary["best_dev_h1"]}
@@ -280,14 +280,15 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
 def cell_name(variant: str, vp_mode: str, layout: str, args) -> str:
     """The folder of one cell under --out: its variant, mode, layout and training settings."""
     return (f"{variant}-{vp_mode}-{layout.replace(':', '')}-e{args.epochs}b{args.batch_size}"
-            f"lr{args.lr:g}")
+            f"lr{args.lr:g}" + (f"s{args.seed}" if args.seed else ""))
 
 
 def save_row(base: Path, row: dict) -> list[dict]:
     """Add one cell's row to ``results.json`` / ``results.md`` under ``base`` (a rerun of a cell
     with the same settings replaces its row); returns all rows."""
     def key(r: dict) -> tuple:
-        return tuple(r.get(k) for k in ("variant", "vp_mode", "layout", "epochs", "batch_size", "lr"))
+        return tuple(r.get(k, 0 if k == "seed" else None)
+                     for k in ("variant", "vp_mode", "layout", "epochs", "batch_size", "lr", "seed"))
 
     path = base / "results.json"
     rows = [r for r in (json.loads(path.read_text()) if path.exists() else [])
@@ -419,6 +420,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=0,
                     help="optimizer steps between dev evaluations (0: once, at the end)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (mapper init, item order)")
     ap.add_argument("--beams", type=int, default=5)
     ap.add_argument("--link-batch-size", type=int, default=4)
     ap.add_argument("--template", default="gemel")
