@@ -269,6 +269,7 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
         rows = [r.to_json() for r in linker.link(test)]
         (out / f"link-{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         row[f"link_h1_{name}"] = h1(rows)
+        row[f"hits_{name}"] = f"{round(h1(rows) * len(rows) / 100)}/{len(rows)}"
         if name == "image" and dev_rows:
             mine = top1(rows)
             row["top1_agree"] = f"{sum(mine[k] == v[0] for k, v in dev_rows.items())}/{len(dev_rows)}"
@@ -291,23 +292,37 @@ def save_row(base: Path, row: dict) -> list[dict]:
                      for k in ("variant", "vp_mode", "layout", "epochs", "batch_size", "lr", "seed"))
 
     path = base / "results.json"
-    rows = [r for r in (json.loads(path.read_text()) if path.exists() else [])
+    rows = [backfill_hits(base, r) for r in (json.loads(path.read_text()) if path.exists() else [])
             if key(r) != key(row)] + [row]
     path.write_text(json.dumps(rows, indent=1) + "\n")
     (base / "results.md").write_text(results_table(rows) + "\n")
     return rows
 
 
+def backfill_hits(base: Path, row: dict) -> dict:
+    """``hits_image`` / ``hits_no_image`` ("hits/n") of a row written before they were recorded,
+    counted from the cell's link files under ``base``."""
+    cell = base / cell_name(row["variant"], row["vp_mode"], row["layout"], argparse.Namespace(
+        epochs=row["epochs"], batch_size=row["batch_size"], lr=row["lr"], seed=row.get("seed", 0)))
+    for name in ("image", "no_image"):
+        path = cell / f"link-{name}.jsonl"
+        if f"hits_{name}" not in row and path.exists():
+            rows = [json.loads(x) for x in path.read_text().splitlines()]
+            row[f"hits_{name}"] = f"{round(h1(rows) * len(rows) / 100)}/{len(rows)}"
+    return row
+
+
 def results_table(rows: list[dict]) -> str:
     """The rows as a markdown table."""
-    lines = ["| variant | vp-mode | layout | H@1 image | --no-image | train-dev H@1 | same top-1 "
-             "| training |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | vp-mode | layout | seed | H@1 image | --no-image | train-dev H@1 | same top-1 "
+             "| training |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['vp_mode']} | {r['layout']} | {r['link_h1_image']:.1f}"
-                     f" | {r['link_h1_no_image']:.1f} | {r['train_dev_h1']:.1f} | "
-                     f"{r.get('top1_agree', '-')} | {r.get('epochs', '?')} epochs, batch "
-                     f"{r.get('batch_size', '?')}, lr {r.get('lr', '?')}: {r['steps']} steps, "
-                     f"{r['s_per_step']:.1f} s/step |")
+        lines.append(f"| {r['variant']} | {r['vp_mode']} | {r['layout']} | {r.get('seed', 0)} | "
+                     f"{r['link_h1_image']:.1f} ({r.get('hits_image', '?')}) | "
+                     f"{r['link_h1_no_image']:.1f} ({r.get('hits_no_image', '?')}) | "
+                     f"{r['train_dev_h1']:.1f} | {r.get('top1_agree', '-')} | "
+                     f"{r.get('epochs', '?')} epochs, batch {r.get('batch_size', '?')}, lr "
+                     f"{r.get('lr', '?')}: {r['steps']} steps, {r['s_per_step']:.1f} s/step |")
     return "\n".join(lines)
 
 
@@ -407,7 +422,8 @@ def main() -> None:
                     "wikimel:overlay:region:-4,wikimel:crop:global",
                     help="variant:vp-mode:layout, comma-separated (variants: box, polygon, "
                     "offcentre, wikimel)")
-    ap.add_argument("--only", choices=["cells", "mixed", "probe"], default=None)
+    ap.add_argument("--only", choices=["cells", "mixed", "probe", "table"], default=None,
+                    help="table: print the rows kept in OUT/results.json, run nothing")
     ap.add_argument("--probes", default="box:overlay:global,box:overlay:grid:2,box:overlay:grid:4,"
                     "box:overlay:region,box:overlay:region:-4,box:crop:global,"
                     "box:overlay+crop:region:-4,polygon:overlay:global,polygon:overlay:region,"
@@ -454,6 +470,10 @@ def main() -> None:
             row = {"variant": variant, **run_cell(task, out, vp_mode, layout, args)}
             print(json.dumps(row), flush=True)
             rows = save_row(base, row)
+        print("\n" + results_table(rows))
+    if args.only == "table":
+        path = base / "results.json"
+        rows = [backfill_hits(base, r) for r in json.loads(path.read_text())]
         print("\n" + results_table(rows))
     if args.only in (None, "mixed"):
         from gemel.train import DEFAULT_LAYOUT
