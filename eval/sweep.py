@@ -147,17 +147,17 @@ def run_sweep(path: str | Path, progress: bool = True, finished_only: bool = Fal
     configs = cell_configs(sweep, str(path))
     for _, group in itertools.groupby(configs, key=lambda nc: backend_key(nc[1])):
         group = list(group)
-        if all(cell_done(out, name, mentions, dev) for name, _ in group):
-            for name, config in group:  # everything measured before: no model load
+        done = [cell_done(out, name, mentions, dev) for name, _ in group]
+        if all(done) or finished_only:
+            for (name, config), finished in zip(group, done):  # measured before: no model load
+                if not finished:
+                    rows.append({"cell": name, "status": unfinished(out, name, mentions, dev)})
+                    continue
                 measured = read_measure(out, name)
                 rows.append(metric_row(name, config, cell_rows(out, name, mentions), by_id,
                                        measured, no_llm=no_llm_model(out, name, fusion)))
                 cells[name] = cell_record(config, measured, fusion, out, name)
             write_outputs(out, rows, cells, env, command)
-            continue
-        if finished_only:
-            rows += [{"cell": name, "status": unfinished(out, name, mentions, dev)}
-                     for name, _ in group]
             continue
         base = group[0][1]
         t0 = time.perf_counter()

@@ -18,7 +18,8 @@ MD_COLUMNS = [
     ("fusion without LLM H@1", ("H@1 fusion without LLM", "H@1 fusion without LLM lo",
                                 "H@1 fusion without LLM hi")),
     ("LLM adds (H@1)", ("LLM adds H@1", "LLM adds lo", "LLM adds hi")),
-    ("p", ("LLM adds p",)),
+    ("p", ("LLM adds p",)), ("gold in pool", ("gold in pool",)), ("headroom", ("headroom",)),
+    ("LLM right there", ("LLM right there",)), ("fixed", ("fixed",)), ("broke", ("broke",)),
     ("s/mention", ("s_per_mention",)), ("s/mention generation", ("s_per_mention generation",)),
     ("prefill tok/s", ("prefill_tokens_per_s",)), ("peak RSS GiB", ("peak_rss_gib",)),
     ("load s", ("load_seconds",)), ("recall@C", ("recall@C",)), ("errors", ("errors",)),
@@ -54,6 +55,7 @@ def metric_row(name: str, config, preds: list[dict], mentions: dict, measured: d
         d = paired_entry(plain, scores, "fusion without LLM", "fused")  # fused minus without LLM
         row.update({"LLM adds H@1": d["diff"], "LLM adds lo": d["lo"], "LLM adds hi": d["hi"],
                     "LLM adds p": d["p"]})
+        row.update(headroom(preds, plain, scores))
     linked = measured.get("linked") or 0
     row["s_per_mention"] = round(measured["seconds"] / linked, 3) if linked else None
     if no_llm is not None or any("generated" in p for p in preds):
@@ -66,6 +68,38 @@ def metric_row(name: str, config, preds: list[dict], mentions: dict, measured: d
     flags = [p["in_candidates"] for p in preds if "in_candidates" in p]
     row["recall@C"] = round(100.0 * sum(flags) / len(flags), 1) if flags else None
     return row
+
+
+def headroom(preds: list[dict], plain, fused) -> dict:
+    """Why the LLM adds what it adds: the gold's presence in the fusion pool caps any reranker
+    (``gold in pool``, percent); of the mentions the fusion without the LLM gets wrong with the
+    gold in the pool (``headroom``, a count), on how many the LLM's own sequence log-probability
+    (the ``llm_logprob`` feature) ranks the gold first among the pool (``LLM right there``);
+    and the fused ranking's paired flips against the fusion without the LLM (``fixed``/``broke``).
+    ``plain`` / ``fused``: gemel.eval.summary.Scores of the same mentions."""
+    plain_hit = dict(zip(plain.ids, plain.values("H@1")))
+    fused_hit = dict(zip(fused.ids, fused.values("H@1")))
+    in_pool = room = llm_right = fixed = broke = 0
+    scored = 0
+    for p in preds:
+        pool, rid = p.get("pool"), str(p["id"])
+        if not pool or rid not in plain_hit or p.get("gold_id") is None:
+            continue
+        scored += 1
+        gold_at = [i for i, ids in enumerate(pool["ids"]) if p["gold_id"] in ids]
+        fixed += bool(fused_hit[rid] and not plain_hit[rid])
+        broke += bool(plain_hit[rid] and not fused_hit[rid])
+        if not gold_at:
+            continue
+        in_pool += 1
+        if plain_hit[rid]:
+            continue
+        room += 1
+        column = pool["features"].index("llm_logprob")
+        logprobs = [values[column] for values in pool["values"]]
+        llm_right += max(range(len(logprobs)), key=logprobs.__getitem__) in gold_at
+    return {"gold in pool": round(100.0 * in_pool / scored, 1) if scored else None,
+            "headroom": room, "LLM right there": llm_right, "fixed": fixed, "broke": broke}
 
 
 def _with_ci(suffix: str, block: dict, metrics=("H@1", "H@5", "MRR")) -> dict:
@@ -129,7 +163,12 @@ def markdown(rows: list[dict], cells: dict, environment: dict) -> str:
               for r in rows]
     lines += ["", "H@k in percent with 95% percentile-bootstrap intervals (1000 resamples of the "
               "mentions); `LLM adds`: fused minus the same fusion refitted without the `llm_*` "
-              "features, on the same candidate pools, paired bootstrap interval and two-sided p. "
+              "features, on the same candidate pools, paired bootstrap interval and two-sided p; "
+              "`gold in pool`: percent of mentions whose gold is among the titles fusion ranks "
+              "(the ceiling of any reranker); `headroom`: mentions the fusion without the LLM gets "
+              "wrong with the gold in the pool; `LLM right there`: of those, how many the LLM's "
+              "own sequence log-probability ranks first; `fixed`/`broke`: mentions the fused "
+              "ranking gets right/wrong where the fusion without the LLM does not. "
               "s/mention: the whole run (fused: beam search and fusion scoring); `generation`: "
               "prompts and beam search only. params: tied embeddings counted once (offline "
               "models: gemel/offline_models.yaml). peak RSS: the process's peak since its model "
