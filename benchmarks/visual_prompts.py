@@ -3,6 +3,7 @@
     python benchmarks/visual_prompts.py --out runs/visual_prompts            # everything
     python benchmarks/visual_prompts.py --out runs/vp --cells box:overlay:region,box:crop:global
     python benchmarks/visual_prompts.py --out runs/vp --only mixed           # mixed-kinds check
+    python benchmarks/visual_prompts.py --out runs/vp --only table           # the rows kept so far
 
 The two-emblem task (generated here, deterministic per seed): each 320x200 image shows two of ten
 coloured emblems side by side; every item has the same text and no mention string; a bbox (or a
@@ -17,12 +18,17 @@ better than 50 (it may know both emblems, but not which is meant). Variants:
 Per cell (variant, vp-mode, feature layout): train a mapper (`gemel.train.train`, the code of
 `gemel train`) on the 60 items with the 20 test items as dev, then link the 20 with the saved
 best checkpoint through `Linker.from_config(mapper=...)` (the code of `gemel link --mapper`),
-with the image and with ``no_image``; report H@1 of each, the dev H@1 training reported for that
-checkpoint, and how many top-1 answers training's evaluation and the link run share.
+with the image and with ``no_image``; report H@1 of each (hits/n), how the wrong answers are
+wrong (``other``: the picture's other emblem, the box was not read; ``absent``: a title the picture
+does not show, the marked emblem was not recognised), the dev H@1 training reported for that
+checkpoint, and how many top-1 answers training's evaluation and the link run share. ``--seed``
+changes the training seed (mapper init, item order): with 60 items and 60 steps the outcome of one
+cell depends on it (polygon overlay: 0 with seed 0, 90 with seed 1), so compare cells over seeds.
+Rows are kept in ``OUT/results.json`` / ``results.md`` across invocations (one per cell and seed).
 
 ``--only mixed``: one linker run over a file mixing WikiDiverse test mentions (text, no image) with
 the emblem test items (box only), against a run over the text mentions alone: both kinds are
-linked, and the text mentions' top-1 answers must be the same.
+linked, and the text mentions' top-1 answers must be the same (``OUT/mixed/result.json``).
 
 ``--only probe``: no LLM — a logistic-regression probe reads the marked emblem from the frozen
 features of each (variant, vp-mode, layout): what each layout hands the mapper, in seconds.
@@ -111,6 +117,7 @@ def make_emblem_task(folder: Path, variant: str = "box", seed: int = 0, n_train:
                                 "image": None}) + "\n")
     rng = random.Random(f"{variant}-{seed}")
     splits: dict[str, list] = {"train": [], "test": []}
+    shown: dict[str, list[str]] = {}  # mention id -> the two emblems its picture shows
     for split, n in (("train", n_train), ("test", n_test)):
         for j in range(n):
             a, b = rng.sample(range(len(EMBLEMS)), 2)
@@ -143,6 +150,7 @@ def make_emblem_task(folder: Path, variant: str = "box", seed: int = 0, n_train:
             path = folder / "images" / f"{split}{j:03d}.png"
             im.save(path)
             e = (a, b)[target]
+            shown[f"{variant}-{split}{j:03d}"] = [EMBLEMS[a][0], EMBLEMS[b][0]]
             splits[split].append(Mention(id=f"{variant}-{split}{j:03d}", text=TEXT, mention=None,
                                          image=str(path.resolve()),
                                          bbox=tuple(bbox) if bbox else None,
@@ -150,8 +158,25 @@ def make_emblem_task(folder: Path, variant: str = "box", seed: int = 0, n_train:
                                          entity_id=f"E{e}", entity=EMBLEMS[e][0]))
     for split, ms in splits.items():
         write_mentions(ms, folder / f"{split}.jsonl")
+    (folder / "shown.json").write_text(json.dumps(shown, indent=0) + "\n")
     return {"kb": folder / "kb.jsonl", "train": folder / "train.jsonl",
             "test": folder / "test.jsonl"}
+
+
+def wrong_answers(rows: list[dict], shown: dict[str, list[str]]) -> str:
+    """How the wrong top-1 answers of an emblem cell are wrong: ``other`` — the other emblem of
+    the picture (the box was not read), ``absent`` — an emblem or title the picture does not show
+    (the marked emblem was not recognised)."""
+    other = absent = 0
+    for r in rows:
+        top = r["candidates"][0]["title"] if r["candidates"] else None
+        if r["candidates"] and r["candidates"][0]["entity_id"] == r["gold_id"]:
+            continue
+        if top in shown.get(r["id"], []):
+            other += 1
+        else:
+            absent += 1
+    return f"other {other}, absent {absent}"
 
 
 # Boxes drawn by hand around one person of a real WikiMEL photo (fractions of the image's width
@@ -244,7 +269,7 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
                                 vp_mode=vp_mode, template=args.template, epochs=args.epochs,
                                 lr=args.lr, batch_size=args.batch_size,
                                 eval_batch_size=args.link_batch_size, num_beams=args.beams,
-                                dtype=args.dtype, mixed_precision="no", cpu=True,
+                                dtype=args.dtype, mixed_precision="no", cpu=True, seed=args.seed,
                                 eval_every=args.eval_every or args.epochs * math.ceil(
                                     len(read_mentions(task["train"])) / args.batch_size),
                                 feature_cache=str(out.parent / "features")))
@@ -257,7 +282,7 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
         if rec.get("event") == "eval" and rec["step"] == best_step:
             dev_rows = rec["dev"].get("top1") or {}
     test = read_mentions(task["test"])
-    row = {"vp_mode": vp_mode, "layout": layout, "epochs": args.epochs,
+    row = {"vp_mode": vp_mode, "layout": layout, "epochs": args.epochs, "seed": args.seed,
            "batch_size": args.batch_size, "lr": args.lr, "steps": summary["steps"],
            "s_per_step": summary["seconds_per_step"], "train_s": round(train_s, 1),
            "train_dev_h1": summary["best_dev_h1"]}
@@ -269,6 +294,10 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
         rows = [r.to_json() for r in linker.link(test)]
         (out / f"link-{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         row[f"link_h1_{name}"] = h1(rows)
+        row[f"hits_{name}"] = f"{round(h1(rows) * len(rows) / 100)}/{len(rows)}"
+        if name == "image" and (task["test"].parent / "shown.json").exists():
+            row["wrong"] = wrong_answers(rows, json.loads(
+                (task["test"].parent / "shown.json").read_text()))
         if name == "image" and dev_rows:
             mine = top1(rows)
             row["top1_agree"] = f"{sum(mine[k] == v[0] for k, v in dev_rows.items())}/{len(dev_rows)}"
@@ -280,33 +309,53 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
 def cell_name(variant: str, vp_mode: str, layout: str, args) -> str:
     """The folder of one cell under --out: its variant, mode, layout and training settings."""
     return (f"{variant}-{vp_mode}-{layout.replace(':', '')}-e{args.epochs}b{args.batch_size}"
-            f"lr{args.lr:g}")
+            f"lr{args.lr:g}" + (f"s{args.seed}" if args.seed else ""))
 
 
 def save_row(base: Path, row: dict) -> list[dict]:
     """Add one cell's row to ``results.json`` / ``results.md`` under ``base`` (a rerun of a cell
     with the same settings replaces its row); returns all rows."""
     def key(r: dict) -> tuple:
-        return tuple(r.get(k) for k in ("variant", "vp_mode", "layout", "epochs", "batch_size", "lr"))
+        return tuple(r.get(k, 0 if k == "seed" else None)
+                     for k in ("variant", "vp_mode", "layout", "epochs", "batch_size", "lr", "seed"))
 
     path = base / "results.json"
-    rows = [r for r in (json.loads(path.read_text()) if path.exists() else [])
+    rows = [backfill_hits(base, r) for r in (json.loads(path.read_text()) if path.exists() else [])
             if key(r) != key(row)] + [row]
     path.write_text(json.dumps(rows, indent=1) + "\n")
     (base / "results.md").write_text(results_table(rows) + "\n")
     return rows
 
 
+def backfill_hits(base: Path, row: dict) -> dict:
+    """``hits_image`` / ``hits_no_image`` ("hits/n") of a row written before they were recorded,
+    counted from the cell's link files under ``base``."""
+    cell = base / cell_name(row["variant"], row["vp_mode"], row["layout"], argparse.Namespace(
+        epochs=row["epochs"], batch_size=row["batch_size"], lr=row["lr"], seed=row.get("seed", 0)))
+    for name in ("image", "no_image"):
+        path = cell / f"link-{name}.jsonl"
+        if f"hits_{name}" not in row and path.exists():
+            rows = [json.loads(x) for x in path.read_text().splitlines()]
+            row[f"hits_{name}"] = f"{round(h1(rows) * len(rows) / 100)}/{len(rows)}"
+    shown = base / f"task-{row['variant']}" / "shown.json"
+    path = cell / "link-image.jsonl"
+    if "wrong" not in row and shown.exists() and path.exists():
+        row["wrong"] = wrong_answers([json.loads(x) for x in path.read_text().splitlines()],
+                                     json.loads(shown.read_text()))
+    return row
+
+
 def results_table(rows: list[dict]) -> str:
     """The rows as a markdown table."""
-    lines = ["| variant | vp-mode | layout | H@1 image | --no-image | train-dev H@1 | same top-1 "
-             "| training |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | vp-mode | layout | seed | H@1 image | wrong top-1 | --no-image | "
+             "train-dev H@1 | same top-1 | training |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['vp_mode']} | {r['layout']} | {r['link_h1_image']:.1f}"
-                     f" | {r['link_h1_no_image']:.1f} | {r['train_dev_h1']:.1f} | "
-                     f"{r.get('top1_agree', '-')} | {r.get('epochs', '?')} epochs, batch "
-                     f"{r.get('batch_size', '?')}, lr {r.get('lr', '?')}: {r['steps']} steps, "
-                     f"{r['s_per_step']:.1f} s/step |")
+        lines.append(f"| {r['variant']} | {r['vp_mode']} | {r['layout']} | {r.get('seed', 0)} | "
+                     f"{r['link_h1_image']:.1f} ({r.get('hits_image', '?')}) | {r.get('wrong', '-')} | "
+                     f"{r['link_h1_no_image']:.1f} ({r.get('hits_no_image', '?')}) | "
+                     f"{r['train_dev_h1']:.1f} | {r.get('top1_agree', '-')} | "
+                     f"{r.get('epochs', '?')} epochs, batch {r.get('batch_size', '?')}, lr "
+                     f"{r.get('lr', '?')}: {r['steps']} steps, {r['s_per_step']:.1f} s/step |")
     return "\n".join(lines)
 
 
@@ -391,22 +440,31 @@ def run_mixed(base: Path, cell_dir: Path, args) -> None:
     print(f"  text mentions: H@1 mixed {h1([r for r in mixed_rows if r['id'] not in box_ids]):.1f}"
           f", alone {h1(alone_rows):.1f}; same top-1 {same}/{len(text_ids)} "
           f"({100 * same / max(len(text_ids), 1):.1f}%)")
-    print(f"  box-only items: H@1 {h1([r for r in mixed_rows if r['id'] in box_ids]):.1f} "
-          f"(KB of {len(kb_lines)} titles); errors "
-          f"{sum(1 for r in mixed_rows if r['error'])}")
+    summary = {"mapper": str(mapper), "text_mentions": len(text_ids), "box_items": len(box_ids),
+               "kb_titles": len(kb_lines), "batch_size": args.link_batch_size,
+               "text_h1_mixed": h1([r for r in mixed_rows if r["id"] not in box_ids]),
+               "text_h1_alone": h1(alone_rows), "text_same_top1": same,
+               "box_h1_mixed": h1([r for r in mixed_rows if r["id"] in box_ids]),
+               "error_rows": sum(1 for r in mixed_rows if r["error"]),
+               "seconds_mixed": round(results["mixed"][1], 1)}
+    (out / "result.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"  box-only items: H@1 {summary['box_h1_mixed']:.1f} (KB of {len(kb_lines)} titles); "
+          f"errors {summary['error_rows']}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/visual_prompts")
     ap.add_argument("--data", default="../shared/data")
-    ap.add_argument("--cells", default="box:overlay:global,box:overlay:region,box:overlay:region:-4,"
+    ap.add_argument("--cells", default="box:none:global,box:overlay:global,box:overlay:grid:2,"
+                    "box:overlay:region,box:overlay:region:-4,"
                     "box:crop:global,box:overlay+crop:region:-4,polygon:overlay:region:-4,"
                     "polygon:crop:global,offcentre:overlay:region:-4,offcentre:crop:global,"
                     "wikimel:overlay:region:-4,wikimel:crop:global",
                     help="variant:vp-mode:layout, comma-separated (variants: box, polygon, "
                     "offcentre, wikimel)")
-    ap.add_argument("--only", choices=["cells", "mixed", "probe"], default=None)
+    ap.add_argument("--only", choices=["cells", "mixed", "probe", "table"], default=None,
+                    help="table: print the rows kept in OUT/results.json, run nothing")
     ap.add_argument("--probes", default="box:overlay:global,box:overlay:grid:2,box:overlay:grid:4,"
                     "box:overlay:region,box:overlay:region:-4,box:crop:global,"
                     "box:overlay+crop:region:-4,polygon:overlay:global,polygon:overlay:region,"
@@ -414,11 +472,12 @@ def main() -> None:
                     "offcentre:overlay:region,offcentre:overlay:region:-4,offcentre:crop:global",
                     help="variant:vp-mode:layout cells of the linear probe (no LLM; emblem "
                     "variants: the wikimel test photos show other people than the training ones)")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--eval-every", type=int, default=0,
                     help="optimizer steps between dev evaluations (0: once, at the end)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (mapper init, item order)")
     ap.add_argument("--beams", type=int, default=5)
     ap.add_argument("--link-batch-size", type=int, default=4)
     ap.add_argument("--template", default="gemel")
@@ -452,6 +511,10 @@ def main() -> None:
             row = {"variant": variant, **run_cell(task, out, vp_mode, layout, args)}
             print(json.dumps(row), flush=True)
             rows = save_row(base, row)
+        print("\n" + results_table(rows))
+    if args.only == "table":
+        path = base / "results.json"
+        rows = [backfill_hits(base, r) for r in json.loads(path.read_text())]
         print("\n" + results_table(rows))
     if args.only in (None, "mixed"):
         from gemel.train import DEFAULT_LAYOUT
