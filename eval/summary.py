@@ -274,7 +274,7 @@ def format_summary(result: dict) -> str:
                 f"{_cell(block, m, _CI[m]):<{widths[m]}}" for m in METRICS))
         if "candidate_recall" in e:
             r = e["candidate_recall"]
-            label = f"candidate recall@{e.get('candidates', 'C')}"
+            label = f"candidate recall@{e.get('num_candidates', 'C')}"
             lines.append(f"{label:<20} {r['n']:>6} {r['value']:.1f} "
                          f"[{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]")
         if "nil" in e:

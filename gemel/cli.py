@@ -158,7 +158,7 @@ def evaluation_summary(linker, kb, rows: list[dict], mentions, train, out_path) 
         r.to_json() for r in exact_match(kb, mentions)])], mentions, train=train, kb=kb)
     gemel_metrics, exact = result["files"]
     if linker.config.num_candidates:
-        gemel_metrics["candidates"] = linker.config.num_candidates  # C of recall@C
+        gemel_metrics["num_candidates"] = linker.config.num_candidates  # C of recall@C
     click.echo("gemel beside the exact-match baseline, on the same mentions:")
     click.echo(format_summary(result))
     return {"gemel": gemel_metrics, "exact_match": exact, "paired": result["paired"]}

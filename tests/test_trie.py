@@ -88,9 +88,9 @@ def test_root_unknown_and_walk(trie):
     assert trie.allowed([9, T]).size == 0  # a finished title allows nothing
     node = trie.root
     for t in [5, 6, 7, T]:
-        tokens, kids = trie.children(node)
-        assert list(tokens) == sorted(tokens) and list(kids) == list(range(kids[0], kids[-1] + 1))
-        assert trie.step(node, t) == kids[list(tokens).index(t)]
+        tokens, nodes = trie.children(node)
+        assert list(tokens) == sorted(tokens) and list(nodes) == list(range(nodes[0], nodes[-1] + 1))
+        assert trie.step(node, t) == nodes[list(tokens).index(t)]
         node = trie.step(node, t)
     assert trie.value(node) == 0 and trie.children(node)[0].size == 0
     assert trie.step(trie.root, 4) == -1 and trie.step(-1, 5) == -1
