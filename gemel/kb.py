@@ -11,7 +11,8 @@ whose positions are the entity trie's leaf values.
 
 Storage is columnar (lists and numpy arrays, no ``Entity`` object per row until one is asked for)
 and the title index is a ``marisa_trie.Trie``, so that a KB of millions of entities stays within
-memory a laptop has.
+memory a laptop has. Reading the file (chunked decoding, record checks, the bad-record policy)
+is :mod:`gemel.kb_jsonl`'s.
 """
 from __future__ import annotations
 
@@ -25,10 +26,9 @@ import marisa_trie
 import numpy as np
 
 from gemel.errors import BadRecords, DataError
-from gemel.textfile import decode_line, iter_lines
+from gemel.kb_jsonl import (check_aliases, check_id, check_optional_str, check_title,
+                            read_kb_jsonl)
 from gemel.types import Entity
-
-_FIX_LINE = 'each line must be a JSON object like {"id": "Q90", "title": "Paris"}'
 
 
 def normalize(text: str, casefold: bool = True) -> str:
@@ -81,54 +81,17 @@ class KnowledgeBase:
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike, on_bad: str = "raise") -> "KnowledgeBase":
-        """Read a KB JSONL file; a DataError names the file, line and field of a bad record.
+        """Read a KB JSONL file (:func:`gemel.kb_jsonl.read_kb_jsonl`); a DataError names the
+        file, line and field of a bad record.
 
         ``on_bad="skip"`` leaves bad records out (undecodable or invalid JSON, a missing or empty
         id or title, wrong types, a repeated id: the later one) and counts them in
         :attr:`bad`; ``"raise"`` (default) stops at the first. A KB with no entity left is an
         error either way.
         """
-        if on_bad not in ("raise", "skip"):
-            raise DataError(f"on_bad must be 'raise' or 'skip' for a KB, not {on_bad!r}",
-                            field="on_bad")
-        path = Path(path)
-        bad = BadRecords(path)
-        ids: list[str] = []
-        titles: list[str] = []
-        descriptions: list[str] = []
-        aliases: dict[int, tuple[str, ...]] = {}
-        images: dict[int, str] = {}
-        lines: list[int] = []
-        for linenos, recs in _json_chunks(path, on_bad, bad):
-            base = len(ids)
-            if not _well_formed(recs):
-                # Find and name the bad records (slow path, only on bad input).
-                kept = [(n, r) for n, r in zip(linenos, recs)
-                        if _kept(lambda: _check_record(r, path, f"line {n}"), on_bad, bad)]
-                linenos, recs = [n for n, _ in kept], [r for _, r in kept]
-            # Whole-chunk column extraction: list comprehensions run several times faster than
-            # one Python-level loop body per entity, which matters at millions of entities.
-            ids.extend([r["id"] for r in recs])
-            titles.extend([r["title"] for r in recs])
-            descriptions.extend([r.get("description") or "" for r in recs])
-            for i, r in enumerate(recs):
-                if r.get("aliases"):
-                    aliases[base + i] = tuple(a for a in r["aliases"] if a.strip())
-                if r.get("image"):
-                    images[base + i] = r["image"]
-            lines.extend(linenos)
-        if on_bad == "skip" and len(set(ids)) != len(ids):
-            keep = _first_of_each_id(ids, lines, path, bad)
-            ids, titles, descriptions, lines = ([col[p] for p in keep]
-                                                for col in (ids, titles, descriptions, lines))
-            new_pos = {old: new for new, old in enumerate(keep)}
-            aliases = {new_pos[p]: a for p, a in aliases.items() if p in new_pos}
-            images = {new_pos[p]: a for p, a in images.items() if p in new_pos}
-        if not ids:
-            raise DataError("the KB has no entities" + (f" ({bad.count} bad records skipped: "
-                                                        f"{bad.examples[0]})" if bad.count else ""),
-                            path=path, fix=_FIX_LINE + ", one entity a line")
-        kb = cls(ids, titles, descriptions, aliases, images, source=str(path), lines=lines)
+        c, bad = read_kb_jsonl(path, on_bad)
+        kb = cls(c.ids, c.titles, c.descriptions, c.aliases, c.images, source=str(Path(path)),
+                 lines=c.lines)
         kb.bad = bad
         return kb
 
@@ -140,10 +103,10 @@ class KnowledgeBase:
         images: dict[int, str] = {}
         for pos, e in enumerate(entities):
             where = f"entity {pos}"
-            ids.append(_entity_id(e.id, None, where))
-            titles.append(_title(e.title, None, where))
-            descriptions.append(_optional_str(e.description, "description", None, where))
-            al = _aliases(list(e.aliases) if e.aliases else None, None, where)
+            ids.append(check_id(e.id, None, where))
+            titles.append(check_title(e.title, None, where))
+            descriptions.append(check_optional_str(e.description, "description", None, where))
+            al = check_aliases(list(e.aliases) if e.aliases else None, None, where)
             if al:
                 aliases[pos] = al
             if e.image:
@@ -282,162 +245,6 @@ def _raise_duplicate(ids: list[str], source: str | None, lines: list[int] | None
             raise DataError(f"duplicate id {entity_id!r} (first on {where(seen)})", path=source,
                             record=where(pos), field="id",
                             fix="ids must be unique: drop or rename one of the two entities")
-
-
-# -- reading ---------------------------------------------------------------------------------------
-_CHUNK = 20000  # lines decoded per json.loads call
-_STR = {str}
-_STR_OR_NONE = {str, type(None)}
-
-
-def _kept(check, on_bad: str, bad: BadRecords) -> bool:
-    """Run ``check``; False (the record counted in ``bad``) when it raises under "skip"."""
-    try:
-        check()
-    except DataError as err:
-        if on_bad != "skip":
-            raise
-        bad.add(err)
-        return False
-    return True
-
-
-def _first_of_each_id(ids: list[str], lines: list[int], path: Path, bad: BadRecords) -> list[int]:
-    """Positions to keep: the first entity of each id; each later one is counted as bad."""
-    first: dict[str, int] = {}
-    keep = []
-    for pos, entity_id in enumerate(ids):
-        seen = first.setdefault(entity_id, pos)
-        if seen == pos:
-            keep.append(pos)
-        else:
-            bad.add(DataError(f"duplicate id {entity_id!r} (first on line {lines[seen]})",
-                              path=path, record=f"line {lines[pos]}", field="id",
-                              fix="ids must be unique: drop or rename one of the two entities"))
-    return keep
-
-
-def _json_chunks(path: Path, on_bad: str = "raise",
-                 bad: BadRecords | None = None) -> Iterator[tuple[list[int], list]]:
-    """(line numbers, parsed values) for the non-blank lines of a JSONL file, a chunk at a time.
-
-    A chunk is decoded as one JSON array (one C call instead of one Python call per line: ~3x
-    faster on millions of lines); a chunk that fails is decoded line by line to name the bad line.
-    Under ``on_bad="skip"`` lines that are not UTF-8 or not JSON are left out, counted in ``bad``.
-    """
-    bad = bad if bad is not None else BadRecords(path)
-    chunk: list[tuple[int, str]] = []
-    for lineno, raw in iter_lines(path, "KB file"):
-        if raw.strip():
-            try:
-                chunk.append((lineno, raw.decode("utf-8")))
-            except UnicodeDecodeError:  # decode_line raises the DataError that names it
-                _kept(lambda: decode_line(raw, path, lineno), on_bad, bad)
-            if len(chunk) >= _CHUNK:
-                yield _decode(chunk, path, on_bad, bad)
-                chunk = []
-    if chunk:
-        yield _decode(chunk, path, on_bad, bad)
-
-
-def _decode(chunk: list[tuple[int, str]], path: Path, on_bad: str = "raise",
-            bad: BadRecords | None = None) -> tuple[list[int], list]:
-    linenos = [n for n, _ in chunk]
-    try:
-        values = json.loads("[" + ",".join(line for _, line in chunk) + "]")
-    except json.JSONDecodeError:
-        values = None
-    # Joined lines could pair up differently from the file's lines (`1, 2` on one line is two
-    # values; an object cut across two lines is one). Each line must hold one whole object: the
-    # brace check and the count check send anything else down the line-by-line path.
-    if (values is not None and len(values) == len(chunk)
-            and all(line.lstrip().startswith("{") and line.rstrip().endswith("}")
-                    for _, line in chunk)):
-        return linenos, values
-    kept_lines, values = [], []
-    for lineno, line in chunk:
-        try:
-            values.append(json.loads(line))
-            kept_lines.append(lineno)
-        except json.JSONDecodeError as err:
-            error = DataError(f"not valid JSON ({err.msg}, column {err.colno})", path=path,
-                              record=f"line {lineno}", fix=_FIX_LINE)
-            if on_bad != "skip":
-                raise error from None
-            (bad if bad is not None else BadRecords(path)).add(error)
-    return kept_lines, values
-
-
-def _well_formed(recs: list) -> bool:
-    """True when every record passes :func:`_check_record` (checked column-wise, in C loops)."""
-    if set(map(type, recs)) != {dict}:
-        return False
-    ids = [r.get("id") for r in recs]
-    titles = [r.get("title") for r in recs]
-    return (set(map(type, ids)) == _STR and set(map(type, titles)) == _STR
-            and all(map(str.strip, ids)) and all(map(str.strip, titles))
-            and set(type(r.get("description")) for r in recs) <= _STR_OR_NONE
-            and set(type(r.get("image")) for r in recs) <= _STR_OR_NONE
-            and all(_aliases_ok(r.get("aliases")) for r in recs if r.get("aliases") is not None))
-
-
-def _aliases_ok(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(a, str) for a in value)
-
-
-def _check_record(rec: object, path: Path, where: str) -> None:
-    """Raise the DataError that names what is wrong with one record, if anything is."""
-    if type(rec) is not dict:
-        raise DataError(f"expected a JSON object, got {type(rec).__name__}", path=path,
-                        record=where, fix=_FIX_LINE)
-    entity_id = rec.get("id")
-    if isinstance(entity_id, int) and not isinstance(entity_id, bool):
-        rec["id"] = str(entity_id)  # numeric ids are kept as their decimal string
-    else:
-        _entity_id(entity_id, path, where)
-    _title(rec.get("title"), path, where)
-    _optional_str(rec.get("description"), "description", path, where)
-    _optional_str(rec.get("image"), "image", path, where)
-    _aliases(rec.get("aliases"), path, where)
-
-
-# -- field checks (shared by the file and the Entity readers) -------------------------------------
-def _entity_id(value: object, path, where: str) -> str:
-    # Integer ids are accepted (numeric KBs exist) and kept as their decimal string.
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, str) or not value.strip():
-        got = "missing" if value is None else f"{value!r} ({type(value).__name__})"
-        raise DataError(f"the entity id must be a non-empty string, got {got}", path=path,
-                        record=where, field="id", fix=_FIX_LINE)
-    return value
-
-
-def _title(value: object, path, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        got = "missing" if value is None else f"{value!r} ({type(value).__name__})"
-        raise DataError(f"the title must be a non-empty string, got {got}", path=path,
-                        record=where, field="title",
-                        fix="give every entity the title the model should generate")
-    return value
-
-
-def _optional_str(value: object, field: str, path, where: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise DataError(f"expected a string or null, got {type(value).__name__}", path=path,
-                        record=where, field=field)
-    return value
-
-
-def _aliases(value: object, path, where: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
-        raise DataError("expected a list of strings", path=path, record=where, field="aliases",
-                        fix='write aliases as ["alias one", "alias two"] or leave the field out')
-    return tuple(a for a in value if a.strip())
 
 
 __all__ = ["KnowledgeBase", "normalize"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import gemel.kb as kb_module
+import gemel.kb_jsonl as kb_jsonl
 from gemel.errors import DataError
 from gemel.kb import KnowledgeBase
 from gemel.types import Entity
@@ -150,7 +150,7 @@ def test_bad_records_name_file_line_and_field(tmp_path, lines, record, field, wo
 
 
 def test_bad_line_found_in_a_later_chunk(tmp_path, monkeypatch):
-    monkeypatch.setattr(kb_module, "_CHUNK", 3)
+    monkeypatch.setattr(kb_jsonl, "_CHUNK", 3)
     lines = [json.dumps({"id": f"Q{i}", "title": f"T{i}"}) for i in range(10)]
     kb = KnowledgeBase.from_jsonl(write_lines(tmp_path / "ok.jsonl", lines))
     assert kb.ids == [f"Q{i}" for i in range(10)]
