@@ -171,3 +171,14 @@ def test_modules_import_only_their_floor_or_below():
     upward = sorted((m, d) for m, deps in graph.items() for d in deps
                     if m != "gemel" and d != "gemel" and floor(d) > floor(m))
     assert not upward, f"imports up the floors: {upward}"
+
+
+def test_the_module_table_lists_only_modules_that_exist():
+    """docs/architecture.md's table names no module or package that is gone (the test above
+    checks the other way: every module has a floor)."""
+    modules = set(sources())
+    listed = doc_floors()
+    assert len(listed) > 20, sorted(listed)  # the table was read
+    gone = sorted(m for m in listed
+                  if m not in modules and not any(x.startswith(m + ".") for x in modules))
+    assert not gone, f"docs/architecture.md lists modules that do not exist: {gone}"
