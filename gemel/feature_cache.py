@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from gemel.errors import DataError
-from gemel.files import file_sha256
+from gemel.files import atomic_file, file_sha256, write_atomic
 
 
 def open_feature_cache(setting: str | os.PathLike | None = "auto") -> FeatureCache | None:
@@ -128,7 +127,8 @@ class FeatureCache:
         for group in by_dim.values():
             name = f"{uuid.uuid4().hex[:16]}.npy"
             rows = np.concatenate([a for _, a in group])
-            _atomic_write(self.folder / "shards" / name, lambda f, r=rows: np.save(f, r))
+            with atomic_file(self.folder / "shards" / name, "wb") as f:
+                np.save(f, rows)
             row = 0
             for key, array in group:
                 new[key] = [name, row, int(array.shape[0])]
@@ -137,8 +137,7 @@ class FeatureCache:
             merged = self._read_index()
             merged.update(new)
             index = {"format": self.FORMAT, "version": self.VERSION, "entries": merged}
-            _atomic_write(self.folder / "index.json",
-                          lambda f: f.write(json.dumps(index, separators=(",", ":")).encode()))
+            write_atomic(self.folder / "index.json", json.dumps(index, separators=(",", ":")))
         self._entries = merged
         self.stats["written"] += len(self._pending)
         self._pending = {}
@@ -176,20 +175,6 @@ class FeatureCache:
 
     def __repr__(self) -> str:
         return f"FeatureCache({str(self.folder)!r}, entries={len(self)}, stats={self.stats})"
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 @contextmanager

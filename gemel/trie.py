@@ -42,6 +42,7 @@ from typing import Sequence
 import numpy as np
 
 from gemel.errors import DataError, MismatchError
+from gemel.files import atomic_file, write_atomic
 from gemel.title_tokens import lengths_to_offsets, tokenize_titles, tokenizer_identity
 from gemel.trie_hash import HASH_NAME, NATIVE_HASH, hash_index, small_index, tuple_hash
 from gemel.trie_levels import build_levels, check_paths, check_sequences
@@ -461,18 +462,16 @@ class EntityTrie:
             if arr is None or (name in ("duplicates", "alt_leaf") and not len(arr)):
                 path.unlink(missing_ok=True)
                 continue
-            tmp = folder / f".{name}.tmp.npy"
-            np.save(tmp, np.ascontiguousarray(arr), allow_pickle=False)
-            os.replace(tmp, path)  # a trie loaded (mmap) from here keeps the old file's pages
+            # renamed over the old file: a trie loaded (mmap) from here keeps the old file's pages
+            with atomic_file(path, "wb") as f:
+                np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
         info = {"format": FORMAT, "version": VERSION, "terminator": self.terminator,
                 "hash": HASH_NAME, "slots": self.slots,
                 "shared_hashes": sorted(self._shared),
                 "n_nodes": len(self.edge_token), "meta": self.meta,
                 "boundary_merged": self.boundary_merged,
                 "terminator_merged": self.terminator_merged}
-        tmp = folder / ".trie.tmp.json"
-        tmp.write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, folder / "trie.json")
+        write_atomic(folder / "trie.json", json.dumps(info, indent=1, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, folder: str | os.PathLike, expect: dict | None = None,

@@ -109,7 +109,7 @@ def test_write_jsonl_round_trip(kb_file, tmp_path):
     first = json.loads(out.read_text(encoding="utf-8").splitlines()[0])
     assert first == {"id": "Q90", "title": "Paris", "aliases": ["City of Light"],
                      "description": "capital of France", "image": None}
-    assert not (tmp_path / "sub" / "kb_out.jsonl.tmp").exists()
+    assert not list((tmp_path / "sub").glob("*.tmp"))  # no temporary file left
 
 
 def test_integer_ids_are_kept_as_strings(tmp_path):

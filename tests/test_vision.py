@@ -289,17 +289,17 @@ def test_interrupted_flush_leaves_a_valid_cache(tmp_path, image_files, monkeypat
     enc.encode_paths(image_files[:2], cache=FeatureCache(folder))
     index_before = (folder / "index.json").read_text()
 
-    real = feature_cache._atomic_write
+    real = feature_cache.write_atomic  # how the cache writes its index
 
-    def crash_on_index(path, write):
+    def crash_on_index(path, text):
         if path.name == "index.json":
             raise KeyboardInterrupt  # killed between writing the shard and the index
-        real(path, write)
+        real(path, text)
 
-    monkeypatch.setattr(feature_cache, "_atomic_write", crash_on_index)
+    monkeypatch.setattr(feature_cache, "write_atomic", crash_on_index)
     with pytest.raises(KeyboardInterrupt):
         enc.encode_paths(image_files[2:4], cache=FeatureCache(folder))
-    monkeypatch.setattr(feature_cache, "_atomic_write", real)
+    monkeypatch.setattr(feature_cache, "write_atomic", real)
     assert (folder / "index.json").read_text() == index_before
     assert not list(folder.rglob("*.tmp"))
     reopened = FeatureCache(folder)

@@ -19,6 +19,7 @@ from gemel.data.images import ImageFinder
 from gemel.data.records import text_field
 from gemel.data.report import ReadReport
 from gemel.errors import DataError
+from gemel.files import atomic_file
 from gemel.textfile import decode_line, iter_lines
 from gemel.types import BadMention, Mention
 
@@ -168,21 +169,20 @@ def _polygon(value: object, path: Path, where: str) -> tuple[tuple[float, float]
 def write_mentions(mentions: Iterable[Mention], path: str | os.PathLike) -> int:
     """Write mentions as our JSONL (images relative to the file's folder); returns the count.
 
-    Written to a temporary file and renamed, so an interrupted write never leaves half a file.
+    Written to a temporary file and renamed (:func:`gemel.files.atomic_file`), so an interrupted
+    write never leaves half a file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = path.parent.resolve()
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         for m in mentions:
             d = m.to_json()
             if m.image is not None:
                 d["image"] = _relative(m.image, folder)
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 
