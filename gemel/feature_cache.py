@@ -177,6 +177,28 @@ class FeatureCache:
         return f"FeatureCache({str(self.folder)!r}, entries={len(self)}, stats={self.stats})"
 
 
+def lookup(keys: list[str], cache: FeatureCache | None
+           ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Split distinct keys into those the cache holds (key -> [k, feature_dim]) and those to
+    encode (key -> first item needing it, in order of first use); count the cache's hits and
+    misses per item. No cache: every key is to encode."""
+    found: dict[str, np.ndarray] = {}
+    todo: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key in found or key in todo:
+            continue
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None:
+            found[key] = hit
+        else:
+            todo[key] = i
+    if cache is not None:
+        hits = sum(1 for key in keys if key in found)
+        cache.stats["hits"] += hits
+        cache.stats["misses"] += len(keys) - hits
+    return found, todo
+
+
 @contextmanager
 def _locked(path: Path):
     """An exclusive advisory lock (POSIX); elsewhere, index merges are last-writer-wins."""

@@ -51,7 +51,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from gemel.errors import DataError, GemelError, MismatchError
-from gemel.feature_cache import FeatureCache
+from gemel.feature_cache import FeatureCache, lookup
 from gemel.types import Mention
 from gemel.visual_prompt import VisualPrompt
 
@@ -443,7 +443,7 @@ class VisionEncoder:
                              "(gemel.visual_prompt.settings_key), or cached features would mix up")
         ids = list(ids) if ids is not None else [None] * n
         keys = self._item_keys(paths, settings, ids, cache, unknown_render)
-        found, todo = _lookup(keys, cache)
+        found, todo = lookup(keys, cache)
         try:
             self._encode_missing(todo, paths, ids, render, regions, found, cache)
         finally:  # keep what was encoded, even when a bad image stops the run
@@ -586,24 +586,3 @@ def _settings_per_item(vp_settings: Sequence[str] | str | None, n: int) -> list[
     if len(settings) != n:
         raise GemelError(f"{n} paths but {len(settings)} visual-prompt settings")
     return settings
-
-
-def _lookup(keys: list[str], cache: FeatureCache | None
-            ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Split distinct keys into those the cache holds (key -> [k, feature_dim]) and those to
-    encode (key -> first item needing it); count hits and misses per item."""
-    found: dict[str, np.ndarray] = {}
-    todo: dict[str, int] = {}
-    for i, key in enumerate(keys):
-        if key in found or key in todo:
-            continue
-        hit = cache.get(key) if cache is not None else None
-        if hit is not None:
-            found[key] = hit
-        else:
-            todo[key] = i
-    if cache is not None:
-        hits = sum(1 for key in keys if key in found)
-        cache.stats["hits"] += hits
-        cache.stats["misses"] += len(keys) - hits
-    return found, todo
