@@ -15,6 +15,10 @@ def hits_at_k(rows: Iterable[dict], ks: Sequence[int] = (1, 5)) -> dict:
     A hit at k: the gold entity id is among the first k candidates. Rows of a NIL-mode run whose
     gold is NIL (``gold_nil: true``) count too: their hit is the NIL answer (``entity_id`` null).
     Without NIL mode, NIL golds have no id and are left out.
+
+    The quick H@k of training, fusion fitting and benchmarks: it trusts each row's own gold and
+    gives no interval. ``gemel eval`` (:mod:`gemel.eval.summary`) ranks the gold of the mentions
+    the rows were made from, with bootstrap intervals and subsets.
     """
     n, hits, errors = 0, {k: 0 for k in ks}, 0
     for row in rows:

@@ -19,6 +19,7 @@ block for every kind; a block that names ``{mention}`` never serves a mention wi
 
 A built prompt is a list of segments — ``str`` for text, :class:`ImageSlot` for a mention's image —
 so that the model can embed text through the LLM's embedding table and images through the mapper.
+Adding a template: docs/architecture.md ("Where to add").
 """
 from __future__ import annotations
 

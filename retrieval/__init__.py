@@ -6,7 +6,8 @@
 
 Names: ``simcse`` (the method: sentence embeddings, MiniLM by default), ``bm25`` (lexical,
 bm25s), ``random`` (seeded), ``hybrid`` (weighted mix). A query never gets its own record (same
-id) or any record with the same mention and sentence.
+id) or any record with the same mention and sentence. Adding a retriever: docs/architecture.md
+("Where to add").
 """
 from gemel.retrieval.base import (FIELDS, Demonstration, ExclusionIndex, Retriever,
                                   ScoredRetriever, field_text, order_demonstrations)

@@ -6,7 +6,8 @@
 Formats (``fmt``, auto-detected from the JSON shape): ``native`` (our mentions JSONL),
 ``wikidiverse``, ``wikimel``, ``mimic``, ``vpwiki``; see each module for the shape and the id
 scheme. NIL answers are kept and marked (:mod:`gemel.data.nil`). Images named by a record but not
-found are dropped from the mention (text only) and counted in the :class:`ReadReport`.
+found are dropped from the mention (text only) and counted in the :class:`ReadReport`. Adding a
+reader: docs/architecture.md ("Where to add").
 """
 from gemel.data.convert import convert
 from gemel.data.native import write_mentions

@@ -56,6 +56,9 @@ The modules, in the order a run meets them (``loop.train`` reads top to bottom t
 ``log``            ``train_log.jsonl`` (and a tracker), loss window and step timing
 ``loop``           :func:`train` and one optimisation step
 =================  =========================================================================
+
+Where training sits among the modules (above the linker, beside ``gemel.eval``):
+docs/architecture.md.
 """
 from __future__ import annotations
 
