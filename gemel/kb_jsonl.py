@@ -220,12 +220,12 @@ def check_title(value: object, path, where: str) -> str:
     return value
 
 
-def check_optional_str(value: object, field: str, path, where: str) -> str:
+def check_optional_str(value: object, name: str, path, where: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
         raise DataError(f"expected a string or null, got {type(value).__name__}", path=path,
-                        record=where, field=field)
+                        record=where, field=name)
     return value
 
 

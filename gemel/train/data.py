@@ -51,10 +51,10 @@ def load_data(config: TrainConfig, kb: KnowledgeBase | None = None,
     if train_mentions is None:
         if not config.data:
             raise GemelError("training needs training mentions (--data FILE)")
-        train_mentions = read_mentions(config.data, config, config.split, config.limit)
+        train_mentions = training_mentions(config.data, config, config.split, config.limit)
     if dev_mentions is None and (config.dev or config.dev_split):
         dev_path = config.dev or config.data
-        dev_mentions = read_mentions(dev_path, config, config.dev_split, config.dev_limit)
+        dev_mentions = training_mentions(dev_path, config, config.dev_split, config.dev_limit)
     items, skipped = training_items(train_mentions, kb, source=config.data)
     if not items:
         raise DataError(f"no training item: every mention lacks an image or a gold entity in the KB "
@@ -64,7 +64,8 @@ def load_data(config: TrainConfig, kb: KnowledgeBase | None = None,
                         [m for m in (dev_mentions or []) if m.entity_id is not None])
 
 
-def read_mentions(path, config: TrainConfig, split: str | None, limit: int | None) -> list[Mention]:
+def training_mentions(path, config: TrainConfig, split: str | None, limit: int | None
+                      ) -> list[Mention]:
     """Training or dev mentions: bad records skipped and reported (``config.strict``: an error)."""
     from gemel.data.inputs import load_mentions
 
