@@ -108,8 +108,9 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "gemel.cli", "convert", "--data", str(args.data),
                             "--out", str(args.out / "all.jsonl"), "--kb-out", str(args.kb)],
                            check=True, stdout=subprocess.DEVNULL)
-    flags = sorted({f for f in ("avx2", "avx512_bf16", "amx_bf16")
-                    if f in Path("/proc/cpuinfo").read_text()}) if Path("/proc/cpuinfo").exists() else []
+    from gemel.machine import cpu_info
+
+    flags = sorted(cpu_info()[1] & {"avx2", "avx512_bf16", "amx_bf16"})
     print(f"cpu flags: {' '.join(flags) or '?'}; model {args.model}, dtype {args.dtype}, "
           f"{args.limit} {args.data.stem} {args.split} mentions, beams {args.beams}, "
           f"batch {args.batch_size}")

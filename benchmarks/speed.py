@@ -319,7 +319,7 @@ def load_inputs(args: argparse.Namespace) -> tuple:
 
 def describe_machine(args: argparse.Namespace) -> tuple[dict, dict]:
     """The machine (CPU flags, dtype, threads, load) and its measured matmul peaks, printed."""
-    from gemel.backends.hf import pick_dtype
+    from gemel.machine import pick_dtype
 
     dtype = pick_dtype("cpu", args.dtype)
     flags = cpu_flags()

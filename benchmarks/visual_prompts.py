@@ -489,8 +489,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split()
-                    if f in ("avx2", "avx512_bf16", "amx_bf16")})
+    from gemel.machine import cpu_info
+
+    flags = sorted(cpu_info()[1] & {"avx2", "avx512_bf16", "amx_bf16"})
     print(f"CPU flags {flags}; {args.threads} threads; dtype {args.dtype}; epochs {args.epochs}, "
           f"batch {args.batch_size}, lr {args.lr}, beams {args.beams}, template {args.template}")
     base = Path(args.out)

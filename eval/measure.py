@@ -60,16 +60,9 @@ def peak_rss_gib() -> float:
 @lru_cache(maxsize=1)
 def cpu() -> dict:
     """CPU model, the SIMD flags that decide fp32/bf16 speed, and core counts."""
-    model, flags = None, set()
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            for line in f:
-                if line.startswith("model name") and model is None:
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags.update(line.split(":", 1)[1].split())
-    except OSError:  # not Linux: the flags stay unknown
-        pass
+    from gemel.machine import cpu_info
+
+    model, flags = cpu_info()  # not Linux: no model, the flags unknown
     return {"model": model or platform.processor(), "flags": [f for f in CPU_FLAGS if f in flags],
             "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0))
             if hasattr(os, "sched_getaffinity") else None}

@@ -10,7 +10,7 @@ import yaml
 from gemel.errors import DataError
 from gemel.textfile import read_text
 
-#: the weight precisions a config or a --dtype flag may name (resolved by backends.hf.pick_dtype)
+#: the weight precisions a config or a --dtype flag may name (resolved by gemel.machine.pick_dtype)
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 T = TypeVar("T")

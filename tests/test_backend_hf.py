@@ -168,7 +168,7 @@ def test_terminator_is_template_newline_not_eos(opt_pair):
 
 
 def test_dtype_choice_on_cpu():
-    from gemel.backends.hf import cpu_has_fast_bf16, pick_dtype
+    from gemel.machine import cpu_has_fast_bf16, pick_dtype
 
     assert pick_dtype("cpu", "fp32") is torch.float32
     assert pick_dtype("cpu") is (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)

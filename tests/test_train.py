@@ -397,7 +397,7 @@ def test_bf16_autocast_run_after_an_fp32_run_in_one_process(tmp_path, sp_tokeniz
 
 def test_auto_mixed_precision_follows_the_backend_dtype_choice():
     """Training autocasts in the dtype the hf backend would load the LLM in (one precision rule)."""
-    from gemel.backends.hf import pick_dtype
+    from gemel.machine import pick_dtype
     from gemel.train.launch import mixed_precision
 
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}

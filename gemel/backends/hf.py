@@ -12,7 +12,6 @@ import copy
 import inspect
 import time
 from contextlib import contextmanager
-from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +21,7 @@ from gemel.backends import score_tree
 from gemel.backends.base import Backend
 from gemel.backends.prefix_attention import NAME, PrefixState, supports_prefix_attention
 from gemel.backends.prefix_attention import register as register_prefix_attention
+from gemel.machine import pick_dtype
 
 
 def _cache_kwarg(model) -> str:
@@ -287,29 +287,6 @@ def _target_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head,
         at = which[here] - lo
         out[here] = block[at, targets[here]] - block.logsumexp(-1)[at]
     return out
-
-
-@lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matmul several times faster than fp32. Without them (AVX2 only)
-    PyTorch emulates bf16 and it is ~100x *slower* than fp32 (measured on an AVX2 host)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def pick_dtype(device: str, requested: str = "auto") -> torch.dtype:
-    """bf16 where the device has fast bf16 (CUDA with bf16 support, CPU with AMX/AVX512-BF16), else
-    fp16 on older GPUs, else fp32."""
-    if requested != "auto":
-        return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[requested]
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
 class HFBackend(Backend):

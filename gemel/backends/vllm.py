@@ -132,7 +132,7 @@ class VLLMBackend(Backend):
         eagerly (no torch.compile) unless ``enforce_eager=False``. The caller needs
         an ``if __name__ == "__main__":`` guard: vLLM spawns its engine process.
         """
-        from gemel.backends.hf import pick_dtype
+        from gemel.machine import pick_dtype
         from gemel.sources import load_tokenizer, resolve
 
         import_vllm()

@@ -37,11 +37,11 @@ def start_accelerator(config: TrainConfig, out: Path) -> tuple[Accelerator, str 
 
 def mixed_precision(requested: str, device: str) -> str:
     """accelerate's name of the autocast precision: ``auto`` follows the backend's choice of
-    dtype for the device (:func:`gemel.backends.hf.pick_dtype`: bf16 where it is fast, fp16 on
+    dtype for the device (:func:`gemel.machine.pick_dtype`: bf16 where it is fast, fp16 on
     GPUs without bf16, else none — bf16 is emulated, ~100x slower, on CPUs without AMX / AVX512-BF16)."""
     if requested != "auto":
         return requested
-    from gemel.backends.hf import pick_dtype
+    from gemel.machine import pick_dtype
 
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(pick_dtype(device), "no")
 
