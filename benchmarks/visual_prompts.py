@@ -282,7 +282,8 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
         if rec.get("event") == "eval" and rec["step"] == best_step:
             dev_rows = rec["dev"].get("top1") or {}
     test = read_mentions(task["test"])
-    row = {"vp_mode": vp_mode, "layout": layout, "epochs": args.epochs, "seed": args.seed,
+    row = {"vp_mode": vp_mode, "layout": layout, "template": args.template,
+           "epochs": args.epochs, "seed": args.seed,
            "batch_size": args.batch_size, "lr": args.lr, "steps": summary["steps"],
            "s_per_step": summary["seconds_per_step"], "train_s": round(train_s, 1),
            "train_dev_h1": summary["best_dev_h1"]}
@@ -308,16 +309,21 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
 
 def cell_name(variant: str, vp_mode: str, layout: str, args) -> str:
     """The folder of one cell under --out: its variant, mode, layout and training settings."""
+    # the template joins the name only when it is not the default: folders of earlier rows stay
+    # found, and a gemel_vp mapper is never picked up by the mixed run (which needs gemel's forms)
+    template = getattr(args, "template", "gemel")
     return (f"{variant}-{vp_mode}-{layout.replace(':', '')}-e{args.epochs}b{args.batch_size}"
-            f"lr{args.lr:g}" + (f"s{args.seed}" if args.seed else ""))
+            f"lr{args.lr:g}" + (f"s{args.seed}" if args.seed else "")
+            + (f"-{template}" if template != "gemel" else ""))
 
 
 def save_row(base: Path, row: dict) -> list[dict]:
     """Add one cell's row to ``results.json`` / ``results.md`` under ``base`` (a rerun of a cell
     with the same settings replaces its row); returns all rows."""
     def key(r: dict) -> tuple:
-        return tuple(r.get(k, 0 if k == "seed" else None)
-                     for k in ("variant", "vp_mode", "layout", "epochs", "batch_size", "lr", "seed"))
+        return tuple(r.get(k, {"seed": 0, "template": "gemel"}.get(k))
+                     for k in ("variant", "vp_mode", "layout", "epochs", "batch_size", "lr", "seed",
+                               "template"))
 
     path = base / "results.json"
     rows = [backfill_hits(base, r) for r in (json.loads(path.read_text()) if path.exists() else [])
@@ -331,7 +337,8 @@ def backfill_hits(base: Path, row: dict) -> dict:
     """``hits_image`` / ``hits_no_image`` ("hits/n") of a row written before they were recorded,
     counted from the cell's link files under ``base``."""
     cell = base / cell_name(row["variant"], row["vp_mode"], row["layout"], argparse.Namespace(
-        epochs=row["epochs"], batch_size=row["batch_size"], lr=row["lr"], seed=row.get("seed", 0)))
+        epochs=row["epochs"], batch_size=row["batch_size"], lr=row["lr"], seed=row.get("seed", 0),
+        template=row.get("template", "gemel")))
     for name in ("image", "no_image"):
         path = cell / f"link-{name}.jsonl"
         if f"hits_{name}" not in row and path.exists():
@@ -350,7 +357,9 @@ def results_table(rows: list[dict]) -> str:
     lines = ["| variant | vp-mode | layout | seed | H@1 image | wrong top-1 | --no-image | "
              "train-dev H@1 | same top-1 | training |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['vp_mode']} | {r['layout']} | {r.get('seed', 0)} | "
+        lines.append(f"| {r['variant']} | {r['vp_mode']} | {r['layout']}"
+                     f"{'' if r.get('template', 'gemel') == 'gemel' else ' (' + r['template'] + ')'}"
+                     f" | {r.get('seed', 0)} | "
                      f"{r['link_h1_image']:.1f} ({r.get('hits_image', '?')}) | {r.get('wrong', '-')} | "
                      f"{r['link_h1_no_image']:.1f} ({r.get('hits_no_image', '?')}) | "
                      f"{r['train_dev_h1']:.1f} | {r.get('top1_agree', '-')} | "
@@ -520,6 +529,9 @@ def main() -> None:
         from gemel.train import DEFAULT_LAYOUT
 
         make_emblem_task(base / "task-box", "box")
+        # gemel's forms: the text mentions get its text block, the box-only items its box block,
+        # which is gemel_vp's one block byte for byte (a gemel_vp mapper has the same prompts)
+        args = argparse.Namespace(**{**vars(args), "template": "gemel"})
         layout = DEFAULT_LAYOUT["overlay"]
         cell_dir = base / cell_name("box", "overlay", layout, args)
         if not (cell_dir / "mapper" / "best").exists():
