@@ -129,18 +129,6 @@ class LinearMapper(nn.Module):
         out = out.reshape(n, k * self.n_tokens, self.hidden)
         return out.to(self.out_dtype) if self.out_dtype is not None else out
 
-    @torch.no_grad()
-    def match_scale(self, features: torch.Tensor, target_rms: float) -> float:
-        """Rescale the weights so that the soft tokens of ``features`` ([n, k, feature_dim] or
-        [n, feature_dim], a sample of the training features) have root-mean-square
-        ``target_rms``, the bias zeroed: a fresh mapper then starts at the scale of the LLM's
-        input embeddings, whatever the encoder's feature scale. Returns the factor applied."""
-        self.proj.bias.zero_()
-        rms = float(self.proj(features.to(self.proj.weight)).float().pow(2).mean().sqrt())
-        factor = target_rms / rms if rms > 0 else 1.0
-        self.proj.weight.mul_(factor)
-        return factor
-
     # -- saving -----------------------------------------------------------------------------
     def config_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "feature_dim": self.feature_dim,

@@ -150,10 +150,8 @@ def test_mapper_learns_images_to_titles_and_nothing_else_moves(tmp_path, sp_toke
     t0 = time.perf_counter()
     # 8 soft tokens (GEMEL uses 4): a 32-wide random LLM needs the extra room. Measured over 7
     # seeds (LLM, encoder and mapper init): every one reached 100% by step 150 with 8 tokens;
-    # with 4, two of four seeds were still at 93.75% after 300 steps. Seed 0 got there by step 50
-    # at nn.Linear's default init; with the soft tokens started at the embeddings' scale (0.2
-    # in this x10 model, a third of the default's), by step 200 (93.75 after 200 steps).
-    summary = train(config(tmp_path / "ckpt", epochs=400, batch_size=16, lr=1e-1, eval_every=100,
+    # with 4, two of four seeds were still at 93.75% after 300 steps. Seed 0 gets there by step 50.
+    summary = train(config(tmp_path / "ckpt", epochs=200, batch_size=16, lr=1e-1, eval_every=100,
                            n_visual_tokens=8),
                     llm=llm, tokenizer=sp_tokenizer,
                     vision=vision, kb=kb, train_mentions=mentions, dev_mentions=mentions)
@@ -188,7 +186,7 @@ def test_mapper_trains_on_cuda_with_mixed_precision(tmp_path, sp_tokenizer):
     kb, mentions = make_task(tmp_path / "images")
     llm, vision = steerable_llama(len(sp_tokenizer)), tiny_clip()
     llm_before, vision_before = snapshot(llm), snapshot(vision.model)
-    summary = train(config(tmp_path / "ckpt", epochs=400, batch_size=16, lr=1e-1, eval_every=100,
+    summary = train(config(tmp_path / "ckpt", epochs=200, batch_size=16, lr=1e-1, eval_every=100,
                            n_visual_tokens=8, cpu=False, mixed_precision="auto"),
                     llm=llm, tokenizer=sp_tokenizer,
                     vision=vision, kb=kb, train_mentions=mentions, dev_mentions=mentions)
@@ -405,22 +403,3 @@ def test_auto_mixed_precision_follows_the_backend_dtype_choice():
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
     assert mixed_precision("auto", "cpu") == names[pick_dtype("cpu")]
     assert mixed_precision("fp16", "cpu") == "fp16" and mixed_precision("no", "cuda") == "no"
-
-
-def test_fresh_soft_tokens_start_at_the_llm_embedding_scale(tmp_path, sp_tokenizer):
-    """Before its first step the mapper's soft tokens have the root-mean-square of the LLM's input
-    embeddings, whatever the encoder's feature scale (nn.Linear's default gave SmolLM2 ~4x that,
-    and the two-emblem task then sometimes never left a one-title plateau). lr 0: the saved
-    mapper is the initial one."""
-    kb, mentions = make_task(tmp_path / "images")
-    llm, vision = steerable_llama(len(sp_tokenizer)), tiny_clip()
-    train(config(tmp_path / "ckpt", epochs=1, batch_size=16, lr=0.0), llm=llm,
-          tokenizer=sp_tokenizer, vision=vision, kb=kb, train_mentions=mentions,
-          dev_mentions=mentions[:2])
-    mapper = LinearMapper.load(tmp_path / "ckpt" / "last")
-    feats = vision.encode_paths([m.image for m in mentions])
-    with torch.no_grad():
-        rms = mapper(feats).float().pow(2).mean().sqrt()
-    target = llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()
-    assert float(rms) == pytest.approx(float(target), rel=1e-3)
-    assert torch.equal(mapper.proj.bias, torch.zeros_like(mapper.proj.bias))

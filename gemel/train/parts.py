@@ -94,8 +94,6 @@ def build_trainable_parts(config: TrainConfig, frozen: FrozenParts, data: Traini
     template = load_template(config.template)
     prompt = VisualPrompt(config.vp_mode)
     mapper = new_mapper(config, frozen, template, prompt)
-    embedder = ImageTokens(frozen.vision, mapper, prompt, cache=open_feature_cache(config.feature_cache))
-    start_at_embedding_scale(mapper, embedder, data, frozen.llm)
     builder = PromptBuilder(template, frozen.tokenizer, use_images=True,
                             image_tokens=mapper.tokens_per_slot)
     if not builder.use_images:
@@ -122,7 +120,8 @@ def build_trainable_parts(config: TrainConfig, frozen: FrozenParts, data: Traini
         prepared = (mapper_p,)
     # without accelerate's autocast wrapper around forward (it stays on by default): evaluation
     # must map features as `gemel link` does, in fp32; training steps run under autocast anyway
-    mapper = accelerator.unwrap_model(mapper_p, keep_fp32_wrapper=False)  # the object embedder holds
+    mapper = accelerator.unwrap_model(mapper_p, keep_fp32_wrapper=False)
+    embedder = ImageTokens(frozen.vision, mapper, prompt, cache=open_feature_cache(config.feature_cache))
     device = accelerator.device
     # the training path goes through the prepared (DDP) mapper so that gradients are all-reduced
     train_model = GemelModel(frozen.tokenizer, frozen.llm.get_input_embeddings(),
@@ -151,24 +150,6 @@ def new_mapper(config: TrainConfig, frozen: FrozenParts, template: Template,
     return LinearMapper(vision.feature_dim, frozen.llm_identity["hidden_size"],
                         config.n_visual_tokens, images_per_mention=prompt.n_images, meta=meta,
                         out_dtype=frozen.llm.get_input_embeddings().weight.dtype)
-
-
-def start_at_embedding_scale(mapper: LinearMapper, embedder: ImageTokens, data: TrainingData,
-                             llm: nn.Module, sample: int = 64) -> None:
-    """Give a fresh mapper's soft tokens the scale of the LLM's own input embeddings (their
-    root-mean-square over the first ``sample`` training items' features; bias zero).
-
-    Why: nn.Linear's default init maps unit-scale features (a layer-normed ``region:L`` layout)
-    to soft tokens ~4x the RMS of SmolLM2's word embeddings (0.58 against 0.14), and from there
-    training on the two-emblem task sometimes sat on a plateau, one title for every image: over
-    seeds 0/1/2, box overlay 95/95/50 and polygon overlay 0/90/95; started at the embeddings'
-    scale, 85/95/100 and 95/-/85 (benchmarks/visual_prompts.py). A resumed run loads its weights
-    over this."""
-    mentions = [item.mention for item in data.items if item.mention.image][:sample]
-    if not mentions:
-        return
-    table = llm.get_input_embeddings().weight.detach().float()
-    mapper.match_scale(embedder.features(mentions), float(table.pow(2).mean().sqrt()))
 
 
 def shared_trie(data: TrainingData, tokenizer, builder: PromptBuilder, accelerator: Accelerator):
