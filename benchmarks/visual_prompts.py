@@ -23,7 +23,8 @@ wrong (``other``: the picture's other emblem, the box was not read; ``absent``: 
 does not show, the marked emblem was not recognised), the dev H@1 training reported for that
 checkpoint, and how many top-1 answers training's evaluation and the link run share. ``--seed``
 changes the training seed (mapper init, item order): with 60 items and 60 steps the outcome of one
-cell depends on it (polygon overlay: 0 with seed 0, 90 with seed 1), so compare cells over seeds.
+cell depends on it (seeds 0/1/2: box overlay 95/95/50, polygon overlay 0/90/95; a seed that
+fails sits on a one-title plateau, it is not the kind of region), so compare cells over seeds.
 Rows are kept in ``OUT/results.json`` / ``results.md`` across invocations (one per cell and seed).
 
 ``--only mixed``: one linker run over a file mixing WikiDiverse test mentions (text, no image) with
