@@ -23,7 +23,8 @@ wrong (``other``: the picture's other emblem, the box was not read; ``absent``: 
 does not show, the marked emblem was not recognised), the dev H@1 training reported for that
 checkpoint, and how many top-1 answers training's evaluation and the link run share. ``--seed``
 changes the training seed (mapper init, item order): with 60 items and 60 steps the outcome of one
-cell depends on it (polygon overlay: 0 with seed 0, 90 with seed 1), so compare cells over seeds.
+cell depends on it (seeds 0/1/2: box overlay 95/95/50, polygon overlay 0/90/95; a seed that
+fails sits on a one-title plateau, it is not the kind of region), so compare cells over seeds.
 Rows are kept in ``OUT/results.json`` / ``results.md`` across invocations (one per cell and seed).
 
 ``--only mixed``: one linker run over a file mixing WikiDiverse test mentions (text, no image) with
@@ -57,6 +58,11 @@ EMBLEMS = [("Blue Circle", "circle", (30, 70, 220)), ("Green Triangle", "triangl
 DISTRACTORS = ["Blue Triangle", "Green Circle", "Yellow Square", "Purple Star", "Orange Cross",
                "Cyan Diamond", "Pink Ring", "Brown Hexagon"]
 TEXT = "A picture of two emblems side by side."
+# gemel train's default warmup (2 of the 60 steps), also the benchmark's. Some seeds then sit on a
+# one-title plateau (seeds 0/1/2: box overlay 95/95/50, polygon 0/90/95, offcentre 75/85/70);
+# --warmup 0.25 (15 steps) rescued some and lost another (box 60/-/100, polygon 95/95/-,
+# offcentre 85/-/95): no default fixes 60 steps on 60 items, compare cells over seeds
+WARMUP = 0.03
 SIZE = (320, 200)
 
 
@@ -267,7 +273,7 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
     summary = train(TrainConfig(out=str(ckpt), kb=str(task["kb"]), data=str(task["train"]),
                                 dev=str(task["test"]), vision="dinov2-small", layout=layout,
                                 vp_mode=vp_mode, template=args.template, epochs=args.epochs,
-                                lr=args.lr, batch_size=args.batch_size,
+                                lr=args.lr, warmup=args.warmup, batch_size=args.batch_size,
                                 eval_batch_size=args.link_batch_size, num_beams=args.beams,
                                 dtype=args.dtype, mixed_precision="no", cpu=True, seed=args.seed,
                                 eval_every=args.eval_every or args.epochs * math.ceil(
@@ -282,7 +288,8 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
         if rec.get("event") == "eval" and rec["step"] == best_step:
             dev_rows = rec["dev"].get("top1") or {}
     test = read_mentions(task["test"])
-    row = {"vp_mode": vp_mode, "layout": layout, "epochs": args.epochs, "seed": args.seed,
+    row = {"vp_mode": vp_mode, "layout": layout, "template": args.template,
+           "epochs": args.epochs, "seed": args.seed, "warmup": args.warmup,
            "batch_size": args.batch_size, "lr": args.lr, "steps": summary["steps"],
            "s_per_step": summary["seconds_per_step"], "train_s": round(train_s, 1),
            "train_dev_h1": summary["best_dev_h1"]}
@@ -308,16 +315,22 @@ def run_cell(task: dict[str, Path], out: Path, vp_mode: str, layout: str, args) 
 
 def cell_name(variant: str, vp_mode: str, layout: str, args) -> str:
     """The folder of one cell under --out: its variant, mode, layout and training settings."""
+    # the template joins the name only when it is not the default: folders of earlier rows stay
+    # found, and a gemel_vp mapper is never picked up by the mixed run (which needs gemel's forms)
+    template, warmup = getattr(args, "template", "gemel"), getattr(args, "warmup", WARMUP)
     return (f"{variant}-{vp_mode}-{layout.replace(':', '')}-e{args.epochs}b{args.batch_size}"
-            f"lr{args.lr:g}" + (f"s{args.seed}" if args.seed else ""))
+            f"lr{args.lr:g}" + (f"s{args.seed}" if args.seed else "")
+            + (f"w{warmup:g}" if warmup != WARMUP else "")
+            + (f"-{template}" if template != "gemel" else ""))
 
 
 def save_row(base: Path, row: dict) -> list[dict]:
     """Add one cell's row to ``results.json`` / ``results.md`` under ``base`` (a rerun of a cell
     with the same settings replaces its row); returns all rows."""
     def key(r: dict) -> tuple:
-        return tuple(r.get(k, 0 if k == "seed" else None)
-                     for k in ("variant", "vp_mode", "layout", "epochs", "batch_size", "lr", "seed"))
+        return tuple(r.get(k, {"seed": 0, "template": "gemel", "warmup": WARMUP}.get(k))
+                     for k in ("variant", "vp_mode", "layout", "epochs", "batch_size", "lr", "seed",
+                               "template", "warmup"))
 
     path = base / "results.json"
     rows = [backfill_hits(base, r) for r in (json.loads(path.read_text()) if path.exists() else [])
@@ -331,7 +344,8 @@ def backfill_hits(base: Path, row: dict) -> dict:
     """``hits_image`` / ``hits_no_image`` ("hits/n") of a row written before they were recorded,
     counted from the cell's link files under ``base``."""
     cell = base / cell_name(row["variant"], row["vp_mode"], row["layout"], argparse.Namespace(
-        epochs=row["epochs"], batch_size=row["batch_size"], lr=row["lr"], seed=row.get("seed", 0)))
+        epochs=row["epochs"], batch_size=row["batch_size"], lr=row["lr"], seed=row.get("seed", 0),
+        template=row.get("template", "gemel"), warmup=row.get("warmup", WARMUP)))
     for name in ("image", "no_image"):
         path = cell / f"link-{name}.jsonl"
         if f"hits_{name}" not in row and path.exists():
@@ -350,12 +364,15 @@ def results_table(rows: list[dict]) -> str:
     lines = ["| variant | vp-mode | layout | seed | H@1 image | wrong top-1 | --no-image | "
              "train-dev H@1 | same top-1 | training |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['vp_mode']} | {r['layout']} | {r.get('seed', 0)} | "
+        lines.append(f"| {r['variant']} | {r['vp_mode']} | {r['layout']}"
+                     f"{'' if r.get('template', 'gemel') == 'gemel' else ' (' + r['template'] + ')'}"
+                     f" | {r.get('seed', 0)} | "
                      f"{r['link_h1_image']:.1f} ({r.get('hits_image', '?')}) | {r.get('wrong', '-')} | "
                      f"{r['link_h1_no_image']:.1f} ({r.get('hits_no_image', '?')}) | "
                      f"{r['train_dev_h1']:.1f} | {r.get('top1_agree', '-')} | "
                      f"{r.get('epochs', '?')} epochs, batch {r.get('batch_size', '?')}, lr "
-                     f"{r.get('lr', '?')}: {r['steps']} steps, {r['s_per_step']:.1f} s/step |")
+                     f"{r.get('lr', '?')}, warmup {r.get('warmup', WARMUP):g}: {r['steps']} steps, "
+                     f"{r['s_per_step']:.1f} s/step |")
     return "\n".join(lines)
 
 
@@ -476,6 +493,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--eval-every", type=int, default=0,
                     help="optimizer steps between dev evaluations (0: once, at the end)")
+    ap.add_argument("--warmup", type=float, default=WARMUP,
+                    help="warmup of the lr schedule: < 1 a fraction of the steps (gemel train's "
+                    "--warmup)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0, help="training seed (mapper init, item order)")
     ap.add_argument("--beams", type=int, default=5)
@@ -493,7 +513,8 @@ def main() -> None:
 
     flags = sorted(cpu_info()[1] & {"avx2", "avx512_bf16", "amx_bf16"})
     print(f"CPU flags {flags}; {args.threads} threads; dtype {args.dtype}; epochs {args.epochs}, "
-          f"batch {args.batch_size}, lr {args.lr}, beams {args.beams}, template {args.template}")
+          f"batch {args.batch_size}, lr {args.lr}, warmup {args.warmup}, beams {args.beams}, "
+          f"template {args.template}")
     base = Path(args.out)
     rows = []
     if args.only in (None, "probe"):
@@ -521,6 +542,9 @@ def main() -> None:
         from gemel.train import DEFAULT_LAYOUT
 
         make_emblem_task(base / "task-box", "box")
+        # gemel's forms: the text mentions get its text block, the box-only items its box block,
+        # which is gemel_vp's one block byte for byte (a gemel_vp mapper has the same prompts)
+        args = argparse.Namespace(**{**vars(args), "template": "gemel"})
         layout = DEFAULT_LAYOUT["overlay"]
         cell_dir = base / cell_name("box", "overlay", layout, args)
         if not (cell_dir / "mapper" / "best").exists():

@@ -69,6 +69,25 @@ def test_region_token_pools_the_patches_under_the_mask(parts, square_images):
         torch.testing.assert_close(r[:, 32:], cells[:, :, column].mean(1), atol=2e-3, rtol=1e-3)
 
 
+def test_region_token_follows_an_off_centre_box_through_resize_and_crop(parts):
+    """A wide image (64 x 32): the processor keeps its centre 32 x 32 (x 16..48). A box off the
+    centre (x 24..40, y 8..24 of the image) pools exactly the patch tokens under it in the
+    processed pixels (the middle 2 x 2 of 4 x 4 patches), for the drawn overlay as encoded."""
+    model, proc = parts
+    rng = np.random.default_rng(5)
+    image = Image.fromarray(rng.integers(0, 256, (32, 64, 3), dtype=np.uint8))
+    prompt = VisualPrompt("overlay", width_frac=0.0)  # 1-pixel outline
+    (overlay,), (mask,) = (prompt.render(image, bbox=[24, 8, 40, 24]),
+                           prompt.regions(image, bbox=[24, 8, 40, 24]))
+    got = VisionEncoder(model, proc, layout="region").encode([overlay], [mask])
+    pixels = proc(images=[overlay], return_tensors="pt")["pixel_values"]
+    assert tuple(pixels.shape[-2:]) == (32, 32)
+    with torch.no_grad():
+        tokens = model(pixel_values=pixels).last_hidden_state[:, 1:].reshape(1, 4, 4, 32)
+    torch.testing.assert_close(got[:, 32:], tokens[:, 1:3, 1:3].reshape(1, 4, 32).mean(1),
+                               atol=1e-4, rtol=1e-4)
+
+
 def test_region_layer_pools_an_earlier_hidden_state(parts, square_images):
     """``region:L`` pools hidden state L's patch tokens, each layer-normed without weights, under
     the mask; the global feature and the pooled region are then layer-normed each (equal scale in
