@@ -144,7 +144,9 @@ class HFStepper:
         device = mask0.device
         todo = score_tree.plan(sequences, nodes_per_row)
         pair_lp = torch.zeros(len(todo.pairs), dtype=torch.float32, device=device)
-        pair_row = torch.tensor([r for r, _, _ in todo.pairs], dtype=torch.long, device=device)
+        # [pairs, 3] (row, node, next token), sent once; each pass picks its rows' pairs
+        pair_row, pair_node, pair_token = torch.tensor(
+            todo.pairs, dtype=torch.long, device=device).reshape(-1, 3).unbind(-1)
         for chunk in score_tree.passes(todo.rows, tokens_per_pass):
             rows = [todo.rows[r] for r in chunk]
             width = max(len(r.tokens) for r in rows)
@@ -165,10 +167,7 @@ class HFStepper:
             local = torch.full((len(todo.rows),), -1, dtype=torch.long, device=device)
             local[torch.tensor(chunk, device=device)] = torch.arange(len(chunk), device=device)
             mine = (local[pair_row] >= 0).nonzero().squeeze(-1)
-            node = torch.tensor([todo.pairs[k][1] for k in mine.tolist()], dtype=torch.long,
-                                device=device)
-            target = torch.tensor([todo.pairs[k][2] for k in mine.tolist()], dtype=torch.long,
-                                  device=device)
+            node, target = pair_node[mine], pair_token[mine]
             pair_lp[mine] = _target_logprobs(hidden.reshape(-1, hidden.shape[-1]), target, head,
                                              rows=local[pair_row[mine]] * width + node)
         keys = list(todo.sequence_pairs)
