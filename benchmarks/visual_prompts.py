@@ -22,9 +22,11 @@ with the image and with ``no_image``; report H@1 of each (hits/n), how the wrong
 wrong (``other``: the picture's other emblem, the box was not read; ``absent``: a title the picture
 does not show, the marked emblem was not recognised), the dev H@1 training reported for that
 checkpoint, and how many top-1 answers training's evaluation and the link run share. ``--seed``
-changes the training seed (mapper init, item order): with 60 items and 60 steps the outcome of one
-cell depends on it (seeds 0/1/2: box overlay 95/95/50, polygon overlay 0/90/95; a seed that
-fails sits on a one-title plateau, it is not the kind of region), so compare cells over seeds.
+changes the training seed (mapper init, item order). 10 epochs (150 steps of 4 items): the overlay
+cells need them — at 4 epochs (60 steps) a third of the seeds were still on the plateau the
+training starts on (train loss ~6 for the first 10-20 steps; seeds 0/1/2: box overlay 95/95/50,
+polygon 0/90/95, offcentre 75/85/70), at 10 epochs every seed 0-4 of every overlay cell ends at
+90-100 (README, "Visual prompts: figures").
 Rows are kept in ``OUT/results.json`` / ``results.md`` across invocations (one per cell and seed).
 
 ``--only mixed``: one linker run over a file mixing WikiDiverse test mentions (text, no image) with
@@ -58,11 +60,10 @@ EMBLEMS = [("Blue Circle", "circle", (30, 70, 220)), ("Green Triangle", "triangl
 DISTRACTORS = ["Blue Triangle", "Green Circle", "Yellow Square", "Purple Star", "Orange Cross",
                "Cyan Diamond", "Pink Ring", "Brown Hexagon"]
 TEXT = "A picture of two emblems side by side."
-# gemel train's default warmup (2 of the 60 steps), also the benchmark's. Some seeds then sit on a
-# one-title plateau (seeds 0/1/2: box overlay 95/95/50, polygon 0/90/95, offcentre 75/85/70);
-# --warmup 0.25 (15 steps) rescued some and lost another (box 60/-/100, polygon 95/95/-,
-# offcentre 85/-/95): no default fixes 60 steps on 60 items, compare cells over seeds
+# gemel train's default warmup (5 of the 150 steps), also the benchmark's; a longer one (--warmup
+# 0.25) did not shorten the initial plateau, more steps did (EPOCHS)
 WARMUP = 0.03
+EPOCHS = 10
 SIZE = (320, 200)
 
 
@@ -489,7 +490,7 @@ def main() -> None:
                     "offcentre:overlay:region,offcentre:overlay:region:-4,offcentre:crop:global",
                     help="variant:vp-mode:layout cells of the linear probe (no LLM; emblem "
                     "variants: the wikimel test photos show other people than the training ones)")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--eval-every", type=int, default=0,
                     help="optimizer steps between dev evaluations (0: once, at the end)")

@@ -403,3 +403,25 @@ def test_auto_mixed_precision_follows_the_backend_dtype_choice():
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}
     assert mixed_precision("auto", "cpu") == names[pick_dtype("cpu")]
     assert mixed_precision("fp16", "cpu") == "fp16" and mixed_precision("no", "cuda") == "no"
+
+
+def test_few_optimizer_steps_are_announced_with_the_epochs_that_would_do(caplog):
+    """60 items at batch 8 and 5 epochs is 40 steps: the run says so and names the fix."""
+    import logging
+
+    from gemel.train.parts import FEW_STEPS, warn_if_few_steps
+
+    with caplog.at_level(logging.WARNING, logger="gemel.train.parts"):
+        warn_if_few_steps(TrainConfig(epochs=5, batch_size=8), n_items=60, total_steps=40)
+    assert len(caplog.records) == 1
+    text = caplog.records[0].getMessage()
+    assert "only 40 optimizer steps" in text and "60 training items" in text
+    assert f"raise --epochs to >= {-(-FEW_STEPS // 8)}" in text  # 8 steps per epoch
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gemel.train.parts"):
+        warn_if_few_steps(TrainConfig(epochs=10, batch_size=4), n_items=60, total_steps=150)
+        warn_if_few_steps(TrainConfig(epochs=5, batch_size=8, resume=True), 60, 40)
+    assert caplog.records == []
+    with caplog.at_level(logging.WARNING, logger="gemel.train.parts"):
+        warn_if_few_steps(TrainConfig(epochs=10, batch_size=4, max_steps=6), 60, 150)
+    assert "only 6 optimizer steps" in caplog.records[0].getMessage()

@@ -18,9 +18,9 @@ RESUME_FIXED = ("model", "vision", "feature", "layout", "n_visual_tokens", "vp_m
                 "epochs", "batch_size", "grad_accum", "warmup", "seed", "lora_r")
 
 # the feature layout `--layout auto` takes per visual-prompt mode: a drawn box is lost in one pooled
-# vector of the whole image (two-emblem task: H@1 65 with the pooled feature); the last layer's
-# patch tokens under it get 75, those of hidden state -4, layer-normed, 95
-# (benchmarks/visual_prompts.py); a crop is the region already
+# vector of the whole image (two-emblem task, 150 steps: H@1 45 with the pooled feature, 20 with a
+# 2x2 grid); the last layer's patch tokens under it get 85, those of hidden state -4, layer-normed,
+# 95-100 over seeds 0-4 (benchmarks/visual_prompts.py); a crop is the region already
 DEFAULT_LAYOUT = {"none": "global", "crop": "global", "overlay": "region:-4",
                   "overlay+crop": "region:-4"}
 

@@ -7,6 +7,7 @@ LLM object given, and only they are saved (``lora/``).
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
@@ -26,6 +27,13 @@ from gemel.train.data import EpochOrder, TrainingData, collate_indices
 from gemel.train.launch import wait_for_everyone
 from gemel.vision import VisionEncoder
 from gemel.visual_prompt import VisualPrompt
+
+log = logging.getLogger(__name__)
+
+# a fresh mapper first sits on a plateau (train loss flat for ~10-20 steps) before it reads the
+# image: on the two-emblem task (benchmarks/visual_prompts.py, 60 items) 60 optimizer steps left
+# a third of the overlay seeds there (H@1 50 or 0), 80 and 150 steps none (95-100)
+FEW_STEPS = 80
 
 
 @dataclass
@@ -130,10 +138,25 @@ def build_trainable_parts(config: TrainConfig, frozen: FrozenParts, data: Traini
     raw_optimizer = getattr(optimizer, "optimizer", optimizer)
     batches_per_epoch = len(loader)
     total_steps = math.ceil(batches_per_epoch / config.grad_accum) * config.epochs
+    warn_if_few_steps(config, len(data.items), total_steps)
     return TrainableParts(mapper, lora_model, prepared, lm, keep_kwarg, trainable, optimizer,
                           raw_optimizer, linear_schedule(raw_optimizer, config.warmup, total_steps),
                           getattr(accelerator, "scaler", None), order, loader, batches_per_epoch,
                           total_steps, builder, trie, embedder, train_model)
+
+
+def warn_if_few_steps(config: TrainConfig, n_items: int, total_steps: int) -> None:
+    """Say so when the run has fewer optimizer steps than a fresh mapper needed in our benchmark
+    (a small training set at the default epochs): it may end before the mapper reads the image."""
+    steps = min(total_steps, config.max_steps or total_steps)
+    if steps >= FEW_STEPS or config.resume:
+        return
+    per_epoch = max(1, total_steps // config.epochs)
+    log.warning("only %d optimizer steps in all (%d training items, batch %d x grad_accum %d, "
+                "%d epochs): a fresh mapper needed >= %d on a small task before it read the image "
+                "(benchmarks/visual_prompts.py) — raise --epochs to >= %d", steps, n_items,
+                config.batch_size, config.grad_accum, config.epochs, FEW_STEPS,
+                math.ceil(FEW_STEPS / per_epoch))
 
 
 def new_mapper(config: TrainConfig, frozen: FrozenParts, template: Template,
@@ -186,4 +209,4 @@ def add_lora(llm: nn.Module, r: int, alpha: int | None) -> nn.Module:
 
 
 __all__ = ["FrozenParts", "load_frozen_parts", "TrainableParts", "build_trainable_parts",
-           "add_lora"]
+           "add_lora", "warn_if_few_steps", "FEW_STEPS"]
