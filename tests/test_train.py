@@ -424,4 +424,5 @@ def test_few_optimizer_steps_are_announced_with_the_epochs_that_would_do(caplog)
     assert caplog.records == []
     with caplog.at_level(logging.WARNING, logger="gemel.train.parts"):
         warn_if_few_steps(TrainConfig(epochs=10, batch_size=4, max_steps=6), 60, 150)
-    assert "only 6 optimizer steps" in caplog.records[0].getMessage()
+    text = caplog.records[0].getMessage()
+    assert "only 6 optimizer steps" in text and f"raise --max-steps to >= {FEW_STEPS}" in text

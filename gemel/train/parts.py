@@ -151,12 +151,15 @@ def warn_if_few_steps(config: TrainConfig, n_items: int, total_steps: int) -> No
     steps = min(total_steps, config.max_steps or total_steps)
     if steps >= FEW_STEPS or config.resume:
         return
-    per_epoch = max(1, total_steps // config.epochs)
+    if steps < total_steps:  # --max-steps cuts the run short
+        fix = f"raise --max-steps to >= {FEW_STEPS}"
+    else:
+        per_epoch = max(1, total_steps // config.epochs)
+        fix = f"raise --epochs to >= {math.ceil(FEW_STEPS / per_epoch)}"
     log.warning("only %d optimizer steps in all (%d training items, batch %d x grad_accum %d, "
                 "%d epochs): a fresh mapper needed >= %d on a small task before it read the image "
-                "(benchmarks/visual_prompts.py) — raise --epochs to >= %d", steps, n_items,
-                config.batch_size, config.grad_accum, config.epochs, FEW_STEPS,
-                math.ceil(FEW_STEPS / per_epoch))
+                "(benchmarks/visual_prompts.py) — %s", steps, n_items, config.batch_size,
+                config.grad_accum, config.epochs, FEW_STEPS, fix)
 
 
 def new_mapper(config: TrainConfig, frozen: FrozenParts, template: Template,
