@@ -171,8 +171,10 @@ def markdown(rows: list[dict], cells: dict, environment: dict) -> str:
               "ranking gets right/wrong where the fusion without the LLM does not. "
               "s/mention: the whole run (fused: beam search and fusion scoring); `generation`: "
               "prompts and beam search only. params: tied embeddings counted once (offline "
-              "models: gemel/offline_models.yaml). peak RSS: the process's peak since its model "
-              "was loaded. Each cell's exact config and measurements: cells.json."]
+              "models: gemel/offline_models.yaml). peak RSS: the process's peak from the start of "
+              "its model's load on; it counts the weight file mapped while loading (file pages, "
+              "reclaimable: an offline rung's fp32 cache), so it overstates the memory a run "
+              "needs. Each cell's exact config and measurements: cells.json."]
     cpu = environment.get("cpu", {})
     packages = ", ".join(f"{k} {v}" for k, v in environment.get("packages", {}).items() if v)
     lines += ["", "## Environment", "",
