@@ -60,8 +60,8 @@ EMBLEMS = [("Blue Circle", "circle", (30, 70, 220)), ("Green Triangle", "triangl
 DISTRACTORS = ["Blue Triangle", "Green Circle", "Yellow Square", "Purple Star", "Orange Cross",
                "Cyan Diamond", "Pink Ring", "Brown Hexagon"]
 TEXT = "A picture of two emblems side by side."
-# gemel train's default warmup (5 of the 150 steps), also the benchmark's; a longer one (--warmup
-# 0.25) did not shorten the initial plateau, more steps did (EPOCHS)
+# gemel train's default warmup (4 of the 150 steps), also the benchmark's; a longer one (--warmup
+# 0.25, at 60 steps) moved the seeds that failed rather than removing them, more steps did (EPOCHS)
 WARMUP = 0.03
 EPOCHS = 10
 SIZE = (320, 200)

@@ -115,15 +115,13 @@ def _first_of_each_id(ids: list[str], lines: list[int], path: Path, bad: BadReco
     return keep
 
 
-def _json_chunks(path: Path, on_bad: str = "raise",
-                 bad: BadRecords | None = None) -> Iterator[tuple[list[int], list]]:
+def _json_chunks(path: Path, on_bad: str, bad: BadRecords) -> Iterator[tuple[list[int], list]]:
     """(line numbers, parsed values) for the non-blank lines of a JSONL file, a chunk at a time.
 
     A chunk is decoded as one JSON array (one C call instead of one Python call per line: ~3x
     faster on millions of lines); a chunk that fails is decoded line by line to name the bad line.
     Under ``on_bad="skip"`` lines that are not UTF-8 or not JSON are left out, counted in ``bad``.
     """
-    bad = bad if bad is not None else BadRecords(path)
     chunk: list[tuple[int, str]] = []
     for lineno, raw in iter_lines(path, "KB file"):
         if raw.strip():
@@ -138,8 +136,8 @@ def _json_chunks(path: Path, on_bad: str = "raise",
         yield _decode(chunk, path, on_bad, bad)
 
 
-def _decode(chunk: list[tuple[int, str]], path: Path, on_bad: str = "raise",
-            bad: BadRecords | None = None) -> tuple[list[int], list]:
+def _decode(chunk: list[tuple[int, str]], path: Path, on_bad: str,
+            bad: BadRecords) -> tuple[list[int], list]:
     linenos = [n for n, _ in chunk]
     try:
         values = json.loads("[" + ",".join(line for _, line in chunk) + "]")
@@ -162,7 +160,7 @@ def _decode(chunk: list[tuple[int, str]], path: Path, on_bad: str = "raise",
                               record=f"line {lineno}", fix=FIX_LINE)
             if on_bad != "skip":
                 raise error from None
-            (bad if bad is not None else BadRecords(path)).add(error)
+            bad.add(error)
     return kept_lines, values
 
 
